@@ -1,0 +1,14 @@
+// The omniret operator library: every schema, one block per op. The kernels register themselves per device:
+// CPU in csrc/cpu/<op>.cpp, CUDA in csrc/cuda/register_cuda.cpp; fake kernels and autograd in Python
+// (omniret_kernels/<op>.py).
+#include <torch/library.h>
+
+#include "omniret/py_module.h"
+
+TORCH_LIBRARY(omniret, m) {
+  // ---- aswp_pool (omniret_kernels/aswp.py) ----
+
+  // ---- resampler_attention (omniret_kernels/resampler.py) ----
+
+  // ---- diversity_loss (omniret_kernels/diversity.py) ----
+}

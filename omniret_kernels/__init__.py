@@ -1,0 +1,8 @@
+"""omniret_kernels: fused kernels for OmniRet's resampler attention, ASWP pooling and diversity loss."""
+from omniret_kernels._ext import available_backends
+from omniret_kernels.aswp import ASWPPool, aswp_pool
+from omniret_kernels.diversity import diversity_loss
+from omniret_kernels.resampler import resampler_attention
+
+__all__ = ["available_backends", "aswp_pool", "ASWPPool", "resampler_attention", "diversity_loss"]
+__version__ = "0.1.0"

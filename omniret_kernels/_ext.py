@@ -1,0 +1,72 @@
+"""Loads the compiled extensions and says which backends can run here."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+_CPU_EXT = None
+_CPU_ERROR: Optional[BaseException] = None
+_CUDA_EXT = None
+_CUDA_ERROR: Optional[BaseException] = None
+
+try:
+    from omniret_kernels import _C as _CPU_EXT  # noqa: F401  (registers the omniret:: schemas and CPU kernels)
+except ImportError as exc:  # not built
+    _CPU_ERROR = exc
+
+if _CPU_EXT is not None:
+    try:
+        from omniret_kernels import _C_cuda as _CUDA_EXT  # noqa: F401  (registers the CUDA kernels)
+    except ImportError as exc:
+        _CUDA_ERROR = exc
+
+
+def cpu_extension_built() -> bool:
+    return _CPU_EXT is not None
+
+
+def cuda_extension_built() -> bool:
+    return _CUDA_EXT is not None
+
+
+def cpu_extension_error() -> str:
+    return "" if _CPU_ERROR is None else f"{type(_CPU_ERROR).__name__}: {_CPU_ERROR}"
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def has_kernel(op: str, key: str) -> bool:
+    """True when the dispatcher op omniret::<op> has a kernel for the dispatch key ("CPU", "CUDA")."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"omniret::{op}", key)
+    except RuntimeError:  # the op is not registered at all
+        return False
+
+
+def available_backends() -> list[str]:
+    """The backends this installation can use, with what limits them here, e.g.
+    ['reference', 'cpu', 'triton (interpreter)', 'cuda (compiled, no device)']."""
+    has_device = torch.cuda.is_available()
+    out = ["reference"]
+    if cpu_extension_built():
+        out.append("cpu")
+    if triton_importable():
+        if has_device:
+            out.append("triton")
+        elif triton_interpreting():
+            out.append("triton (interpreter)")
+        else:
+            out.append("triton (no device; TRITON_INTERPRET=1 runs it on CPU tensors)")
+    if cuda_extension_built():
+        out.append("cuda" if has_device else "cuda (compiled, no device)")
+    return out
