@@ -2,11 +2,13 @@
 
 CPU tensors go to the C++ CPU kernel; CUDA tensors to the CUDA kernel if it was built, else to the Triton kernel.
 An explicit `backend=` ("reference", "cpu", "triton", "cuda") wins; one that cannot run raises a ValueError
-naming what is missing. Triton on CPU tensors runs only under TRITON_INTERPRET=1.
+naming what is missing. Triton on CPU tensors runs only under TRITON_INTERPRET=1. With no `backend=` and no fast
+kernel for the device, the plain-PyTorch reference runs, after one warning per op that says why.
 """
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from typing import Optional
 
 import torch
@@ -79,4 +81,11 @@ def resolve_backend(op: str, device: torch.device, backend: Optional[str] = None
             return name
         reasons.append(f"{name}: {reason}")
     detail = "; ".join(reasons) if reasons else f"no kernel runs on {device.type} tensors"
-    raise ValueError(f"{op}: no fast backend can run here ({detail}); pass backend='reference' for plain PyTorch")
+    if op not in _WARNED:
+        _WARNED.add(op)
+        warnings.warn(f"{op}: no fast backend can run here ({detail}); using the slow plain-PyTorch reference",
+                      RuntimeWarning, stacklevel=3)
+    return "reference"
+
+
+_WARNED: set = set()
