@@ -13,15 +13,15 @@
 namespace omniret {
 namespace resampler {
 
-// exp(x) for float in a form the compiler vectorises (no libm call): 2^(x log2 e) = 2^n * 2^f with n an integer
-// and |f| <= 1/2, 2^f by its Taylor series to degree 7 (relative error < 1e-7 on the whole range, below float
-// rounding of the GEMM inputs). Inputs below -87 give a denormal-free tiny value (~1e-38) instead of 0, which
-// every caller here treats as 0; inputs above 88 would overflow and never occur (scores minus the running max).
+// exp(x) for float in a form the compiler vectorises (no libm call): e^x = 2^n * e^f with n = round(x / ln 2) and
+// f = x - n ln 2 computed in two parts (Cody-Waite, so f keeps full precision even for |x| ~ 87), |f| <= ln2 / 2,
+// and e^f by its Taylor series to degree 7 (relative error ~1e-7 on the whole range, below float rounding of the
+// GEMM inputs). Inputs below -87 give a tiny normal value (~1e-38) instead of 0, which every caller here treats
+// as 0; inputs above 88 would overflow and never occur (scores minus the running max or the log-sum-exp).
 OMNIRET_HD float fast_exp(float x) {
   x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float t = x * 1.4426950408889634f;  // log2(e)
-  const float n = std::floor(t + 0.5f);
-  const float f = (t - n) * 0.6931471805599453f;  // back to natural units, |f| <= ln2 / 2
+  const float n = std::floor(x * 1.4426950408889634f + 0.5f);  // round(x log2 e)
+  const float f = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 ~ 0.693359375 - 2.12194440e-4; n * hi is exact
   float p = 1.9841269841269841e-4f;                // 1/7!
   p = p * f + 1.3888888888888889e-3f;              // 1/6!
   p = p * f + 8.3333333333333333e-3f;              // 1/5!
