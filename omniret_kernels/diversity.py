@@ -109,6 +109,13 @@ def _check_args(m, p, gamma):
         raise ValueError(f"gamma must be a number > 0, got {gamma!r}")
 
 
+@torch.compiler.assume_constant_result
+def _resolve_backend(device: torch.device, backend: Optional[str]) -> str:
+    """The backend rule, evaluated once at trace time under torch.compile (it asks the dispatcher which kernels
+    exist, which dynamo cannot trace; the answer cannot change while a process runs)."""
+    return resolve_backend("diversity_loss", device, backend)
+
+
 def _reference_loss(m, seed, p, gamma, normalize):
     B, N, _ = m.shape
     keep = keep_mask(seed, B, N, p) if p > 0 else None
@@ -130,7 +137,7 @@ def diversity_loss(m: torch.Tensor, *, p: float = 0.9, gamma: float = 0.5, norma
     if check_finite:
         _check_finite("m", m)
     p, gamma, normalize = float(p), float(gamma), bool(normalize)
-    backend = resolve_backend("diversity_loss", m.device, backend)
+    backend = _resolve_backend(m.device, backend)
     seed = draw_seed(generator, m.device).to(m.device)
     B, N, _ = m.shape
     if backend == "reference":

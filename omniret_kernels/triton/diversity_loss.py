@@ -196,10 +196,11 @@ def diversity_loss_forward(m, seed, threshold: int, p: float, gamma: float, norm
     return (partial.sum() / (B * N * N)).to(m.dtype)
 
 
-def diversity_loss_backward(grad, m, seed, threshold: int, p: float, gamma: float, normalize: bool):
+def diversity_loss_backward(grad, m, seed, threshold: int, p: float, gamma: float, normalize: bool, out=None):
+    """dL/dm; `out` (tests pass a NaN-poisoned buffer) receives it when given."""
     B, N, D, block_i, block_n, block_d, acc = _blocks(m)
     n_iblocks = triton.cdiv(N, block_i)
-    grad_m = torch.empty_like(m)
+    grad_m = torch.empty_like(m) if out is None else out
     _diversity_bwd_kernel[(B, n_iblocks)](
         m, seed, grad.reshape(1), grad_m, N, D, m.stride(0), m.stride(1), m.stride(2),
         grad_m.stride(0), grad_m.stride(1), grad_m.stride(2), threshold, 1.0 / (1.0 - p), gamma,
