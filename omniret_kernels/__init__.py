@@ -3,6 +3,10 @@ from omniret_kernels._ext import available_backends
 from omniret_kernels.aswp import ASWPPool, aswp_pool
 from omniret_kernels.diversity import diversity_loss
 from omniret_kernels.resampler import resampler_attention
+from omniret_kernels.resampler_modules import SharedMediaResampler, pack_media, video_to_tokens
 
-__all__ = ["available_backends", "aswp_pool", "ASWPPool", "resampler_attention", "diversity_loss"]
+__all__ = [
+    "available_backends", "aswp_pool", "ASWPPool", "resampler_attention", "SharedMediaResampler", "video_to_tokens",
+    "pack_media", "diversity_loss",
+]
 __version__ = "0.1.0"

@@ -21,15 +21,21 @@ def _check_args(q, k, v, cu_seqlens):
         raise ValueError(f"q heads ({H}) must be a multiple of k/v heads ({k.shape[1]})")
     check_tensor("cu_seqlens", cu_seqlens, dtypes=(torch.int32,), shape=(B + 1,))
     device = check_same_device(q=q, k=k, v=v, cu_seqlens=cu_seqlens)
-    if not is_compiling():
-        lengths = cu_seqlens.diff()
-        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != k.shape[0]:
-            raise ValueError(f"cu_seqlens must start at 0 and end at T = {k.shape[0]}, got "
-                             f"{int(cu_seqlens[0])} .. {int(cu_seqlens[-1])}")
-        if bool((lengths <= 0).any()):
-            bad = (lengths <= 0).nonzero().flatten().tolist()
-            raise ValueError(f"cu_seqlens must be strictly increasing: samples {bad} have no keys")
+    check_cu_seqlens(cu_seqlens, k.shape[0])
     return device
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
+    """cu_seqlens starts at 0, ends at `total` and strictly increases (no empty sample). Skipped when compiling."""
+    if is_compiling():
+        return
+    lengths = cu_seqlens.diff()
+    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total:
+        raise ValueError(f"cu_seqlens must start at 0 and end at T = {total}, got "
+                         f"{int(cu_seqlens[0])} .. {int(cu_seqlens[-1])}")
+    if bool((lengths <= 0).any()):
+        bad = (lengths <= 0).nonzero().flatten().tolist()
+        raise ValueError(f"cu_seqlens must be strictly increasing: samples {bad} have no keys")
 
 
 def resampler_attention(q, k, v, cu_seqlens, *, scale: Optional[float] = None, backend: Optional[str] = None):
