@@ -274,6 +274,7 @@ def test_cpu_kernel_rejects_zero_and_nan_tokens():
     with pytest.raises(ValueError, match=r"m\[1, 3\] is a zero vector"):
         diversity_loss(m, backend="cpu")
     diversity_loss(m, normalize=False, backend="cpu")  # fine without normalization
+    m[1, 3] = 1.0
     m[0, 1, 2] = float("inf")
     with pytest.raises(ValueError, match="NaN or Inf"):
         diversity_loss(m, backend="cpu")
