@@ -16,4 +16,9 @@ TORCH_LIBRARY(omniret, m) {
         "Tensor cu_seqlens, float scale) -> (Tensor, Tensor, Tensor)");
 
   // ---- diversity_loss (omniret_kernels/diversity.py) ----
+  // seed: 0-dim int64 tensor keying the Philox keep mask (csrc/include/omniret/counter_rng.h); the mask is
+  // regenerated in every call, never stored.
+  m.def("diversity_loss_fwd(Tensor m, Tensor seed, float p, float gamma, bool normalize) -> Tensor");
+  m.def("diversity_loss_bwd(Tensor grad, Tensor m, Tensor seed, float p, float gamma, bool normalize) -> Tensor");
+  m.def("diversity_keep_mask(Tensor seed, SymInt batch, SymInt n, float p) -> Tensor");
 }
