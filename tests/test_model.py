@@ -193,6 +193,8 @@ def test_bad_inputs(model):
         model.encode_corpus("a single string")
     with pytest.raises(ValueError, match="no such image"):
         model([{"image": "/nonexistent/x.png"}])
+    with pytest.raises(ValueError, match=r"items\[5\]\['image'\]\[0\]"):  # the caller's index, not the batch's
+        model.encode_corpus(["a", "bb", "c", "dddd", "e", {"image": torch.rand(2, 8, 8)}], batch_size=2)
 
 
 def test_no_audio_encoder_says_so():

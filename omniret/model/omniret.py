@@ -183,15 +183,18 @@ class OmniRet(nn.Module):
     # -------------------------------------------------------------------------------------------------
     # forward
     # -------------------------------------------------------------------------------------------------
-    def prepare(self, items: Sequence, instruction: Optional[str] = None) -> PreparedBatch:
-        """Parse items and load/preprocess their media (CPU work; can run in a data loader worker)."""
+    def prepare(self, items: Sequence, instruction: Optional[str] = None,
+                positions: Optional[Sequence[int]] = None) -> PreparedBatch:
+        """Parse items and load/preprocess their media (CPU work; can run in a data loader worker).
+        `positions`: the items' indices in the caller's list, used in error messages."""
         if isinstance(items, (str, dict)):
             raise ValueError("items must be a list of items (strings or dicts), got a single item")
         if len(items) == 0:
             raise ValueError("items is empty")
         media = {m: [] for m in MODALITIES}
         sequences, offsets = [], []
-        for i, item in enumerate(items):
+        for j, item in enumerate(items):
+            i = j if positions is None else positions[j]
             parsed = item if isinstance(item, ParsedItem) else parse_item(item, i, instruction)
             offsets.append({m: len(media[m]) for m in MODALITIES})
             counters = {m: 0 for m in MODALITIES}
@@ -321,7 +324,7 @@ class OmniRet(nn.Module):
             with autocast:
                 for s in starts:
                     idx = order[s:s + batch_size]
-                    emb, _ = self([items[i] for i in idx], instruction)
+                    emb, _ = self(self.prepare([items[i] for i in idx], instruction, positions=idx))
                     emb = emb.float()
                     if normalize_embeddings:
                         emb = F.normalize(emb, dim=-1)
