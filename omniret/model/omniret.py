@@ -163,6 +163,11 @@ class OmniRet(nn.Module):
         for enc in self.encoders.values():  # frozen encoders are fixed feature extractors: no dropout ever
             if not enc.trainable:
                 enc.eval()
+        if not self.config.llm_dropout:  # the frozen LLM's own dropout stays off; LoRA's dropout follows `mode`
+            self.composer.llm.eval()
+            for name, module in self.composer.llm.named_modules():
+                if "lora_dropout" in name:
+                    module.train(mode)
         return self
 
     def enable_feature_cache(self, root) -> FeatureCache:
