@@ -59,6 +59,8 @@ class OmniRetConfig:
     tokenizer: Optional[str] = None
     append_eos: bool = True  # end every sequence with EOS when the tokenizer adds none (last-token pooling)
     max_text_tokens: int = 512  # per text segment
+    gradient_checkpointing: bool = False  # recompute the LLM's layers in backward (memory for long batches)
+    llm_dropout: bool = False  # the frozen LLM's own dropout in training mode (LoRA dropout always follows it)
 
     # media
     video: bool = True  # video through the image tower + trilinear reduction
@@ -199,6 +201,7 @@ def _demo() -> OmniRetConfig:
         media_latents=8, resampler_depth=1, resampler_heads=6,
         pooling="aswp", num_slices=1024, output_latents=32,
         lora_target_modules=["query", "key", "value", "dense"],
+        lora_dropout=0.0,  # CPU bernoulli masks cost ~11% of a demo training step
     )
 
 
