@@ -59,6 +59,7 @@ class OmniRetConfig:
     tokenizer: Optional[str] = None
     append_eos: bool = True  # end every sequence with EOS when the tokenizer adds none (last-token pooling)
     max_text_tokens: int = 512  # per text segment
+    gradient_checkpointing: bool = False  # recompute the LLM's layers in backward (memory for long batches)
     llm_dropout: bool = False  # the frozen LLM's own dropout in training mode (LoRA dropout always follows it)
 
     # media

@@ -81,8 +81,11 @@ class OmniRet(nn.Module):
                                      mlp_mult=config.resampler_mlp_mult) if modalities else None)
             self.head = build_head(config, dim)
         self.feature_cache: Optional[FeatureCache] = None
-        if config.lora:
-            self.composer.add_lora()
+        if config.lora:  # a stage-2 checkpoint: LoRA is there before its weights load
+            config.lora = False
+            self.add_lora()
+        if config.gradient_checkpointing:
+            self.composer.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # -------------------------------------------------------------------------------------------------
     # construction, stages
@@ -127,7 +130,9 @@ class OmniRet(nn.Module):
         """Stage 2: LoRA (rank/alpha from the config) into the LLM. Returns the new parameters (for the
         optimizer). Idempotent."""
         if not self.config.lora:
-            self.composer.add_lora()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.config.seed + 1)  # the same config gives the same LoRA init
+                self.composer.add_lora()
             self.config.lora = True
         return [p for n, p in self.named_parameters() if "lora_" in n]
 
