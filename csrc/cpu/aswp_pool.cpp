@@ -3,18 +3,23 @@
 // Forward, per work item (a group of whole samples x a tile of slices): project the tile with ATen's GEMM
 // (MKL here, the same GEMM the floor is timed with), then per sample and per 32-column block: pack each
 // projection with its token index into a uint64 key, sort every column with the bitonic network of
-// aswp_pool_math.h (each comparator is a vector min/max over the 32 columns, in L1), couple to the reference
-// quantiles and pool. Written: the (B, L) output, and for backward the sorted values (B, N, L) and the token
-// at each sorted position (uint8 when N <= 256). The (B, N, L) projection itself is never materialised.
+// aswp_pool_math.h (each comparator is an AVX-512 min/max over the 32 columns, in L1), then couple to the
+// reference quantiles and pool walking the references in rank order (row operations, no gathers). Written: the
+// (B, L) output, and for backward the sorted values (B, N, L) and each token's sorted position (uint8 when
+// N <= 256). The (B, N, L) projection itself is never materialised.
 //
 // Backward, per 32-column block (all samples, so the reference and weight gradients need no atomics):
 // recompute psi from the saved sorted values, take the pooling gradient, push it through the coupling and the
-// permutation into dp (B * N, L), then two GEMMs give dx = dp theta and dtheta = dp^T x.
+// sort into dp (B * N, L), then two GEMMs give dx = dp theta and dtheta = dp^T x. Storing the sorted values
+// (4 B per projection) instead of recomputing the projection saves a fourth GEMM.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
+#include <climits>
 #include <vector>
 
 #include "omniret/aswp_pool_math.h"
@@ -37,29 +42,40 @@ int pooling_code(c10::string_view pooling) {
   return kStm;
 }
 
-// Sorts `width` columns of a (n_pow2 x kSortWidth) row-major key block. Each comparator of the network is a
-// min/max over a row pair; gcc vectorises the row loop (8 uint64 lanes with the AVX-512 clone).
-__attribute__((target_clones("avx512f", "default"))) void sort_key_block(uint64_t* keys, int n_pow2,
-                                                                         int width) {
-  for (int size = 2; size <= n_pow2; size <<= 1) {
-    for (int step = size >> 1; step > 0; step >>= 1) {
+// Sorts the 32 columns of a (n_pow2 x kSortWidth) row-major key block; each comparator of the shared network
+// is a min/max over a row pair. Unused columns hold kPadKey, so whole rows are always processed.
+__attribute__((target("avx512f"))) void sort_key_block_avx512(uint64_t* keys, int n_pow2) {
+  for (int size = 2, log_size = 1; size <= n_pow2; size <<= 1, ++log_size) {
+    for (int log_step = log_size - 1; log_step >= 0; --log_step) {
       for (int p = 0; p < n_pow2 / 2; ++p) {
         int a, b;
-        bitonic_comparator(size, step, p, a, b);
-        uint64_t* __restrict ra = keys + int64_t(a) * kSortWidth;
-        uint64_t* __restrict rb = keys + int64_t(b) * kSortWidth;
-        for (int c = 0; c < width; ++c) {
-          const uint64_t x = ra[c], y = rb[c];
-          ra[c] = x < y ? x : y;
-          rb[c] = x < y ? y : x;
+        bitonic_comparator(size, log_step, p, a, b);
+        uint64_t* ra = keys + int64_t(a) * kSortWidth;
+        uint64_t* rb = keys + int64_t(b) * kSortWidth;
+        for (int v = 0; v < kSortWidth; v += 8) {
+          const __m512i x = _mm512_loadu_si512(ra + v), y = _mm512_loadu_si512(rb + v);
+          _mm512_storeu_si512(ra + v, _mm512_min_epu64(x, y));
+          _mm512_storeu_si512(rb + v, _mm512_max_epu64(x, y));
         }
       }
     }
   }
 }
 
-void sort_key_block(KeyF64* keys, int n_pow2, int width) {
-  for (int c = 0; c < width; ++c) bitonic_sort(keys + c, n_pow2, kSortWidth);
+void sort_key_block_scalar(uint64_t* keys, int n_pow2) {
+  for (int c = 0; c < kSortWidth; ++c) bitonic_sort(keys + c, n_pow2, kSortWidth);
+}
+
+void sort_key_block(uint64_t* keys, int n_pow2) {
+  static const bool has_avx512 = __builtin_cpu_supports("avx512f");
+  if (has_avx512)
+    sort_key_block_avx512(keys, n_pow2);
+  else
+    sort_key_block_scalar(keys, n_pow2);
+}
+
+void sort_key_block(KeyF64* keys, int n_pow2) {
+  for (int c = 0; c < kSortWidth; ++c) bitonic_sort(keys + c, n_pow2, kSortWidth);
 }
 
 template <class scalar_t>
@@ -81,17 +97,18 @@ struct KeyOf<double> {
   static int index(const KeyF64& k) { return k.index; }
 };
 
-// What both directions need: float inputs in the compute type, the reference ranks and per-sample quantile
-// tables, transposed so that one column's M values are contiguous.
+// What both directions need: x and theta in the compute type, the references sorted per column with the
+// index j of each rank (so the kernels walk references in rank order), and each sample's quantile table.
 template <class scalar_t>
 struct Prepared {
   int64_t B, N, D, L, M;
-  at::Tensor x2d;       // (B * N, D) compute type
-  at::Tensor theta;     // (L, D) normalised or not
-  at::Tensor inv_norm;  // (L, 1), only when normalising
-  at::Tensor ref_t;     // (L, M)
-  at::Tensor weight_t;  // (L, M) or undefined
-  std::vector<int> rank_t;  // (L, M)
+  at::Tensor x2d;          // (B * N, D) compute type (when asked for)
+  at::Tensor theta;        // (L, D) normalised or not
+  at::Tensor inv_norm;     // (L, 1), only when normalising
+  at::Tensor ref_sorted;   // (M, L): ref_sorted[r, l] = references[order[r, l], l]
+  at::Tensor order;        // (M, L) int64: j of rank r in column l (stable)
+  at::Tensor order32;      // (M, L) int32
+  at::Tensor weight_sorted;  // (M, L) or undefined
   std::vector<uint8_t> valid;  // (B, N)
   std::vector<int> n_valid;    // (B)
   std::vector<int> q_lo, q_hi;  // (B, M): quantile table of sample b, indexed by rank
@@ -113,17 +130,12 @@ Prepared<scalar_t> prepare(const at::Tensor& x, const at::Tensor& directions, co
   } else {
     P.theta = d;
   }
-  P.ref_t = references.to(dt).t().contiguous();
-  if (weights.has_value()) P.weight_t = weights->to(dt).t().contiguous();
-  const int64_t L = P.L, M = P.M, B = P.B, N = P.N;
-  at::Tensor order = std::get<1>(at::sort(P.ref_t, /*stable=*/true, /*dim=*/1, /*descending=*/false));
-  order = order.to(at::kLong).contiguous();
-  const int64_t* ord = order.data_ptr<int64_t>();
-  P.rank_t.resize(L * M);
-  at::parallel_for(0, L, 64, [&](int64_t l0, int64_t l1) {
-    for (int64_t l = l0; l < l1; ++l)
-      for (int64_t k = 0; k < M; ++k) P.rank_t[l * M + ord[l * M + k]] = int(k);
-  });
+  auto sorted = at::sort(references.to(dt), /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  P.ref_sorted = std::get<0>(sorted).contiguous();
+  P.order = std::get<1>(sorted).contiguous();
+  P.order32 = P.order.to(at::kInt);
+  if (weights.has_value()) P.weight_sorted = weights->to(dt).gather(0, P.order).contiguous();
+  const int64_t M = P.M, B = P.B, N = P.N;
   P.valid.assign(B * N, 1);
   P.n_valid.assign(B, int(N));
   if (mask.has_value()) {
@@ -151,9 +163,10 @@ Prepared<scalar_t> prepare(const at::Tensor& x, const at::Tensor& directions, co
 
 template <class scalar_t, class index_t>
 void forward_kernel(const Prepared<scalar_t>& P, int pooling, at::Tensor& out, at::Tensor& sorted,
-                    at::Tensor& perm) {
+                    at::Tensor& token_rank) {
   using K = KeyOf<scalar_t>;
   using Key = typename K::type;
+  constexpr int W = kSortWidth;
   const int64_t B = P.B, N = P.N, L = P.L, M = P.M;
   const int n_pow2 = next_pow2(int(N));
   const int64_t group = std::max<int64_t>(1, std::min<int64_t>(B, kGemmRows / N));
@@ -161,14 +174,16 @@ void forward_kernel(const Prepared<scalar_t>& P, int pooling, at::Tensor& out, a
   const int64_t n_groups = (B + group - 1) / group, n_tiles = (L + tile - 1) / tile;
   scalar_t* out_p = out.data_ptr<scalar_t>();
   scalar_t* sorted_p = sorted.data_ptr<scalar_t>();
-  index_t* perm_p = perm.data_ptr<index_t>();
-  const scalar_t* ref_t = P.ref_t.template data_ptr<scalar_t>();
-  const scalar_t* w_t = P.weight_t.defined() ? P.weight_t.template data_ptr<scalar_t>() : nullptr;
+  index_t* rank_p = token_rank.data_ptr<index_t>();
+  const scalar_t* ref_s = P.ref_sorted.template data_ptr<scalar_t>();
+  const scalar_t* w_s = P.weight_sorted.defined() ? P.weight_sorted.template data_ptr<scalar_t>() : nullptr;
 
   at::parallel_for(0, n_groups * n_tiles, 1, [&](int64_t begin, int64_t end) {
     at::Tensor proj = at::empty({group * N, tile}, P.x2d.options());
-    std::vector<Key> keys(size_t(n_pow2) * kSortWidth);
-    std::vector<scalar_t> block(size_t(N) * kSortWidth), psi(M);
+    std::vector<Key> keys(size_t(n_pow2) * W);
+    std::vector<scalar_t> block(size_t(N) * W);
+    std::vector<index_t> rank_block(size_t(N) * W);
+    scalar_t psi[W], acc[W];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t g = item / n_tiles, l0 = (item % n_tiles) * tile;
       const int64_t b0 = g * group, nb = std::min(group, B - b0), width_tile = std::min(tile, L - l0);
@@ -182,39 +197,50 @@ void forward_kernel(const Prepared<scalar_t>& P, int pooling, at::Tensor& out, a
         const int* lo = P.q_lo.data() + b * M;
         const int* hi = P.q_hi.data() + b * M;
         const scalar_t* qw = P.q_w.data() + b * M;
-        for (int64_t c0 = 0; c0 < width_tile; c0 += kSortWidth) {
-          const int width = int(std::min<int64_t>(kSortWidth, width_tile - c0));
+        for (int64_t c0 = 0; c0 < width_tile; c0 += W) {
+          const int width = int(std::min<int64_t>(W, width_tile - c0));
+          const int64_t l = l0 + c0;
           for (int i = 0; i < n_pow2; ++i) {
-            Key* row = keys.data() + size_t(i) * kSortWidth;
+            Key* row = keys.data() + size_t(i) * W;
+            int c = 0;
             if (i < N && valid[i]) {
               const scalar_t* src = pj + (bl * N + i) * tile + c0;
-              for (int c = 0; c < width; ++c) row[c] = K::make(src[c], i);
-            } else {
-              for (int c = 0; c < width; ++c) row[c] = K::pad();
+              for (; c < width; ++c) row[c] = K::make(src[c], i);
             }
+            for (; c < W; ++c) row[c] = K::pad();
           }
-          sort_key_block(keys.data(), n_pow2, width);
-          // Unpack: sorted values and their tokens, row by row (contiguous in the (B, N, L) outputs).
+          sort_key_block(keys.data(), n_pow2);
+          // Unpack: sorted values (kept for backward) and the sorted position of every valid token.
           for (int64_t i = 0; i < N; ++i) {
-            const Key* row = keys.data() + size_t(i) * kSortWidth;
-            scalar_t* s_dst = sorted_p + (b * N + i) * L + l0 + c0;
-            index_t* p_dst = perm_p + (b * N + i) * L + l0 + c0;
-            scalar_t* blk = block.data() + size_t(i) * kSortWidth;
+            const Key* row = keys.data() + size_t(i) * W;
+            scalar_t* s_dst = sorted_p + (b * N + i) * L + l;
+            scalar_t* blk = block.data() + size_t(i) * W;
             if (i < n_b) {
               for (int c = 0; c < width; ++c) {
                 blk[c] = s_dst[c] = K::value(row[c]);
-                p_dst[c] = index_t(K::index(row[c]));
+                rank_block[size_t(K::index(row[c])) * W + c] = index_t(i);
               }
             } else {
-              for (int c = 0; c < width; ++c) s_dst[c] = scalar_t(0), p_dst[c] = index_t(0);
+              for (int c = 0; c < width; ++c) s_dst[c] = scalar_t(0);
             }
           }
-          for (int c = 0; c < width; ++c) {
-            const int64_t l = l0 + c0 + c;
-            couple_column(block.data() + c, kSortWidth, P.rank_t.data() + l * M, ref_t + l * M, int(M), lo, hi,
-                          qw, psi.data());
-            out_p[b * L + l] = pool_forward(pooling, psi.data(), int(M), w_t ? w_t + l * M : nullptr);
+          for (int64_t n = 0; n < N; ++n) {
+            index_t* r_dst = rank_p + (b * N + n) * L + l;
+            const index_t* src = rank_block.data() + size_t(n) * W;
+            if (valid[n])
+              std::copy(src, src + width, r_dst);
+            else
+              std::fill_n(r_dst, width, index_t(0));
           }
+          // Couple and pool, walking the references in rank order (one row of 32 columns per rank).
+          for (int c = 0; c < width; ++c) acc[c] = pool_initial<scalar_t>(pooling);
+          for (int64_t r = 0; r < M; ++r) {
+            couple_row(block.data() + size_t(lo[r]) * W, block.data() + size_t(hi[r]) * W, qw[r],
+                       ref_s + r * L + l, psi, width);
+            pool_accumulate_row(pooling, psi, w_s ? w_s + r * L + l : nullptr, acc, width);
+          }
+          pool_finish_row(pooling, int(M), acc, width);
+          std::copy(acc, acc + width, out_p + b * L + l);
         }
       }
     }
@@ -238,89 +264,98 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aswp_pool_fwd_cpu(
   TORCH_CHECK_VALUE(code != kWeighted || weights.has_value(), "weights: pooling='weighted' needs weights");
   const int64_t B = x.size(0), N = x.size(1), L = directions.size(0);
   const auto compute = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto perm_dtype = N <= 256 ? at::kByte : at::kInt;
+  const auto index_dtype = N <= 256 ? at::kByte : at::kInt;
   at::Tensor out = at::empty({B, L}, x.options().dtype(compute));
   at::Tensor sorted = at::empty({B, N, L}, x.options().dtype(compute));
-  at::Tensor perm = at::empty({B, N, L}, x.options().dtype(perm_dtype));
-  at::Tensor w = code == kWeighted ? *weights : at::Tensor();
-  std::optional<at::Tensor> wopt = code == kWeighted ? std::optional<at::Tensor>(w) : std::nullopt;
+  at::Tensor token_rank = at::empty({B, N, L}, x.options().dtype(index_dtype));
+  std::optional<at::Tensor> wopt = code == kWeighted ? weights : std::nullopt;
   AT_DISPATCH_FLOATING_TYPES(compute, "aswp_pool_fwd_cpu", [&] {
     auto P = prepare<scalar_t>(x, directions, references, mask, wopt, normalize_directions, true);
-    if (perm_dtype == at::kByte)
-      forward_kernel<scalar_t, uint8_t>(P, code, out, sorted, perm);
+    if (index_dtype == at::kByte)
+      forward_kernel<scalar_t, uint8_t>(P, code, out, sorted, token_rank);
     else
-      forward_kernel<scalar_t, int32_t>(P, code, out, sorted, perm);
+      forward_kernel<scalar_t, int32_t>(P, code, out, sorted, token_rank);
   });
-  return {out.to(x.scalar_type()), sorted, perm};
+  return {out.to(x.scalar_type()), sorted, token_rank};
 }
 
 template <class scalar_t, class index_t>
 void backward_kernel(const Prepared<scalar_t>& P, int pooling, scalar_t temperature, const at::Tensor& grad,
-                     const at::Tensor& sorted, const at::Tensor& perm, at::Tensor& dp, at::Tensor& dref_t,
-                     at::Tensor& dweight_t) {
+                     const at::Tensor& sorted, const at::Tensor& token_rank, at::Tensor& dp, at::Tensor& dref_s,
+                     at::Tensor& dweight_s) {
+  constexpr int W = kSortWidth;
   const int64_t B = P.B, N = P.N, L = P.L, M = P.M;
   const scalar_t* g_p = grad.data_ptr<scalar_t>();
   const scalar_t* sorted_p = sorted.data_ptr<scalar_t>();
-  const index_t* perm_p = perm.data_ptr<index_t>();
-  const scalar_t* ref_t = P.ref_t.template data_ptr<scalar_t>();
-  const scalar_t* w_t = P.weight_t.defined() ? P.weight_t.template data_ptr<scalar_t>() : nullptr;
+  const index_t* rank_p = token_rank.data_ptr<index_t>();
+  const scalar_t* ref_s = P.ref_sorted.template data_ptr<scalar_t>();
+  const int* order = P.order32.template data_ptr<int>();
+  const scalar_t* w_s = P.weight_sorted.defined() ? P.weight_sorted.template data_ptr<scalar_t>() : nullptr;
   scalar_t* dp_p = dp.data_ptr<scalar_t>();
-  scalar_t* dref_p = dref_t.data_ptr<scalar_t>();
-  scalar_t* dw_p = dweight_t.defined() ? dweight_t.data_ptr<scalar_t>() : nullptr;
-  const int64_t n_blocks = (L + kSortWidth - 1) / kSortWidth;
+  scalar_t* dref_p = dref_s.data_ptr<scalar_t>();
+  scalar_t* dw_p = dweight_s.defined() ? dweight_s.data_ptr<scalar_t>() : nullptr;
+  const int64_t n_blocks = (L + W - 1) / W;
+  const scalar_t inv_t = scalar_t(1) / temperature;
+  const bool needs_argmax = pooling == kStm || pooling == kMax;
 
   at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> block(size_t(N) * kSortWidth), ds(size_t(N) * kSortWidth);
-    std::vector<scalar_t> psi(M), dpsi(M), scratch(M);
+    std::vector<scalar_t> block(size_t(N) * W), ds(size_t(N) * W), psi(size_t(M) * W), e(size_t(M) * W);
+    scalar_t best[W], z[W], num[W], dpsi[W];
+    int best_j[W], best_r[W];
     for (int64_t blk_i = begin; blk_i < end; ++blk_i) {
-      const int64_t l0 = blk_i * kSortWidth;
-      const int width = int(std::min<int64_t>(kSortWidth, L - l0));
-      for (int64_t l = l0; l < l0 + width; ++l)
-        for (int64_t j = 0; j < M; ++j) {
-          dref_p[l * M + j] = scalar_t(0);
-          if (dw_p) dw_p[l * M + j] = scalar_t(0);
-        }
+      const int64_t l = blk_i * W;
+      const int width = int(std::min<int64_t>(W, L - l));
+      for (int64_t r = 0; r < M; ++r) {
+        std::fill_n(dref_p + r * L + l, width, scalar_t(0));
+        if (dw_p) std::fill_n(dw_p + r * L + l, width, scalar_t(0));
+      }
       for (int64_t b = 0; b < B; ++b) {
         const int n_b = P.n_valid[b];
         const int* lo = P.q_lo.data() + b * M;
         const int* hi = P.q_hi.data() + b * M;
         const scalar_t* qw = P.q_w.data() + b * M;
+        const scalar_t* g = g_p + b * L + l;
         for (int i = 0; i < n_b; ++i) {
-          const scalar_t* src = sorted_p + (b * N + i) * L + l0;
-          std::copy(src, src + width, block.data() + size_t(i) * kSortWidth);
+          const scalar_t* src = sorted_p + (b * N + i) * L + l;
+          std::copy(src, src + width, block.data() + size_t(i) * W);
         }
-        std::fill(ds.begin(), ds.end(), scalar_t(0));
-        for (int c = 0; c < width; ++c) {
-          const int64_t l = l0 + c;
-          const scalar_t* wcol = w_t ? w_t + l * M : nullptr;
-          couple_column(block.data() + c, kSortWidth, P.rank_t.data() + l * M, ref_t + l * M, int(M), lo, hi, qw,
-                        psi.data());
-          pool_backward(pooling, psi.data(), int(M), g_p[b * L + l], temperature, wcol, dpsi.data(),
-                        scratch.data());
-          scalar_t* dr = dref_p + l * M;
-          for (int64_t j = 0; j < M; ++j) dr[j] -= dpsi[j];
+        for (int64_t r = 0; r < M; ++r)
+          couple_row(block.data() + size_t(lo[r]) * W, block.data() + size_t(hi[r]) * W, qw[r], ref_s + r * L + l,
+                     psi.data() + r * W, width);
+        if (needs_argmax) {
+          for (int c = 0; c < width; ++c) best[c] = -INFINITY, best_j[c] = INT32_MAX, best_r[c] = 0;
+          for (int64_t r = 0; r < M; ++r)
+            argmax_update(psi.data() + r * W, order + r * L + l, int(r), best, best_j, best_r, width);
+        }
+        if (pooling == kStm) {
+          std::fill_n(z, W, scalar_t(0));
+          std::fill_n(num, W, scalar_t(0));
+          for (int64_t r = 0; r < M; ++r)
+            stm_softmax_row(psi.data() + r * W, best, inv_t, e.data() + r * W, z, num, width);
+        }
+        std::fill_n(ds.data(), size_t(n_b) * W, scalar_t(0));
+        for (int64_t r = 0; r < M; ++r) {
+          const scalar_t* psi_r = psi.data() + r * W;
+          pool_grad_row(pooling, int(M), int(r), psi_r, e.data() + r * W, z, num, best_r,
+                        w_s ? w_s + r * L + l : nullptr, g, inv_t, dpsi, width);
+          scalar_t* dr = dref_p + r * L + l;
+          for (int c = 0; c < width; ++c) dr[c] -= dpsi[c];
           if (dw_p) {
-            const scalar_t g = g_p[b * L + l];
-            scalar_t* dw = dw_p + l * M;
-            for (int64_t j = 0; j < M; ++j) dw[j] += g * psi[j];
+            scalar_t* dw = dw_p + r * L + l;
+            for (int c = 0; c < width; ++c) dw[c] += g[c] * psi_r[c];
           }
-          // ds of this column lives at stride kSortWidth, like block
-          for (int64_t j = 0; j < M; ++j) {
-            const int r = P.rank_t[l * M + j];
-            ds[size_t(lo[r]) * kSortWidth + c] += dpsi[j] * (scalar_t(1) - qw[r]);
-            ds[size_t(hi[r]) * kSortWidth + c] += dpsi[j] * qw[r];
+          couple_row_backward(dpsi, qw[r], ds.data() + size_t(lo[r]) * W, ds.data() + size_t(hi[r]) * W, width);
+        }
+        // Through the sort: token n receives ds at its sorted position; masked tokens receive 0.
+        const uint8_t* valid = P.valid.data() + b * N;
+        for (int64_t n = 0; n < N; ++n) {
+          scalar_t* dst = dp_p + (b * N + n) * L + l;
+          const index_t* rk = rank_p + (b * N + n) * L + l;
+          if (valid[n]) {
+            for (int c = 0; c < width; ++c) dst[c] = ds[size_t(rk[c]) * W + c];
+          } else {
+            std::fill_n(dst, width, scalar_t(0));
           }
-        }
-        // Through the permutation: the token at sorted position i receives ds[i]; masked tokens receive 0.
-        if (n_b < N) {
-          const uint8_t* valid = P.valid.data() + b * N;
-          for (int64_t n = 0; n < N; ++n)
-            if (!valid[n]) std::fill_n(dp_p + (b * N + n) * L + l0, width, scalar_t(0));
-        }
-        for (int i = 0; i < n_b; ++i) {
-          const index_t* tok = perm_p + (b * N + i) * L + l0;
-          const scalar_t* d = ds.data() + size_t(i) * kSortWidth;
-          for (int c = 0; c < width; ++c) dp_p[(b * N + int64_t(tok[c])) * L + l0 + c] = d[c];
         }
       }
     }
@@ -348,30 +383,32 @@ void normalize_backward(at::Tensor& dtheta, const at::Tensor& theta, const at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aswp_pool_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& directions, const at::Tensor& references,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& weights, const at::Tensor& sorted,
-    const at::Tensor& perm, c10::string_view pooling, bool normalize_directions, double temperature, bool need_x,
+    const at::Tensor& token_rank, c10::string_view pooling, bool normalize_directions, double temperature, bool need_x,
     bool need_directions) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int code = pooling_code(pooling);
   const int64_t B = x.size(0), N = x.size(1), L = directions.size(0), M = references.size(0);
   TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == B && grad_out.size(1) == L,
                     "grad_out must be (B, L)");
-  TORCH_CHECK_VALUE(sorted.sizes() == perm.sizes() && sorted.dim() == 3 && sorted.size(0) == B &&
+  TORCH_CHECK_VALUE(sorted.sizes() == token_rank.sizes() && sorted.dim() == 3 && sorted.size(0) == B &&
                         sorted.size(1) == N && sorted.size(2) == L,
-                    "sorted/perm must be (B, N, L)");
+                    "sorted/token_rank must be (B, N, L)");
   const auto compute = sorted.scalar_type();
   at::Tensor grad_x, grad_dir;
-  at::Tensor grad_ref_t = at::empty({L, M}, sorted.options());
-  at::Tensor grad_w_t = code == kWeighted ? at::empty({L, M}, sorted.options()) : at::Tensor();
+  at::Tensor grad_ref_s = at::empty({M, L}, sorted.options());  // in rank order, unpermuted at the end
+  at::Tensor grad_w_s = code == kWeighted ? at::empty({M, L}, sorted.options()) : at::Tensor();
+  at::Tensor order;
   std::optional<at::Tensor> wopt = code == kWeighted ? weights : std::nullopt;
   AT_DISPATCH_FLOATING_TYPES(compute, "aswp_pool_bwd_cpu", [&] {
     auto P = prepare<scalar_t>(x, directions, references, mask, wopt, normalize_directions, need_directions);
     at::Tensor g = grad_out.to(compute).contiguous();
-    at::Tensor s = sorted.contiguous(), pm = perm.contiguous();
+    at::Tensor s = sorted.contiguous(), pm = token_rank.contiguous();
     at::Tensor dp = at::empty({B * N, L}, sorted.options());
     if (pm.scalar_type() == at::kByte)
-      backward_kernel<scalar_t, uint8_t>(P, code, scalar_t(temperature), g, s, pm, dp, grad_ref_t, grad_w_t);
+      backward_kernel<scalar_t, uint8_t>(P, code, scalar_t(temperature), g, s, pm, dp, grad_ref_s, grad_w_s);
     else
-      backward_kernel<scalar_t, int32_t>(P, code, scalar_t(temperature), g, s, pm, dp, grad_ref_t, grad_w_t);
+      backward_kernel<scalar_t, int32_t>(P, code, scalar_t(temperature), g, s, pm, dp, grad_ref_s, grad_w_s);
+    order = P.order;
     if (need_x) grad_x = at::mm(dp, P.theta).view({B, N, x.size(2)}).to(x.scalar_type());
     if (need_directions) {
       at::Tensor dtheta = at::mm(dp.t(), P.x2d);
@@ -381,9 +418,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aswp_pool_bwd_cpu(
   });
   if (!grad_x.defined()) grad_x = at::empty({0}, x.options());
   if (!grad_dir.defined()) grad_dir = at::empty({0}, directions.options());
-  at::Tensor grad_ref = grad_ref_t.t().contiguous().to(references.scalar_type());
-  at::Tensor grad_w = code == kWeighted ? grad_w_t.t().contiguous().to(weights->scalar_type())
-                                        : at::empty({0}, references.options());
+  at::Tensor grad_ref = at::empty_like(grad_ref_s).scatter_(0, order, grad_ref_s).to(references.scalar_type());
+  at::Tensor grad_w = code == kWeighted
+                          ? at::empty_like(grad_w_s).scatter_(0, order, grad_w_s).to(weights->scalar_type())
+                          : at::empty({0}, references.options());
   return {grad_x, grad_dir, grad_ref, grad_w};
 }
 

@@ -86,7 +86,7 @@ OMNIRET_HD void compare_exchange(KeyF64& a, KeyF64& b) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Bitonic sorting network on n = 2^k rows. Stage (size, stride) for size = 2, 4, ..., n and stride = size/2,
+// Bitonic sorting network on n = 2^k rows. Stage (size, step) for size = 2, 4, ..., n and step = size/2,
 // ..., 1 has n/2 independent comparators; comparator p of a stage orders rows (first, second) so that
 // key[first] <= key[second] afterwards. The CPU kernel applies each comparator to a whole row of columns with
 // vector min/max; the CUDA kernel spreads a stage's comparators over the threads of a block.
@@ -97,9 +97,11 @@ OMNIRET_HD int next_pow2(int n) {
   return p;
 }
 
-OMNIRET_HD void bitonic_comparator(int size, int stride, int p, int& first, int& second) {
-  const int i = (p / stride) * 2 * stride + (p % stride);  // the row of the pair whose `stride` bit is clear
-  const int j = i + stride;
+// step = 1 << log_step (shifts, not divisions: this runs once per comparator).
+OMNIRET_HD void bitonic_comparator(int size, int log_step, int p, int& first, int& second) {
+  const int step = 1 << log_step;
+  const int i = ((p >> log_step) << (log_step + 1)) | (p & (step - 1));  // the pair's row with bit `step` clear
+  const int j = i + step;
   const bool ascending = (i & size) == 0;
   first = ascending ? i : j;
   second = ascending ? j : i;
@@ -109,10 +111,12 @@ OMNIRET_HD void bitonic_comparator(int size, int stride, int p, int& first, int&
 template <class Key>
 OMNIRET_HD void bitonic_sort(Key* keys, int n_pow2, long long stride) {
   for (int size = 2; size <= n_pow2; size <<= 1) {
-    for (int step = size >> 1; step > 0; step >>= 1) {
+    int log_size = 0;
+    while ((1 << log_size) < size) ++log_size;
+    for (int log_step = log_size - 1; log_step >= 0; --log_step) {
       for (int p = 0; p < n_pow2 / 2; ++p) {
         int a, b;
-        bitonic_comparator(size, step, p, a, b);
+        bitonic_comparator(size, log_step, p, a, b);
         compare_exchange(keys[a * stride], keys[b * stride]);
       }
     }
@@ -133,22 +137,8 @@ OMNIRET_HD void quantile_position(int rank, int n, int m, int& lo, int& hi, doub
   hi = lo + 1 < n ? lo + 1 : n - 1;
 }
 
-// psi[j] = matched(j) - ref[j] for one column; `sorted` holds the column's n sorted values `s_stride` apart,
-// rank/ref are the column's M reference ranks and values, lo/hi/w the quantile table of this n indexed by rank.
-template <class T>
-OMNIRET_HD void couple_column(const T* sorted, long long s_stride, const int* rank, const T* ref, int m,
-                              const int* lo, const int* hi, const T* w, T* psi) {
-  for (int j = 0; j < m; ++j) {
-    const int r = rank[j];
-    const T wr = w[r];
-    psi[j] = sorted[lo[r] * s_stride] * (T(1) - wr) + sorted[hi[r] * s_stride] * wr - ref[j];
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Pooling over j of one column psi[0..m). exp_approx is a Cephes-style float exp (max rel. error ~2 ulp) that
-// vectorises on the CPU and is bit-identical on the GPU; float64 uses the libm exp.
-// ---------------------------------------------------------------------------------------------------------
+// exp_approx: a Cephes-style float exp (max rel. error ~2 ulp) that vectorises on the CPU and runs unchanged
+// on the GPU; float64 uses the libm exp.
 OMNIRET_HD float exp_approx(float x) {
   x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
   const float n = floorf(x * 1.44269504088896341f + 0.5f);
@@ -165,72 +155,94 @@ OMNIRET_HD float exp_approx(float x) {
 }
 OMNIRET_HD double exp_approx(double x) { return exp(x); }
 
-// First index of the maximum (the reference's argmax rule on ties).
+
+// ---------------------------------------------------------------------------------------------------------
+// Pooling in rank order. Walking the references of a column in rank order r = 0..M-1 (j = order[r] is the
+// reference of rank r), the quantile table (lo, hi, w) of a sample depends on r only, not on the column, so
+// one step works on a whole row of columns at once: contiguous loads, no gathers. The CPU kernel passes rows
+// of 32 columns; the CUDA kernel gives each thread one column (width 1). Pooling is order-free except the
+// argmax tie rule (first reference index j), which `argmax_update` keeps.
+// ---------------------------------------------------------------------------------------------------------
+// psi[c] = s_lo[c] * (1 - w) + s_hi[c] * w - ref[c] for the references of rank r of `width` columns.
 template <class T>
-OMNIRET_HD int argmax_first(const T* psi, int m) {
-  int best = 0;
-  for (int j = 1; j < m; ++j) best = psi[j] > psi[best] ? j : best;
-  return best;
+OMNIRET_HD void couple_row(const T* s_lo, const T* s_hi, T w, const T* ref, T* psi, int width) {
+  const T w_lo = T(1) - w;
+  for (int c = 0; c < width; ++c) psi[c] = s_lo[c] * w_lo + s_hi[c] * w - ref[c];
 }
 
-// Forward value of one column. weights points at the column's M weights (only for kWeighted).
 template <class T>
-OMNIRET_HD T pool_forward(int pooling, const T* psi, int m, const T* weights) {
-  if (pooling == kStm || pooling == kMax) return psi[argmax_first(psi, m)];  // STM's forward value is the max
-  T acc = T(0);
-  if (pooling == kMean) {
-    for (int j = 0; j < m; ++j) acc += psi[j];
-    return acc / T(m);
-  }
-  for (int j = 0; j < m; ++j) acc += weights[j] * psi[j];
-  return acc;
+OMNIRET_HD T pool_initial(int pooling) {
+  return (pooling == kStm || pooling == kMax) ? T(-INFINITY) : T(0);
 }
 
-// dpsi[j] = d h / d psi[j] * g for one column (SPEC 1.7). For STM: g * (hard_j + y_j (psi_j - sum_k y_k psi_k) / tau)
-// with y = softmax(psi / tau). `scratch` holds m values (the softmax numerators).
+// Forward accumulation of row r: the max (stm, max; STM's forward value is the max), the sum (mean) or the
+// weighted sum (weighted).
 template <class T>
-OMNIRET_HD void pool_backward(int pooling, const T* psi, int m, T g, T temperature, const T* weights, T* dpsi,
-                              T* scratch) {
-  if (pooling == kMean) {
-    const T d = g / T(m);
-    for (int j = 0; j < m; ++j) dpsi[j] = d;
-    return;
+OMNIRET_HD void pool_accumulate_row(int pooling, const T* psi, const T* weight, T* acc, int width) {
+  if (pooling == kStm || pooling == kMax) {
+    for (int c = 0; c < width; ++c) acc[c] = psi[c] > acc[c] ? psi[c] : acc[c];
+  } else if (pooling == kMean) {
+    for (int c = 0; c < width; ++c) acc[c] += psi[c];
+  } else {
+    for (int c = 0; c < width; ++c) acc[c] += weight[c] * psi[c];
   }
-  if (pooling == kWeighted) {
-    for (int j = 0; j < m; ++j) dpsi[j] = g * weights[j];
-    return;
-  }
-  const int a = argmax_first(psi, m);
-  if (pooling == kMax) {
-    for (int j = 0; j < m; ++j) dpsi[j] = T(0);
-    dpsi[a] = g;
-    return;
-  }
-  const T top = psi[a];
-  const T inv_t = T(1) / temperature;
-  T z = T(0);
-  for (int j = 0; j < m; ++j) {
-    scratch[j] = exp_approx((psi[j] - top) * inv_t);
-    z += scratch[j];
-  }
-  const T inv_z = T(1) / z;
-  T mean_psi = T(0);
-  for (int j = 0; j < m; ++j) mean_psi += scratch[j] * psi[j];
-  mean_psi *= inv_z;
-  const T scale = g * inv_z * inv_t;
-  for (int j = 0; j < m; ++j) dpsi[j] = scale * scratch[j] * (psi[j] - mean_psi);
-  dpsi[a] += g;
 }
 
-// Gradient of the coupling for one column: ds[lo] += dpsi (1 - w), ds[hi] += dpsi w (ds has n zeroed entries).
 template <class T>
-OMNIRET_HD void couple_column_backward(const T* dpsi, const int* rank, int m, const int* lo, const int* hi,
-                                       const T* w, T* ds) {
-  for (int j = 0; j < m; ++j) {
-    const int r = rank[j];
-    ds[lo[r]] += dpsi[j] * (T(1) - w[r]);
-    ds[hi[r]] += dpsi[j] * w[r];
+OMNIRET_HD void pool_finish_row(int pooling, int m, T* acc, int width) {
+  if (pooling == kMean)
+    for (int c = 0; c < width; ++c) acc[c] /= T(m);
+}
+
+// Running argmax over rank-ordered rows; on equal psi the smaller reference index j wins (torch's argmax).
+template <class T>
+OMNIRET_HD void argmax_update(const T* psi, const int* j_of_row, int r, T* best, int* best_j, int* best_r,
+                              int width) {
+  for (int c = 0; c < width; ++c) {
+    const bool take = psi[c] > best[c] || (psi[c] == best[c] && j_of_row[c] < best_j[c]);
+    best[c] = take ? psi[c] : best[c];
+    best_j[c] = take ? j_of_row[c] : best_j[c];
+    best_r[c] = take ? r : best_r[c];
   }
+}
+
+// STM softmax statistics, one row: e = exp((psi - max) / tau) is stored, z += e, num += e * psi.
+template <class T>
+OMNIRET_HD void stm_softmax_row(const T* psi, const T* best, T inv_t, T* e, T* z, T* num, int width) {
+  for (int c = 0; c < width; ++c) {
+    const T v = exp_approx((psi[c] - best[c]) * inv_t);
+    e[c] = v;
+    z[c] += v;
+    num[c] += v * psi[c];
+  }
+}
+
+// Gradient to psi of row r (SPEC 1.7): g * (hard + y (psi - sum_k y_k psi_k) / tau) for stm, g * hard for
+// max, g / M for mean, g * weight for weighted. e/z/num come from stm_softmax_row (stm only).
+template <class T>
+OMNIRET_HD void pool_grad_row(int pooling, int m, int r, const T* psi, const T* e, const T* z, const T* num,
+                              const int* best_r, const T* weight, const T* g, T inv_t, T* dpsi, int width) {
+  if (pooling == kStm) {
+    for (int c = 0; c < width; ++c) {
+      const T inv_z = T(1) / z[c];
+      const T hard = r == best_r[c] ? T(1) : T(0);
+      dpsi[c] = g[c] * (hard + e[c] * inv_z * (psi[c] - num[c] * inv_z) * inv_t);
+    }
+  } else if (pooling == kMax) {
+    for (int c = 0; c < width; ++c) dpsi[c] = r == best_r[c] ? g[c] : T(0);
+  } else if (pooling == kMean) {
+    for (int c = 0; c < width; ++c) dpsi[c] = g[c] / T(m);
+  } else {
+    for (int c = 0; c < width; ++c) dpsi[c] = g[c] * weight[c];
+  }
+}
+
+// Gradient of the coupling of row r: ds[lo] += dpsi (1 - w), ds[hi] += dpsi w (ds_lo may be ds_hi).
+template <class T>
+OMNIRET_HD void couple_row_backward(const T* dpsi, T w, T* ds_lo, T* ds_hi, int width) {
+  const T w_lo = T(1) - w;
+  for (int c = 0; c < width; ++c) ds_lo[c] += dpsi[c] * w_lo;
+  for (int c = 0; c < width; ++c) ds_hi[c] += dpsi[c] * w;
 }
 
 }  // namespace aswp
