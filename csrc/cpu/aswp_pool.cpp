@@ -97,6 +97,41 @@ struct KeyOf<double> {
   static int index(const KeyF64& k) { return k.index; }
 };
 
+// Stable sort of every column of references (M, L) with the key network: the values in rank order and the
+// index j of each rank. (at::sort along dim 0 of a row-major matrix costs more than the kernel around it.)
+template <class scalar_t>
+void sort_references(const at::Tensor& references, at::Tensor& ref_sorted, at::Tensor& order) {
+  using K = KeyOf<scalar_t>;
+  using Key = typename K::type;
+  constexpr int W = kSortWidth;
+  const int64_t M = references.size(0), L = references.size(1);
+  const int m_pow2 = next_pow2(int(M));
+  ref_sorted = at::empty({M, L}, references.options());
+  order = at::empty({M, L}, references.options().dtype(at::kInt));
+  const scalar_t* src = references.data_ptr<scalar_t>();
+  scalar_t* dst = ref_sorted.data_ptr<scalar_t>();
+  int* ord = order.data_ptr<int>();
+  at::parallel_for(0, (L + W - 1) / W, 4, [&](int64_t begin, int64_t end) {
+    std::vector<Key> keys(size_t(m_pow2) * W);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t l = blk * W;
+      const int width = int(std::min<int64_t>(W, L - l));
+      for (int i = 0; i < m_pow2; ++i) {
+        Key* row = keys.data() + size_t(i) * W;
+        int c = 0;
+        if (i < M)
+          for (; c < width; ++c) row[c] = K::make(src[i * L + l + c], i);
+        for (; c < W; ++c) row[c] = K::pad();
+      }
+      sort_key_block(keys.data(), m_pow2);
+      for (int64_t r = 0; r < M; ++r) {
+        const Key* row = keys.data() + size_t(r) * W;
+        for (int c = 0; c < width; ++c) dst[r * L + l + c] = K::value(row[c]), ord[r * L + l + c] = K::index(row[c]);
+      }
+    }
+  });
+}
+
 // What both directions need: x and theta in the compute type, the references sorted per column with the
 // index j of each rank (so the kernels walk references in rank order), and each sample's quantile table.
 template <class scalar_t>
@@ -130,10 +165,8 @@ Prepared<scalar_t> prepare(const at::Tensor& x, const at::Tensor& directions, co
   } else {
     P.theta = d;
   }
-  auto sorted = at::sort(references.to(dt), /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  P.ref_sorted = std::get<0>(sorted).contiguous();
-  P.order = std::get<1>(sorted).contiguous();
-  P.order32 = P.order.to(at::kInt);
+  sort_references<scalar_t>(references.to(dt).contiguous(), P.ref_sorted, P.order32);
+  P.order = P.order32.to(at::kLong);
   if (weights.has_value()) P.weight_sorted = weights->to(dt).gather(0, P.order).contiguous();
   const int64_t M = P.M, B = P.B, N = P.N;
   P.valid.assign(B * N, 1);
@@ -216,10 +249,9 @@ void forward_kernel(const Prepared<scalar_t>& P, int pooling, at::Tensor& out, a
             scalar_t* s_dst = sorted_p + (b * N + i) * L + l;
             scalar_t* blk = block.data() + size_t(i) * W;
             if (i < n_b) {
-              for (int c = 0; c < width; ++c) {
-                blk[c] = s_dst[c] = K::value(row[c]);
-                rank_block[size_t(K::index(row[c])) * W + c] = index_t(i);
-              }
+              for (int c = 0; c < width; ++c) blk[c] = K::value(row[c]);  // vectorised decode
+              std::copy(blk, blk + width, s_dst);
+              for (int c = 0; c < width; ++c) rank_block[size_t(K::index(row[c])) * W + c] = index_t(i);  // scatter
             } else {
               for (int c = 0; c < width; ++c) s_dst[c] = scalar_t(0);
             }
@@ -332,6 +364,7 @@ void backward_kernel(const Prepared<scalar_t>& P, int pooling, scalar_t temperat
           std::fill_n(num, W, scalar_t(0));
           for (int64_t r = 0; r < M; ++r)
             stm_softmax_row(psi.data() + r * W, best, inv_t, e.data() + r * W, z, num, width);
+          stm_normalize(z, num, width);
         }
         std::fill_n(ds.data(), size_t(n_b) * W, scalar_t(0));
         for (int64_t r = 0; r < M; ++r) {

@@ -130,6 +130,7 @@ __global__ void backward_kernel(const float* __restrict__ grad, const uint8_t* _
       }
       if (pooling == kStm)
         for (int r = 0; r < M; ++r) stm_softmax_row(psi + r * cols + c, &best, inv_t, e + r * cols + c, &z, &num, 1);
+      stm_normalize(&z, &num, 1);
       for (int r = 0; r < M; ++r) {
         int lo, hi;
         double w;

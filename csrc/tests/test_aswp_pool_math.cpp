@@ -156,6 +156,7 @@ static void test_pool_rows(std::mt19937& rng) {
       }
       pool_finish_row(pooling, m, acc, width);
       for (int r = 0; r < m; ++r) stm_softmax_row(&psi_r[r * width], best, 1.0 / tau, &e[r * width], z, num, width);
+      stm_normalize(z, num, width);
       for (int c = 0; c < width; ++c) {
         std::vector<double> col(m), wcol(m), expect_d;
         for (int j = 0; j < m; ++j) col[j] = psi[j * width + c], wcol[j] = weight[j * width + c];

@@ -217,16 +217,26 @@ OMNIRET_HD void stm_softmax_row(const T* psi, const T* best, T inv_t, T* e, T* z
   }
 }
 
-// Gradient to psi of row r (SPEC 1.7): g * (hard + y (psi - sum_k y_k psi_k) / tau) for stm, g * hard for
-// max, g / M for mean, g * weight for weighted. e/z/num come from stm_softmax_row (stm only).
+// After the last stm_softmax_row: z <- 1 / z and num <- num / z = sum_k y_k psi_k (no division per element later).
 template <class T>
-OMNIRET_HD void pool_grad_row(int pooling, int m, int r, const T* psi, const T* e, const T* z, const T* num,
-                              const int* best_r, const T* weight, const T* g, T inv_t, T* dpsi, int width) {
+OMNIRET_HD void stm_normalize(T* z, T* num, int width) {
+  for (int c = 0; c < width; ++c) {
+    z[c] = T(1) / z[c];
+    num[c] *= z[c];
+  }
+}
+
+// Gradient to psi of row r (SPEC 1.7): g * (hard + y (psi - sum_k y_k psi_k) / tau) for stm, g * hard for
+// max, g / M for mean, g * weight for weighted. For stm, e comes from stm_softmax_row and inv_z/mean_psi from
+// stm_normalize.
+template <class T>
+OMNIRET_HD void pool_grad_row(int pooling, int m, int r, const T* psi, const T* e, const T* inv_z,
+                              const T* mean_psi, const int* best_r, const T* weight, const T* g, T inv_t, T* dpsi,
+                              int width) {
   if (pooling == kStm) {
     for (int c = 0; c < width; ++c) {
-      const T inv_z = T(1) / z[c];
       const T hard = r == best_r[c] ? T(1) : T(0);
-      dpsi[c] = g[c] * (hard + e[c] * inv_z * (psi[c] - num[c] * inv_z) * inv_t);
+      dpsi[c] = g[c] * (hard + e[c] * inv_z[c] * (psi[c] - mean_psi[c]) * inv_t);
     }
   } else if (pooling == kMax) {
     for (int c = 0; c < width; ++c) dpsi[c] = r == best_r[c] ? g[c] : T(0);
