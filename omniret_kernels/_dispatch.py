@@ -51,12 +51,12 @@ def _why_not(op: str, backend: str, device: torch.device) -> Optional[str]:
     if backend == "triton":
         if not _ext.triton_importable():
             return "triton is not installed (pip install triton)"
-        if not _triton_op_exists(op):
-            return f"{op} has no Triton kernel"
         if device.type == "cpu" and not _ext.triton_interpreting():
             return "Triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before triton is imported)"
         if device.type not in ("cpu", "cuda"):
             return f"Triton kernels need CUDA tensors, got tensors on {device}"
+        if not _triton_op_exists(op):
+            return f"{op} has no Triton kernel"
         return None
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
 

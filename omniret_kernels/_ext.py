@@ -8,21 +8,27 @@ from typing import Optional
 
 import torch
 
-_CPU_EXT = None
-_CPU_ERROR: Optional[BaseException] = None
+# The ops of the library; each is the pair of dispatcher ops omniret::<op>_fwd and omniret::<op>_bwd.
+OPS = ("aswp_pool", "resampler_attention", "diversity_loss")
+
 _CUDA_EXT = None
 _CUDA_ERROR: Optional[BaseException] = None
 
-try:
-    from omniret_kernels import _C as _CPU_EXT  # noqa: F401  (registers the omniret:: schemas and CPU kernels)
-except ImportError as exc:  # not built
-    _CPU_ERROR = exc
 
-if _CPU_EXT is not None:
+def _import_extension(name: str):
+    """(module, None) or (None, the reason it is unavailable)."""
+    if importlib.util.find_spec(f"omniret_kernels.{name}") is None:
+        return None, ImportError(f"omniret_kernels.{name} is not built")
     try:
-        from omniret_kernels import _C_cuda as _CUDA_EXT  # noqa: F401  (registers the CUDA kernels)
-    except ImportError as exc:
-        _CUDA_ERROR = exc
+        return importlib.import_module(f"omniret_kernels.{name}"), None
+    except ImportError as exc:  # built against another torch, or a missing shared library
+        return None, exc
+
+
+# Importing _C registers the omniret:: schemas and the CPU kernels; _C_cuda registers the CUDA kernels.
+_CPU_EXT, _CPU_ERROR = _import_extension("_C")
+if _CPU_EXT is not None:
+    _CUDA_EXT, _CUDA_ERROR = _import_extension("_C_cuda")
 
 
 def cpu_extension_built() -> bool:

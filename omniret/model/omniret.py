@@ -1,0 +1,444 @@
+"""OmniRet: encoders -> projectors -> SharedMediaResampler -> composer LLM (+ LoRA) -> pooling head.
+
+`model(items) -> (embeddings, aux)` for training (autograd; aux["diversity"] is the mean diversity loss over the
+call's media items, its dropout on only in training mode); `encode_queries` / `encode_corpus` for inference
+(L2-normalised float32). See docs/model.md.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omniret.config import OmniRetConfig, preset
+from omniret.model.cache import FeatureCache, content_key
+from omniret.model.composer import MODALITIES, Composer, ParsedItem, parse_item
+from omniret.model.encoders import MediaEncoder, build_encoder, cu_seqlens_from_lengths
+from omniret.model.heads import build_head, late_interaction_scores
+from omniret.model.projectors import build_projector
+from omniret_kernels import SharedMediaResampler, diversity_loss
+
+__all__ = ["OmniRet", "PreparedBatch"]
+
+CONFIG_FILE = "omniret_config.json"
+WEIGHTS_FILE = "model.safetensors"
+RANDOM_BACKBONES_FILE = "random_backbones.safetensors"
+
+
+@dataclass
+class PreparedBatch:
+    """The CPU side of a batch: token/media sequences per item and the preprocessed media per modality."""
+
+    sequences: list  # per item: [("ids", [...]) | (modality, k)]
+    media_offsets: list  # per item: {modality: index of its first media in media[modality]}
+    media: dict  # modality -> list of preprocessed tensors (images (3,S,S), audio (n,), video (T,3,S,S))
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def subset(self, indices: Sequence[int]) -> "PreparedBatch":
+        """The items at `indices`, in that order, with their media (e.g. for gradient-cache chunks)."""
+        media = {m: [] for m in self.media}
+        offsets = []
+        for i in indices:
+            seq, off = self.sequences[i], self.media_offsets[i]
+            counts = {m: sum(1 for kind, _ in seq if kind == m) for m in self.media}
+            offsets.append({m: len(media[m]) for m in self.media})
+            for m in self.media:
+                media[m].extend(self.media[m][off[m]:off[m] + counts[m]])
+        return PreparedBatch([self.sequences[i] for i in indices], offsets, media)
+
+
+class OmniRet(nn.Module):
+    def __init__(self, config: OmniRetConfig, *, _skip_seed: bool = False):
+        super().__init__()
+        config.validate()
+        self.config = config
+        rng = contextlib.nullcontext() if _skip_seed else torch.random.fork_rng(devices=[])
+        with rng:
+            if not _skip_seed:
+                torch.manual_seed(config.seed)  # random backbones and new modules: the same config, the same model
+            self.encoders = nn.ModuleDict()
+            if config.image_encoder is not None:
+                self.encoders["image"] = build_encoder(config.image_encoder, config)
+            if config.audio_encoder is not None:
+                self.encoders["audio"] = build_encoder(config.audio_encoder, config)
+            self.composer = Composer(config)
+            dim = self.composer.hidden_size
+            self.projectors = nn.ModuleDict({
+                name: build_projector(config.projector, enc.out_dim, dim) for name, enc in self.encoders.items()})
+            modalities = [m for m in ("image", "video", "audio") if self._encoder_for(m) is not None]
+            self.media_resampler = (
+                SharedMediaResampler(dim, num_latents=config.media_latents, depth=config.resampler_depth,
+                                     heads=config.resampler_heads, modalities=modalities,
+                                     mlp_mult=config.resampler_mlp_mult) if modalities else None)
+            self.head = build_head(config, dim)
+        self.feature_cache: Optional[FeatureCache] = None
+        if config.lora:  # a stage-2 checkpoint: LoRA is there before its weights load
+            config.lora = False
+            self.add_lora()
+        if config.gradient_checkpointing:
+            self.composer.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # -------------------------------------------------------------------------------------------------
+    # construction, stages
+    # -------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config) -> "OmniRet":
+        """An OmniRetConfig or a preset name ("paper", "demo", "tiny")."""
+        return cls(preset(config) if isinstance(config, str) else config)
+
+    def _encoder_for(self, modality: str) -> Optional[MediaEncoder]:
+        if modality == "video":
+            return self.encoders["image"] if ("image" in self.encoders and self.config.video) else None
+        return self.encoders[modality] if modality in self.encoders else None
+
+    def _projector_for(self, modality: str) -> nn.Module:
+        return self.projectors["image" if modality == "video" else modality]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def modalities(self) -> tuple:
+        return tuple(m for m in MODALITIES if self._encoder_for(m) is not None)
+
+    def frozen_prefixes(self) -> list:
+        """State-dict prefixes of the frozen backbones (not saved by save_pretrained)."""
+        out = [f"encoders.{n}." for n, e in self.encoders.items() if not e.trainable]
+        out.append("composer.llm.")
+        return out
+
+    def is_frozen_name(self, name: str) -> bool:
+        return any(name.startswith(p) for p in self.frozen_prefixes()) and "lora_" not in name
+
+    def freeze_backbones(self) -> None:
+        """Media encoders (unless trainable towers) and the LLM's own weights take no gradient."""
+        for name, p in self.named_parameters():
+            if self.is_frozen_name(name):
+                p.requires_grad_(False)
+
+    def add_lora(self) -> list:
+        """Stage 2: LoRA (rank/alpha from the config) into the LLM. Returns the new parameters (for the
+        optimizer). Idempotent."""
+        if not self.config.lora:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.config.seed + 1)  # the same config gives the same LoRA init
+                self.composer.add_lora()
+            self.config.lora = True
+        return [p for n, p in self.named_parameters() if "lora_" in n]
+
+    def init_video_latents_from_image(self) -> None:
+        """Stage 2 starts the video latents from the image latents (section 5.1)."""
+        r = self.media_resampler
+        if r is None or "video" not in r.modalities or "image" not in r.modalities:
+            raise ValueError("init_video_latents_from_image needs image and video latents in the media resampler")
+        with torch.no_grad():
+            r.modality_latents["video"].copy_(r.modality_latents["image"])
+
+    def setup_stage(self, stage: int) -> list:
+        """Stage 1: projectors, resamplers and the pooling head train (plus the trainable towers); backbones
+        frozen, no LoRA. Stage 2: the same plus LoRA, video latents copied from the image latents.
+        Returns the trainable parameters."""
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage}")
+        if stage == 1 and self.config.lora:
+            raise ValueError("stage: this model already has LoRA (stage 2); stage 1 trains without it")
+        for name, p in self.named_parameters():
+            p.requires_grad_(not self.is_frozen_name(name))
+        if stage == 2 and not self.config.lora:  # entering stage 2 (a stage-2 model keeps its video latents)
+            self.add_lora()
+            if self.media_resampler is not None and {"image", "video"} <= set(self.media_resampler.modalities):
+                self.init_video_latents_from_image()
+        return self.trainable_parameters()
+
+    def trainable_parameters(self) -> list:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for enc in self.encoders.values():  # frozen encoders are fixed feature extractors: no dropout ever
+            if not enc.trainable:
+                enc.eval()
+        if not self.config.llm_dropout:  # the frozen LLM's own dropout stays off; LoRA's dropout follows `mode`
+            self.composer.llm.eval()
+            for name, module in self.composer.llm.named_modules():
+                if "lora_dropout" in name:
+                    module.train(mode)
+        return self
+
+    def enable_feature_cache(self, root) -> FeatureCache:
+        """Cache frozen-encoder features on disk under `root` (see omniret.model.cache)."""
+        self.feature_cache = FeatureCache(root)
+        return self.feature_cache
+
+    # -------------------------------------------------------------------------------------------------
+    # forward
+    # -------------------------------------------------------------------------------------------------
+    def prepare(self, items: Sequence, instruction: Optional[str] = None) -> PreparedBatch:
+        """Parse items and load/preprocess their media (CPU work; can run in a data loader worker)."""
+        if isinstance(items, (str, dict)):
+            raise ValueError("items must be a list of items (strings or dicts), got a single item")
+        if len(items) == 0:
+            raise ValueError("items is empty")
+        media = {m: [] for m in MODALITIES}
+        sequences, offsets = [], []
+        for i, item in enumerate(items):
+            parsed = item if isinstance(item, ParsedItem) else parse_item(item, i, instruction)
+            offsets.append({m: len(media[m]) for m in MODALITIES})
+            counters = {m: 0 for m in MODALITIES}
+            for kind, raw in parsed.segments:
+                if kind == "text":
+                    continue
+                enc = self._encoder_for(kind)
+                if enc is None:
+                    raise ValueError(f"items[{i}] has {kind} but this model has no {kind} encoder")
+                name = f"items[{i}]['{kind}'][{counters[kind]}]"
+                counters[kind] += 1
+                media[kind].append(enc.preprocess_video(raw, name) if kind == "video" else enc.preprocess(raw, name))
+            sequences.append(self.composer.tokenize(parsed))
+        return PreparedBatch(sequences=sequences, media_offsets=offsets, media=media)
+
+    def _run_encoder(self, modality: str, xs: list) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self._encoder_for(modality)
+        run = enc.encode_video if modality == "video" else enc.encode
+        if enc.trainable:
+            return run(xs)
+        with torch.no_grad():
+            return run(xs)
+
+    def encode_media(self, modality: str, xs: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Preprocessed media of one modality -> packed encoder tokens (T, D_enc), cu_seqlens. Frozen encoders
+        read/write the feature cache when one is enabled."""
+        enc = self._encoder_for(modality)
+        if self.feature_cache is None or enc.trainable:
+            return self._run_encoder(modality, xs)
+        extra = str(tuple(self.config.video_grid)) if modality == "video" else ""
+        keys = [content_key(enc.fingerprint(), modality, x, extra) for x in xs]
+
+        def compute(indices):
+            tokens, cu = self._run_encoder(modality, [xs[i] for i in indices])
+            return [tokens[cu[j]:cu[j + 1]] for j in range(len(indices))]
+
+        feats = self.feature_cache.get_or_compute(keys, compute)
+        device = enc.device
+        return (torch.cat(feats, 0).to(device, enc.dtype),
+                cu_seqlens_from_lengths([f.shape[0] for f in feats], device))
+
+    def precompute_media(self, items: Sequence, batch_size: int = 32, show_progress_bar: bool = False) -> int:
+        """Run the frozen encoders once over the media of `items`, filling the feature cache (enable_feature_cache
+        first). Returns the number of media items seen."""
+        if self.feature_cache is None:
+            raise ValueError("precompute_media needs a feature cache: call enable_feature_cache(root) first")
+        starts = range(0, len(items), batch_size)
+        if show_progress_bar:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="features", unit="batch")
+        seen = 0
+        with torch.inference_mode():
+            for s in starts:
+                batch = self.prepare(items[s:s + batch_size])
+                for modality, xs in batch.media.items():
+                    if xs and not self._encoder_for(modality).trainable:
+                        self.encode_media(modality, xs)
+                        seen += len(xs)
+        return seen
+
+    def forward(self, items, instruction: Optional[str] = None):
+        """items (list of str / dict, or a PreparedBatch) -> (embeddings, aux). Embeddings are unnormalised:
+        (B, L) for ASWP, (B, D) for eos/mean, (B, V, D) for multi_vector."""
+        batch = items if isinstance(items, PreparedBatch) else self.prepare(items, instruction)
+        resampled = {}
+        for modality in MODALITIES:
+            xs = batch.media[modality]
+            if not xs:
+                continue
+            tokens, cu = self.encode_media(modality, xs)
+            proj = self._projector_for(modality)
+            tokens = proj(tokens.to(next(proj.parameters()).dtype))
+            resampled[modality] = self.media_resampler(tokens, cu, modality=modality)
+        if resampled:
+            all_media = torch.cat([resampled[m] for m in MODALITIES if m in resampled], dim=0)
+            p = self.config.diversity_p if self.training else 0.0
+            div = diversity_loss(all_media, p=p, gamma=self.config.diversity_gamma)
+        else:
+            div = torch.zeros((), device=self.device)
+        embeds, mask = self.composer.build_inputs(batch.sequences, batch.media_offsets, resampled)
+        hidden = self.composer(embeds, mask)
+        emb = self.head(hidden, mask)
+        return emb, {"diversity": div, "num_media": sum(len(v) for v in batch.media.values())}
+
+    # -------------------------------------------------------------------------------------------------
+    # inference API (sentence-transformers style)
+    # -------------------------------------------------------------------------------------------------
+    def _length_estimate(self, item) -> int:
+        if isinstance(item, str):
+            return len(item) // 4 + 1
+        n = len(item.get("text") or "") // 4 + 1
+        for m in MODALITIES:
+            if item.get(m) is not None:
+                n += self.config.media_latents * len(item[m]) if isinstance(item[m], (list, tuple)) \
+                    else self.config.media_latents
+        return n
+
+    @torch.inference_mode()
+    def encode(self, items: Sequence, *, instruction: Optional[str] = None, batch_size: int = 32,
+               show_progress_bar: bool = False, convert_to_numpy: bool = False, normalize_embeddings: bool = True,
+               bf16: bool = False, device=None):
+        """Embed items (see composer.parse_item); `instruction` is used for items that carry none."""
+        if isinstance(items, (str, dict)):
+            raise ValueError("items must be a list of items (strings or dicts), got a single item")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        items = list(items)
+        if not items:
+            dim = self.embedding_dim
+            empty = torch.zeros(0, *dim) if isinstance(dim, tuple) else torch.zeros(0, dim)
+            return empty.numpy() if convert_to_numpy else empty
+        if device is not None:
+            self.to(device)
+        order = sorted(range(len(items)), key=lambda i: -self._length_estimate(items[i]))
+        was_training = self.training
+        self.eval()
+        outs = [None] * len(items)
+        dev = self.device
+        autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        starts = range(0, len(items), batch_size)
+        if show_progress_bar:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="encode", unit="batch")
+        try:
+            with autocast:
+                for s in starts:
+                    idx = order[s:s + batch_size]
+                    emb, _ = self([items[i] for i in idx], instruction)
+                    emb = emb.float()
+                    if normalize_embeddings:
+                        emb = F.normalize(emb, dim=-1)
+                    for j, i in enumerate(idx):
+                        outs[i] = emb[j].cpu()
+        finally:
+            self.train(was_training)
+        out = torch.stack(outs)
+        return out.numpy() if convert_to_numpy else out
+
+    def encode_queries(self, items: Sequence, instruction: Optional[str] = None, **kwargs):
+        """Queries: wrapped in the Eq. 1 template with `instruction` (or the item's own 'instruction')."""
+        return self.encode(items, instruction=instruction, **kwargs)
+
+    def encode_corpus(self, items: Sequence, **kwargs):
+        """Candidates: no instruction is added."""
+        if "instruction" in kwargs:
+            raise ValueError("instruction: candidates carry no instruction (use encode_queries)")
+        return self.encode(items, instruction=None, **kwargs)
+
+    @property
+    def embedding_dim(self):
+        c = self.config
+        if c.pooling == "aswp":
+            return c.num_slices
+        if c.pooling == "multi_vector":
+            return (c.multi_vectors, self.composer.hidden_size)
+        return self.composer.hidden_size
+
+    @staticmethod
+    def similarity(q, c) -> torch.Tensor:
+        """Cosine scores (Q, C) between normalised embeddings: inner products for (n, E) vectors, late
+        interaction (mean over query vectors of the best candidate vector) for multi-vector (n, V, D)."""
+        q = torch.as_tensor(q)
+        c = torch.as_tensor(c)
+        if q.dim() == 3:
+            return late_interaction_scores(q, c)
+        return q @ c.t()
+
+    # -------------------------------------------------------------------------------------------------
+    # save / load
+    # -------------------------------------------------------------------------------------------------
+    def save_pretrained(self, path) -> None:
+        """config JSON + the trainable weights (safetensors). Frozen backbones are referenced by their config
+        path; frozen backbones without a path (random, built from `arch`) are saved too, so the load is exact."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = self.state_dict()
+        trainable, random_frozen = {}, {}
+        random_prefixes = self._random_backbone_prefixes()
+        for name, t in state.items():
+            t = t.detach().to("cpu").contiguous()
+            if not self.is_frozen_name(name):
+                trainable[name] = t
+            elif any(name.startswith(p) for p in random_prefixes):
+                random_frozen[name] = t
+        save_file(_dedupe(trainable), str(path / WEIGHTS_FILE))
+        if random_frozen:
+            save_file(_dedupe(random_frozen), str(path / RANDOM_BACKBONES_FILE))
+        elif (path / RANDOM_BACKBONES_FILE).exists():
+            (path / RANDOM_BACKBONES_FILE).unlink()
+        meta = {"format": "omniret", "version": 1, "config": self.config.to_dict(),
+                "frozen_backbones": self._backbone_manifest()}
+        (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+    def _random_backbone_prefixes(self) -> list:
+        out = [f"encoders.{n}." for n, e in self.encoders.items()
+               if not e.trainable and e.backbone_config.path is None]
+        if self.config.llm.path is None:
+            out.append("composer.llm.")
+        return out
+
+    def _backbone_manifest(self) -> dict:
+        c = self.config
+        out = {}
+        for role, bb in (("image_encoder", c.image_encoder), ("audio_encoder", c.audio_encoder), ("llm", c.llm)):
+            if bb is not None and not bb.trainable:
+                out[role] = {"kind": bb.kind, "path": bb.path, "hub_id": bb.hub_id,
+                             "saved_here": bb.path is None}
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path, **config_overrides) -> "OmniRet":
+        """Load a directory written by save_pretrained. Frozen backbones load from their configured paths
+        (override them, e.g. `llm=...`, with config_overrides); a missing one raises FileNotFoundError naming
+        the path and how to get it."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        f = path / CONFIG_FILE
+        if not f.is_file():
+            raise FileNotFoundError(f"path: no {CONFIG_FILE} in {str(path)!r} (not an OmniRet save_pretrained dir)")
+        meta = json.loads(f.read_text())
+        config = OmniRetConfig.from_dict(meta["config"])
+        if config_overrides:
+            config = config.replace(**config_overrides)
+        model = cls(config)
+        state = load_file(str(path / WEIGHTS_FILE))
+        if (path / RANDOM_BACKBONES_FILE).is_file():
+            state.update(load_file(str(path / RANDOM_BACKBONES_FILE)))
+        own = model.state_dict()
+        missing = [k for k in own if not model.is_frozen_name(k) and k not in state]
+        unexpected = [k for k in state if k not in own]
+        if missing or unexpected:
+            raise ValueError(f"path: weights in {str(path)!r} do not match the config: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        model.load_state_dict(state, strict=False)
+        return model
+
+
+def _dedupe(state: dict) -> dict:
+    """safetensors refuses shared storage: copy tensors that alias another one."""
+    seen, out = set(), {}
+    for k, t in state.items():
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        out[k] = t.clone() if ptr in seen else t
+        seen.add(ptr)
+    return out

@@ -1,0 +1,332 @@
+"""Gradient caching (Gao et al., "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup"):
+a contrastive step over a batch of thousands with the activation memory of one chunk.
+
+    gc = GradCache(model, chunk_size=64, tau=0.07, beta=0.5, mu1=1.0, mu2=0.1)
+    stats = gc.step(queries, candidates)  # fills .grad as one full-batch backward of the total loss would
+
+1. every chunk of queries and candidates is embedded without autograd, after saving the RNG state;
+2. the total loss (omniret.losses.total_loss) is computed on the detached embeddings, and its gradient with
+   respect to them;
+3. every chunk is re-run with autograd from its saved RNG state (dropout and the diversity mask replay
+   exactly) and backpropagates the cached embedding gradient plus its share of the diversity loss.
+
+The diversity term of the total loss is the mean over all media items of the batch: chunk k, holding n_k of
+the N media items, contributes mu2 * n_k / N * aux["diversity"]_k.
+
+Under torch.distributed the embeddings (and media counts) are all-gathered, so negatives span the global
+batch; each rank computes the same global loss but only its own rows carry gradient. The global loss's
+gradient is the sum over ranks of the local backward passes: a DistributedDataParallel model averages, so the
+local backward is scaled by the world size and all chunks but the last run under `no_sync()`; a plain model
+gets one all-reduce (sum) of all gradients, flattened into a single buffer, at the end of the step.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from omniret import losses
+
+__all__ = ["GradCache", "RNGState", "full_batch_loss", "count_media"]
+
+MEDIA_KEYS = ("image", "audio", "video")
+
+
+def count_media(items: Sequence[Any]) -> int:
+    """Media items in a list of items (an entry may hold a list of media, interleaved in its text)."""
+    n = 0
+    for it in items:
+        if isinstance(it, dict):
+            for key in MEDIA_KEYS:
+                v = it.get(key)
+                if v is None:
+                    continue
+                n += len(v) if isinstance(v, (list, tuple)) else 1
+    return n
+
+
+class RNGState:
+    """The state of every RNG a forward pass may draw from: torch's CPU generator, the current CUDA
+    generator of each device in `devices`, and any extra torch.Generator objects."""
+
+    def __init__(self, devices: Sequence[torch.device] = (), generators: Sequence[torch.Generator] = ()):
+        self.cpu = torch.get_rng_state()
+        self.cuda = {d: torch.cuda.get_rng_state(d) for d in devices if d.type == "cuda"}
+        self.generators = [(g, g.get_state()) for g in generators]
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for d, s in self.cuda.items():
+            torch.cuda.set_rng_state(s, d)
+        for g, s in self.generators:
+            g.set_state(s)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _num_media(aux: Dict[str, Any], items: Sequence[Any]) -> int:
+    n = aux.get("num_media") if isinstance(aux, dict) else None
+    return int(n) if n is not None else count_media(items)
+
+
+def _chunks(items: Sequence[Any], size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+@dataclass
+class _Chunk:
+    items: Sequence[Any]
+    rng: RNGState
+    rows: slice  # rows of the local embedding matrix
+    num_media: int
+
+
+class GradCache:
+    """See the module docstring. `step` returns the loss terms as floats (global values under
+    torch.distributed). The loss hyper-parameters follow SPEC section 4."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        chunk_size: int = 64,
+        tau: float = 0.07,
+        beta: float = 0.5,
+        mu1: float = 1.0,
+        mu2: float = 0.1,
+        *,
+        margin: float = 0.1,
+        detach_weights: bool = True,
+        temperature: Optional[losses.LearnableTemperature] = None,
+        loss_chunk_size: int = losses.DEFAULT_CHUNK,
+        autocast_dtype: Optional[torch.dtype] = None,
+        generators: Sequence[torch.Generator] = (),
+        process_group=None,
+    ):
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if not tau > 0:
+            raise ValueError(f"tau must be > 0, got {tau}")
+        self.model = model
+        self.chunk_size = int(chunk_size)
+        self.tau, self.beta, self.mu1, self.mu2, self.margin = tau, beta, mu1, mu2, margin
+        self.detach_weights = detach_weights
+        self.temperature = temperature  # learnable tau (its .grad is filled too); None keeps tau fixed
+        self.loss_chunk_size = loss_chunk_size
+        self.autocast_dtype = autocast_dtype
+        self.generators = list(generators)
+        self.process_group = process_group
+
+    # ------------------------------------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        for p in self.model.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self._device().type, dtype=self.autocast_dtype)
+
+    def _distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    def _world(self):
+        if not self._distributed():
+            return 1, 0
+        return dist.get_world_size(self.process_group), dist.get_rank(self.process_group)
+
+    def _tau(self):
+        return self.temperature() if self.temperature is not None else self.tau
+
+    def _embed_without_grad(self, items, devices) -> tuple:
+        chunks: List[_Chunk] = []
+        embs = []
+        start = 0
+        for part in _chunks(items, self.chunk_size):
+            rng = RNGState(devices, self.generators)
+            with torch.no_grad(), self._autocast():
+                emb, aux = self.model(part)
+            chunks.append(_Chunk(part, rng, slice(start, start + len(part)), _num_media(aux, part)))
+            embs.append(emb.detach())
+            if emb.shape[0] != len(part):
+                raise ValueError(f"model returned {emb.shape[0]} embeddings for {len(part)} items")
+            if isinstance(aux, dict) and "diversity" in aux:
+                chunks[-1].diversity = float(aux["diversity"])
+            else:
+                chunks[-1].diversity = 0.0
+            start += len(part)
+        return chunks, torch.cat(embs)
+
+    def _gather(self, local: torch.Tensor) -> tuple:
+        """All-gather rows of every rank (sizes may differ) -> (global tensor, offset of this rank's rows)."""
+        world, rank = self._world()
+        if world == 1:
+            return local, 0
+        n = torch.tensor([local.shape[0]], device=local.device)
+        sizes = [torch.zeros_like(n) for _ in range(world)]
+        dist.all_gather(sizes, n, group=self.process_group)
+        sizes = [int(s) for s in sizes]
+        pad = max(sizes)
+        buf = local.new_zeros((pad,) + tuple(local.shape[1:]))
+        buf[: local.shape[0]] = local
+        out = [torch.empty_like(buf) for _ in range(world)]
+        dist.all_gather(out, buf.contiguous(), group=self.process_group)
+        parts = [o[:s] for o, s in zip(out, sizes)]
+        return torch.cat(parts), sum(sizes[:rank])
+
+    def _gather_objects(self, values: list) -> list:
+        world, _ = self._world()
+        if world == 1:
+            return [values]
+        out = [None] * world
+        dist.all_gather_object(out, values, group=self.process_group)
+        return out
+
+    def _duplicate_mask(self, ids: list, n_pos: int, device) -> torch.Tensor:
+        """(Q, C) over the global batch, ordered as the loss sees it (positives of every rank, then negatives):
+        True where candidate j has the same id as query i's positive (j != i)."""
+        per_rank = self._gather_objects([ids[:n_pos], ids[n_pos:]])
+        pos_ids = [x for p, _ in per_rank for x in p]
+        all_ids = pos_ids + [x for _, n in per_rank for x in n]
+        codes = {}
+        pos_codes = torch.tensor([codes.setdefault(x, len(codes)) for x in pos_ids], device=device)
+        all_codes = torch.tensor([codes.setdefault(x, len(codes)) for x in all_ids], device=device)
+        return pos_codes[:, None] == all_codes[None, :]
+
+    def _all_sum(self, values: List[float], device) -> List[float]:
+        if self._world()[0] == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t, group=self.process_group)
+        return t.tolist()
+
+    # ------------------------------------------------------------------------------------------------------
+    def step(self, queries: Sequence[Any], candidates: Sequence[Any], positives: Optional[torch.Tensor] = None,
+             *, candidate_ids: Optional[Sequence[Any]] = None, loss_scale: float = 1.0,
+             sync: bool = True) -> Dict[str, float]:
+        """One contrastive step. `candidates[i]` is `queries[i]`'s positive; candidates beyond len(queries) are
+        extra hard negatives. `positives` (Q, C) bool over the global batch marks further relevant candidates
+        (masked out of the negatives); alternatively `candidate_ids` (one hashable per local candidate) masks
+        every candidate whose id equals query i's positive's id (duplicates in the batch). `loss_scale` multiplies the backpropagated loss (1 / accumulation
+        steps); `sync=False` skips the cross-rank gradient reduction (for all micro-steps but the last)."""
+        if len(queries) == 0:
+            raise ValueError("queries: empty batch")
+        if positives is not None and candidate_ids is not None:
+            raise ValueError("pass positives or candidate_ids, not both")
+        if candidate_ids is not None and len(candidate_ids) != len(candidates):
+            raise ValueError(f"candidate_ids must have one id per candidate, got {len(candidate_ids)} "
+                             f"for {len(candidates)}")
+        if len(candidates) < len(queries):
+            raise ValueError(f"candidates must hold one positive per query first: got {len(candidates)} "
+                             f"candidates for {len(queries)} queries")
+        device = self._device()
+        devices = [device] if device.type == "cuda" else []
+        world, _ = self._world()
+
+        # 1. embed without autograd, remembering each chunk's RNG state
+        q_chunks, q_local = self._embed_without_grad(queries, devices)
+        c_chunks, c_local = self._embed_without_grad(candidates, devices)
+        rng_after = RNGState(devices, self.generators)
+        n_pos = len(queries)
+
+        # 2. the loss on the (gathered) detached embeddings and its gradient with respect to them
+        q_glob, q_off = self._gather(q_local.float() if q_local.dtype != torch.float64 else q_local)
+        c_work = c_local.float() if c_local.dtype != torch.float64 else c_local
+        # positives of every rank first, then every rank's extra negatives: candidate i stays query i's positive
+        c_pos, c_off = self._gather(c_work[:n_pos])
+        c_neg, n_off = self._gather(c_work[n_pos:])
+        q_glob = q_glob.detach().requires_grad_()
+        c_all = torch.cat([c_pos, c_neg]).detach().requires_grad_()
+        media_local = sum(ch.num_media for ch in q_chunks + c_chunks)
+        div_local = sum(ch.num_media * ch.diversity for ch in q_chunks + c_chunks)
+        media_total, div_sum = self._all_sum([float(media_local), div_local], device)
+        diversity = torch.tensor(div_sum / media_total if media_total > 0 else 0.0, dtype=q_glob.dtype)
+        if candidate_ids is not None:
+            positives = self._duplicate_mask(list(candidate_ids), n_pos, q_glob.device)
+        tau = self._tau()
+        with torch.enable_grad():
+            terms = losses.total_loss(q_glob, c_all, diversity, tau=tau, beta=self.beta, margin=self.margin,
+                                      mu1=self.mu1, mu2=self.mu2, detach_weights=self.detach_weights,
+                                      positives=positives, chunk_size=self.loss_chunk_size)
+            inputs = [q_glob, c_all]
+            temp_params = list(self.temperature.parameters()) if self.temperature is not None else []
+            grads = torch.autograd.grad(terms.total * loss_scale, inputs + temp_params, allow_unused=True)
+        g_q, g_c = grads[0], grads[1]
+        for p, g in zip(temp_params, grads[2:]):
+            if g is not None:  # every rank computes the same global loss: this gradient needs no reduction
+                p.grad = g if p.grad is None else p.grad + g
+        g_q_local = g_q[q_off:q_off + q_local.shape[0]]
+        g_c_local = torch.cat([g_c[c_off:c_off + n_pos],
+                               g_c[c_pos.shape[0] + n_off:c_pos.shape[0] + n_off + c_local.shape[0] - n_pos]])
+
+        # 3. replay each chunk with autograd and backpropagate the cached gradients
+        is_ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
+        rank_scale = float(world) if is_ddp else 1.0  # DDP averages gradients over ranks
+        div_weight = self.mu2 * loss_scale / media_total if media_total > 0 else 0.0
+        work = [(ch, g_q_local) for ch in q_chunks] + [(ch, g_c_local) for ch in c_chunks]
+        for k, (ch, g_emb) in enumerate(work):
+            last = k == len(work) - 1
+            no_sync = self.model.no_sync() if is_ddp and not (last and sync) else contextlib.nullcontext()
+            ch.rng.restore()
+            with no_sync, torch.enable_grad():
+                with self._autocast():
+                    emb, aux = self.model(ch.items)
+                surrogate = (emb.to(g_emb.dtype) * g_emb[ch.rows]).sum()
+                div = aux.get("diversity") if isinstance(aux, dict) else None
+                if div is not None and ch.num_media > 0 and div_weight != 0.0 and div.requires_grad:
+                    surrogate = surrogate + (div_weight * ch.num_media) * div.to(surrogate.dtype)
+                (surrogate * rank_scale).backward()
+        rng_after.restore()  # the step consumed the randomness of one pass, as a plain step would
+
+        if world > 1 and not is_ddp and sync:
+            self.all_reduce_gradients()
+        return {
+            "loss": float(terms.total.detach()),
+            "contrastive": float(terms.contrastive.detach()),
+            "triplet": float(terms.triplet.detach()),
+            "diversity": float(terms.diversity.detach()),
+            "tau": float(tau.detach()) if isinstance(tau, torch.Tensor) else float(tau),
+            "queries": int(q_glob.shape[0]),
+            "candidates": int(c_all.shape[0]),
+        }
+
+    def all_reduce_gradients(self) -> None:
+        """Sum the gradients of every trainable model parameter over ranks in one call."""
+        params = [p for p in _unwrap(self.model).parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat, group=self.process_group)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+            offset += n
+
+
+def full_batch_loss(model: nn.Module, queries: Sequence[Any], candidates: Sequence[Any],
+                    positives: Optional[torch.Tensor] = None, *, tau=0.07, beta: float = 0.5, mu1: float = 1.0,
+                    mu2: float = 0.1, margin: float = 0.1, detach_weights: bool = True,
+                    loss_chunk_size: int = losses.DEFAULT_CHUNK) -> losses.LossTerms:
+    """The plain step that GradCache reproduces: one forward of the whole batch with autograd (queries first,
+    then candidates, two model calls) and the total loss. Call .total.backward() on the result."""
+    q, aux_q = model(queries)
+    c, aux_c = model(candidates)
+    n_q, n_c = _num_media(aux_q, queries), _num_media(aux_c, candidates)
+    n = n_q + n_c
+    div = None
+    if n > 0:
+        div = (n_q * aux_q["diversity"].float() + n_c * aux_c["diversity"].float()) / n
+        if q.dtype == torch.float64:
+            div = div.double()
+    return losses.total_loss(q, c, div, tau=tau, beta=beta, margin=margin, mu1=mu1, mu2=mu2,
+                             detach_weights=detach_weights, positives=positives, chunk_size=loss_chunk_size)

@@ -1,0 +1,347 @@
+"""The OmniRet model on the tiny preset (random small SigLIP / Whisper / Qwen2, byte tokenizer): every modality
+alone and composed, interleaving, batch independence, save/load, LoRA training, the encode API."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from omniret.config import preset
+from omniret.model import OmniRet
+from omniret.model.composer import parse_item
+from omniret_kernels import diversity_loss
+
+warnings.filterwarnings("ignore", message=".*no fast backend.*")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = OmniRet.from_config("tiny")
+    m.eval()
+    return m
+
+
+def _tone(n, freq, g):
+    t = torch.arange(n) / 16000.0
+    return 0.3 * torch.sin(2 * torch.pi * freq * t) + 0.02 * torch.randn(n, generator=g)
+
+
+def _media(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "image": torch.rand(3, 40, 36, generator=g),
+        "image2": torch.rand(3, 32, 32, generator=g),
+        "audio": _tone(7000, 440 + 1500 * seed, g),  # < one window
+        "audio_long": _tone(23000, 3000 - 1700 * seed, g),  # > two windows of the tiny Whisper (10240 samples)
+        "video": torch.rand(6, 3, 32, 32, generator=g),  # more frames than video_num_frames = 4
+        "video_short": torch.rand(2, 3, 24, 24, generator=g),
+    }
+
+
+def _items(m):
+    return [
+        "just some text",
+        {"image": m["image"]},
+        {"audio": m["audio"]},
+        {"video": m["video"]},
+        {"text": "a red square", "image": m["image2"]},
+        {"text": "a dog barking", "audio": m["audio_long"]},
+        {"image": m["image"], "audio": m["audio"]},
+        {"text": "clip <video> with sound <audio>", "video": m["video_short"], "audio": m["audio"]},
+        {"text": "two: <image> and <image>", "image": [m["image"], m["image2"]]},
+    ]
+
+
+def _embed(model, items, **kw):
+    with torch.no_grad():
+        return model(items, **kw)[0]
+
+
+def test_every_modality_alone_and_composed(model):
+    items = _items(_media())
+    emb, aux = model(items)
+    assert emb.shape == (len(items), model.config.num_slices)
+    assert torch.isfinite(emb).all()
+    assert aux["num_media"] == 11
+    # each input's content matters: changing one part changes the embedding
+    m2 = _media(seed=1)
+    swapped = [{"image": m2["image"]}, {"audio": m2["audio"]}, {"video": m2["video"]},
+               {"text": "a dog barking", "audio": m2["audio_long"]}, {"text": "a cat barking", "audio": _media()["audio_long"]}]
+    base = _embed(model, [items[1], items[2], items[3], items[5], items[5]])
+    other = _embed(model, swapped)
+    for i in range(len(swapped)):
+        assert not torch.allclose(base[i], other[i], atol=1e-4), f"item {i} ignores a changed input"
+
+
+def test_alone_equals_in_mixed_batch(model):
+    items = _items(_media())
+    batch = _embed(model, items)
+    for i, item in enumerate(items):
+        alone = _embed(model, [item])[0]
+        torch.testing.assert_close(alone, batch[i], atol=2e-5, rtol=1e-4)
+
+
+def test_interleaved_order(model):
+    m = _media()
+    placeholder = {"text": "<image>left of <audio>", "image": m["image"], "audio": m["audio"]}
+    by_key_order = {"image": m["image"], "text": "left of ", "audio": m["audio"]}
+    swapped = {"audio": m["audio"], "text": "left of ", "image": m["image"]}
+    e = _embed(model, [placeholder, by_key_order, swapped])
+    torch.testing.assert_close(e[0], e[1], atol=2e-5, rtol=1e-4)  # same sequence, two spellings
+    assert not torch.allclose(e[0], e[2], atol=1e-4)  # other order, other embedding
+    p = parse_item({"text": "a <video> b <image>", "video": "v", "image": ["i1", "i2"], "audio": "a"})
+    assert [k for k, _ in p.segments] == ["text", "video", "text", "image", "image", "audio"]
+    assert p.segments[4] == ("image", "i2")  # the unplaced image follows at its key's position
+
+
+def test_instruction_template(model):
+    m = _media()
+    q = {"text": "a dog", "audio": m["audio"]}
+    seq = model.composer.tokenize(parse_item(q, instruction="Find the sound"))
+    text = bytes(b for k, v in seq if k == "ids" for b in v if b < 256).decode()
+    assert text == "Instruct: Find the sound\nQuery: a dog"
+    with_instr = _embed(model, [q], instruction="Find the sound")
+    item_instr = _embed(model, [dict(q, instruction="Find the sound")])
+    plain = _embed(model, [q])
+    torch.testing.assert_close(with_instr, item_instr)
+    assert not torch.allclose(with_instr, plain, atol=1e-4)
+
+
+def test_diversity_aux(model):
+    items = _items(_media())[:3]
+    model.eval()
+    e1, a1 = model(items)
+    e2, a2 = model(items)
+    assert a1["diversity"].item() == a2["diversity"].item()  # eval: no dropout
+    # eval value = the reference diversity loss without dropout over the resampled media tokens
+    batch = model.prepare(items)
+    res = []
+    for mod in ("image", "video", "audio"):
+        if batch.media[mod]:
+            tok, cu = model.encode_media(mod, batch.media[mod])
+            res.append(model.media_resampler(model._projector_for(mod)(tok), cu, modality=mod))
+    want = diversity_loss(torch.cat(res), p=0.0, gamma=model.config.diversity_gamma)
+    torch.testing.assert_close(a1["diversity"], want)
+    model.train()
+    try:
+        torch.manual_seed(1)
+        _, t1 = model(items)
+        torch.manual_seed(2)
+        _, t2 = model(items)
+        assert t1["diversity"].item() != t2["diversity"].item()  # training: dropout masks differ
+        assert t1["diversity"].requires_grad
+        t1["diversity"].backward()
+        assert model.media_resampler.latents.grad is not None
+        model.zero_grad(set_to_none=True)
+    finally:
+        model.eval()
+    _, a_text = model(["only text"])
+    assert a_text["diversity"].item() == 0.0
+
+
+def test_encode_api(model, tmp_path):
+    from PIL import Image
+    import soundfile
+
+    m = _media()
+    img_path = tmp_path / "x.png"
+    Image.fromarray((m["image"].permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(img_path)
+    wav_path = tmp_path / "x.wav"
+    soundfile.write(str(wav_path), m["audio"].numpy(), 16000)
+    items = _items(m) + [{"image": str(img_path)}, {"image": Image.open(img_path)}, {"audio": str(wav_path)}]
+    out = model.encode_corpus(items, batch_size=3)
+    assert out.dtype == torch.float32 and out.shape == (len(items), model.config.num_slices)
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(len(items)))
+    one_by_one = torch.cat([model.encode_corpus([it], batch_size=1) for it in items])
+    torch.testing.assert_close(out, one_by_one, atol=2e-5, rtol=1e-4)  # sorting by length keeps the order
+    torch.testing.assert_close(out[-3], out[-2])  # path and PIL image of the same file
+    torch.testing.assert_close(out[-1], out[2], atol=1e-4, rtol=1e-3)  # wav file (16-bit) vs the waveform
+    q = model.encode_queries(items[:4], instruction="Retrieve it", convert_to_numpy=True, show_progress_bar=True)
+    assert isinstance(q, np.ndarray) and q.dtype == np.float32 and q.shape == (4, model.config.num_slices)
+    assert not np.allclose(q, out[:4].numpy(), atol=1e-4)  # the instruction changes queries
+    assert model.training is False
+
+
+def test_bf16_autocast(model):
+    items = _items(_media())[:5]
+    a = model.encode_corpus(items)
+    b = model.encode_corpus(items, bf16=True)
+    assert b.dtype == torch.float32
+    assert (a * b).sum(-1).min() > 0.9  # close in direction
+
+
+def test_bad_inputs(model):
+    m = _media()
+    with pytest.raises(ValueError, match="image"):
+        model([{"image": torch.rand(4, 8, 8)}])
+    with pytest.raises(ValueError, match=r"values must be in \[0, 1\]"):
+        model([{"image": torch.rand(3, 8, 8) * 16}])
+    with pytest.raises(ValueError, match="placeholders"):
+        model([{"text": "<image> <image>", "image": m["image"]}])
+    with pytest.raises(ValueError, match="unknown keys"):
+        model([{"txt": "typo"}])
+    with pytest.raises(ValueError, match="empty"):
+        model([{"text": ""}])
+    with pytest.raises(ValueError, match="NaN"):
+        model([{"audio": torch.full((100,), float("nan"))}])
+    with pytest.raises(ValueError, match="audio"):
+        model([{"audio": torch.randn(2, 3, 4)}])
+    with pytest.raises(ValueError, match="video"):
+        model([{"video": torch.rand(3, 8, 8)}])
+    with pytest.raises(ValueError, match="items"):
+        model.encode_corpus("a single string")
+    with pytest.raises(ValueError, match="no such image"):
+        model([{"image": "/nonexistent/x.png"}])
+
+
+def test_no_audio_encoder_says_so():
+    cfg = preset("tiny", audio_encoder=None)
+    m = OmniRet.from_config(cfg)
+    with pytest.raises(ValueError, match="no audio encoder"):
+        m([{"audio": torch.randn(1000)}])
+
+
+def test_save_load_round_trip_bit_identical(model, tmp_path):
+    m = OmniRet.from_config("tiny")
+    m.setup_stage(2)
+    with torch.no_grad():  # make every trainable weight (LoRA B starts at zero) non-trivial
+        for p in m.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    m.eval()
+    m.save_pretrained(tmp_path / "ckpt")
+    loaded = OmniRet.from_pretrained(tmp_path / "ckpt").eval()
+    assert loaded.config.lora
+    sd_a, sd_b = m.state_dict(), loaded.state_dict()
+    assert sd_a.keys() == sd_b.keys()
+    for k in sd_a:
+        assert torch.equal(sd_a[k], sd_b[k]), k
+    items = _items(_media())
+    assert torch.equal(_embed(m, items), _embed(loaded, items))
+
+
+def test_lora_trains_frozen_do_not(model):
+    m = OmniRet.from_config("tiny")
+    params = m.setup_stage(2)
+    lora = {n: p for n, p in m.named_parameters() if "lora_" in n}
+    assert lora and all(p.requires_grad for p in lora.values())
+    r = m.media_resampler.modality_latents
+    assert torch.equal(r["video"], r["image"])  # stage 2 starts video latents from image latents
+    frozen = {n: p.detach().clone() for n, p in m.named_parameters() if m.is_frozen_name(n)}
+    assert frozen and not any(p.requires_grad for n, p in m.named_parameters() if n in frozen)
+    before = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    m.train()
+    items = _items(_media())[:6]
+    for _ in range(2):
+        emb, aux = m(items)
+        e = torch.nn.functional.normalize(emb, dim=-1)
+        loss = -(e @ e.t()).logsumexp(-1).mean() * -1 + 0.1 * aux["diversity"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for n, p in m.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), f"frozen {n} changed"
+    changed = [n for n, p in m.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert any("lora_A" in n for n in changed) and any("lora_B" in n for n in changed)
+    assert any(n.startswith("projectors.") for n in changed) and any(n.startswith("head.") for n in changed)
+    assert any(n.startswith("media_resampler.") for n in changed)
+
+
+def test_stage1_trainable_set():
+    m = OmniRet.from_config("tiny")
+    m.setup_stage(1)
+    names = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert names and all(n.split(".")[0] in ("projectors", "media_resampler", "head") for n in names)
+    assert not any("lora_" in n for n, _ in m.named_parameters())
+
+
+@pytest.mark.parametrize("pooling,aswp_pooling", [("eos", "stm"), ("mean", "stm"), ("multi_vector", "stm"),
+                                                  ("aswp", "max"), ("aswp", "mean"), ("aswp", "weighted")])
+def test_table5_poolings(pooling, aswp_pooling):
+    m = OmniRet.from_config(preset("tiny", pooling=pooling, aswp_pooling=aswp_pooling))
+    m.setup_stage(1)
+    items = _items(_media())[:4]
+    emb, aux = m(items)
+    dim = m.embedding_dim
+    assert tuple(emb.shape) == ((4,) + dim if isinstance(dim, tuple) else (4, dim))
+    (emb.float().pow(2).mean() + aux["diversity"]).backward()
+    assert m.media_resampler.latents.grad is not None
+    out = m.encode_corpus(items)
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(out.shape[:-1]))
+    s = OmniRet.similarity(out, out)
+    assert s.shape == (4, 4)
+    torch.testing.assert_close(s.diagonal(), torch.ones(4), atol=1e-5, rtol=0)
+
+
+def test_feature_cache(tmp_path):
+    m = OmniRet.from_config("tiny").eval()
+    items = _items(_media())
+    plain = m.encode_corpus(items)
+    cache = m.enable_feature_cache(tmp_path / "cache")
+    first = m.encode_corpus(items)
+    assert cache.misses == 6 and cache.hits == 5  # 6 distinct media among the 11
+    second = m.encode_corpus(items)
+    assert cache.hits == 5 + 11
+    torch.testing.assert_close(first, plain, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(second, first)
+    files = list((tmp_path / "cache").rglob("*"))
+    assert not any(f.name.endswith(".tmp") for f in files)
+    entries = [f for f in files if f.suffix == ".safetensors"]
+    entries[0].write_bytes(b"broken")  # a damaged entry is recomputed, not trusted
+    third = m.encode_corpus(items)
+    torch.testing.assert_close(third, first)
+    # a changed encoder never reads the old entries
+    m2 = OmniRet.from_config(preset("tiny", seed=1)).eval()
+    c2 = m2.enable_feature_cache(tmp_path / "cache")
+    m2.encode_corpus(items[:2])
+    assert c2.hits == 0
+
+
+def test_prepared_batch_subset_and_precompute(tmp_path):
+    m = OmniRet.from_config("tiny").eval()
+    items = _items(_media())
+    batch = m.prepare(items)
+    idx = [8, 2, 7, 0]
+    with torch.no_grad():
+        sub = m(batch.subset(idx))[0]
+        direct = m([items[i] for i in idx])[0]
+    torch.testing.assert_close(sub, direct, atol=2e-5, rtol=1e-4)
+    cache = m.enable_feature_cache(tmp_path / "c")
+    assert m.precompute_media(items, batch_size=4) == 11
+    assert cache.misses == 6
+    m.encode_corpus(items)
+    assert cache.hits == 5 + 11 and cache.misses == 6
+
+
+def test_setup_stage2_twice_keeps_video_latents():
+    m = OmniRet.from_config("tiny")
+    m.setup_stage(2)
+    with torch.no_grad():
+        m.media_resampler.modality_latents["video"].add_(1.0)
+    trained = m.media_resampler.modality_latents["video"].detach().clone()
+    m.setup_stage(2)  # e.g. a trainer resuming inside stage 2
+    assert torch.equal(m.media_resampler.modality_latents["video"], trained)
+
+
+def test_gradient_checkpointing_same_gradients():
+    items = _items(_media())[:5]
+    grads = []
+    for ckpt in (False, True):
+        m = OmniRet.from_config(preset("tiny", gradient_checkpointing=ckpt))
+        m.setup_stage(2)
+        torch.manual_seed(4)
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+        m.train()
+        torch.manual_seed(5)
+        emb, aux = m(items)
+        (emb.pow(2).mean() + aux["diversity"]).backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("lora_A" in n for n in grads[0])
+    # (the same config gives the same LoRA init, so the two models are identical)
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-4)
