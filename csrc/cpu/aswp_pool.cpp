@@ -42,21 +42,67 @@ int pooling_code(c10::string_view pooling) {
   return kStm;
 }
 
-// Sorts the 32 columns of a (n_pow2 x kSortWidth) row-major key block; each comparator of the shared network
-// is a min/max over a row pair. Unused columns hold kPadKey, so whole rows are always processed.
+// One step (size, STEP <= 8) of the bitonic network on a group of 16 rows held in registers (8 columns each);
+// the comparator rule is the shared one (bitonic_comparator): the pair (i, i + STEP) ascends when row i has
+// bit `size` clear.
+template <int STEP>
+__attribute__((target("avx512f"), always_inline)) inline void register_step(__m512i* r, int g0, int size) {
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) {
+    if ((i & STEP) == 0) {
+      const __m512i lo = _mm512_min_epu64(r[i], r[i + STEP]), hi = _mm512_max_epu64(r[i], r[i + STEP]);
+      const bool ascending = ((g0 + i) & size) == 0;
+      r[i] = ascending ? lo : hi;
+      r[i + STEP] = ascending ? hi : lo;
+    }
+  }
+}
+
+// Sorts the 32 columns of a (n_pow2 x kSortWidth) row-major key block with the shared bitonic network; unused
+// columns hold kPadKey. Steps of stride >= 16 run row pair by row pair through L1; the (many more) steps of
+// stride <= 8 stay inside aligned groups of 16 rows, which are loaded into 16 registers once per merge.
 __attribute__((target("avx512f"))) void sort_key_block_avx512(uint64_t* keys, int n_pow2) {
-  for (int size = 2, log_size = 1; size <= n_pow2; size <<= 1, ++log_size) {
-    for (int log_step = log_size - 1; log_step >= 0; --log_step) {
-      for (int p = 0; p < n_pow2 / 2; ++p) {
-        int a, b;
-        bitonic_comparator(size, log_step, p, a, b);
-        uint64_t* ra = keys + int64_t(a) * kSortWidth;
-        uint64_t* rb = keys + int64_t(b) * kSortWidth;
-        for (int v = 0; v < kSortWidth; v += 8) {
-          const __m512i x = _mm512_loadu_si512(ra + v), y = _mm512_loadu_si512(rb + v);
-          _mm512_storeu_si512(ra + v, _mm512_min_epu64(x, y));
-          _mm512_storeu_si512(rb + v, _mm512_max_epu64(x, y));
+  constexpr int W = kSortWidth;
+  if (n_pow2 < 16) {
+    for (int size = 2, log_size = 1; size <= n_pow2; size <<= 1, ++log_size)
+      for (int log_step = log_size - 1; log_step >= 0; --log_step)
+        for (int p = 0; p < n_pow2 / 2; ++p) {
+          int a, b;
+          bitonic_comparator(size, log_step, p, a, b);
+          for (int v = 0; v < W; v += 8) {
+            const __m512i x = _mm512_loadu_si512(keys + a * W + v), y = _mm512_loadu_si512(keys + b * W + v);
+            _mm512_storeu_si512(keys + a * W + v, _mm512_min_epu64(x, y));
+            _mm512_storeu_si512(keys + b * W + v, _mm512_max_epu64(x, y));
+          }
         }
+    return;
+  }
+  __m512i r[16];
+  for (int v = 0; v < W; v += 8) {  // column groups are independent: finish one before the next (8 KiB)
+    uint64_t* col = keys + v;
+    for (int g0 = 0; g0 < n_pow2; g0 += 16) {  // sizes 2..16 entirely in registers
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(col + (g0 + i) * W);
+      register_step<1>(r, g0, 2);
+      register_step<2>(r, g0, 4), register_step<1>(r, g0, 4);
+      register_step<4>(r, g0, 8), register_step<2>(r, g0, 8), register_step<1>(r, g0, 8);
+      register_step<8>(r, g0, 16), register_step<4>(r, g0, 16), register_step<2>(r, g0, 16);
+      register_step<1>(r, g0, 16);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(col + (g0 + i) * W, r[i]);
+    }
+    for (int size = 32, log_size = 5; size <= n_pow2; size <<= 1, ++log_size) {
+      for (int log_step = log_size - 1; log_step >= 4; --log_step)
+        for (int p = 0; p < n_pow2 / 2; ++p) {
+          int a, b;
+          bitonic_comparator(size, log_step, p, a, b);
+          const __m512i x = _mm512_loadu_si512(col + a * W), y = _mm512_loadu_si512(col + b * W);
+          _mm512_storeu_si512(col + a * W, _mm512_min_epu64(x, y));
+          _mm512_storeu_si512(col + b * W, _mm512_max_epu64(x, y));
+        }
+      for (int g0 = 0; g0 < n_pow2; g0 += 16) {
+        for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(col + (g0 + i) * W);
+        register_step<8>(r, g0, size), register_step<4>(r, g0, size), register_step<2>(r, g0, size);
+        register_step<1>(r, g0, size);
+        for (int i = 0; i < 16; ++i) _mm512_storeu_si512(col + (g0 + i) * W, r[i]);
       }
     }
   }
@@ -249,8 +295,7 @@ void forward_kernel(const Prepared<scalar_t>& P, int pooling, at::Tensor& out, a
             scalar_t* s_dst = sorted_p + (b * N + i) * L + l;
             scalar_t* blk = block.data() + size_t(i) * W;
             if (i < n_b) {
-              for (int c = 0; c < width; ++c) blk[c] = K::value(row[c]);  // vectorised decode
-              std::copy(blk, blk + width, s_dst);
+              for (int c = 0; c < width; ++c) s_dst[c] = blk[c] = K::value(row[c]);  // vectorised decode
               for (int c = 0; c < width; ++c) rank_block[size_t(K::index(row[c])) * W + c] = index_t(i);  // scatter
             } else {
               for (int c = 0; c < width; ++c) s_dst[c] = scalar_t(0);
@@ -259,10 +304,8 @@ void forward_kernel(const Prepared<scalar_t>& P, int pooling, at::Tensor& out, a
           for (int64_t n = 0; n < N; ++n) {
             index_t* r_dst = rank_p + (b * N + n) * L + l;
             const index_t* src = rank_block.data() + size_t(n) * W;
-            if (valid[n])
-              std::copy(src, src + width, r_dst);
-            else
-              std::fill_n(r_dst, width, index_t(0));
+            const index_t keep = valid[n] ? index_t(~index_t(0)) : index_t(0);
+            for (int c = 0; c < width; ++c) r_dst[c] = src[c] & keep;
           }
           // Couple and pool, walking the references in rank order (one row of 32 columns per rank).
           for (int c = 0; c < width; ++c) acc[c] = pool_initial<scalar_t>(pooling);
@@ -272,7 +315,7 @@ void forward_kernel(const Prepared<scalar_t>& P, int pooling, at::Tensor& out, a
             pool_accumulate_row(pooling, psi, w_s ? w_s + r * L + l : nullptr, acc, width);
           }
           pool_finish_row(pooling, int(M), acc, width);
-          std::copy(acc, acc + width, out_p + b * L + l);
+          for (int c = 0; c < width; ++c) out_p[b * L + l + c] = acc[c];
         }
       }
     }
@@ -349,7 +392,8 @@ void backward_kernel(const Prepared<scalar_t>& P, int pooling, scalar_t temperat
         const scalar_t* g = g_p + b * L + l;
         for (int i = 0; i < n_b; ++i) {
           const scalar_t* src = sorted_p + (b * N + i) * L + l;
-          std::copy(src, src + width, block.data() + size_t(i) * W);
+          scalar_t* dst = block.data() + size_t(i) * W;
+          for (int c = 0; c < width; ++c) dst[c] = src[c];
         }
         for (int64_t r = 0; r < M; ++r)
           couple_row(block.data() + size_t(lo[r]) * W, block.data() + size_t(hi[r]) * W, qw[r], ref_s + r * L + l,
