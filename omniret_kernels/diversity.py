@@ -1,31 +1,154 @@
-"""diversity_loss: the dropout-masked diversity loss of Eq. 5-6 (SPEC section 3)."""
+"""diversity_loss: the dropout-masked diversity loss of Eq. 5-6 (SPEC section 3).
+
+Every backend draws the keep mask from Philox4x32-10 keyed by a seed taken from `generator` (or torch's default
+generator) and the pair index (b, i, j) (omniret_kernels/_counter_rng.py). The seed travels as a 0-dim int64
+tensor: forward and backward regenerate the mask from it instead of storing it, restoring the generator's state
+replays it, and torch.compile traces it without a graph break.
+
+Ops: omniret::diversity_loss_fwd / _bwd and omniret::diversity_keep_mask (C++, csrc/cpu/diversity_loss.cpp),
+omniret::diversity_loss_triton_fwd / _bwd and omniret::diversity_keep_mask_triton (Python custom ops around
+omniret_kernels/triton/diversity_loss.py). Fake kernels and the autograd formula are registered here, once.
+"""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 
-from omniret_kernels import reference
+from omniret_kernels import _ext, reference
 from omniret_kernels._checks import FLOAT_DTYPES, check_tensor
+from omniret_kernels._checks import check_finite as _check_finite
+from omniret_kernels._counter_rng import draw_seed, keep_mask, keep_threshold
 from omniret_kernels._dispatch import resolve_backend
 
 __all__ = ["diversity_loss"]
 
 
-def diversity_loss(m, *, p: float = 0.9, gamma: float = 0.5, normalize: bool = True,
-                   generator: Optional[torch.Generator] = None, return_keep_mask: bool = False,
-                   backend: Optional[str] = None):
-    """m (B, N, D) -> scalar. Interim: the keep mask is drawn with torch.rand; issue 5 brings the
-    counter-based generator shared by every backend."""
+# ----------------------------------------------------------------------------------------------------------
+# Fake kernels and autograd, shared by the C++ ops and the Triton custom ops
+# ----------------------------------------------------------------------------------------------------------
+def _fwd_fake(m, seed, p, gamma, normalize):
+    return m.new_empty(())
+
+
+def _bwd_fake(grad, m, seed, p, gamma, normalize):
+    return torch.empty_like(m)
+
+
+def _keep_mask_fake(seed, batch, n, p):
+    return seed.new_empty((batch, n, n), dtype=torch.bool)
+
+
+def _setup_context(ctx, inputs, output):
+    m, seed, p, gamma, normalize = inputs
+    ctx.save_for_backward(m, seed)  # the mask is regenerated from the seed, never saved
+    ctx.args = (p, gamma, normalize)
+
+
+def _make_backward(bwd_op):
+    def backward(ctx, grad):
+        m, seed = ctx.saved_tensors
+        grad_m = bwd_op(grad, m, seed, *ctx.args) if ctx.needs_input_grad[0] else None
+        return grad_m, None, None, None, None
+
+    return backward
+
+
+if _ext.cpu_extension_built() and _ext.has_kernel("diversity_loss_fwd", "CPU"):
+    torch.library.register_fake("omniret::diversity_loss_fwd")(_fwd_fake)
+    torch.library.register_fake("omniret::diversity_loss_bwd")(_bwd_fake)
+    torch.library.register_fake("omniret::diversity_keep_mask")(_keep_mask_fake)
+    torch.library.register_autograd(
+        "omniret::diversity_loss_fwd",
+        _make_backward(lambda *a: torch.ops.omniret.diversity_loss_bwd(*a)),
+        setup_context=_setup_context,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton custom ops (the kernels are imported lazily: TRITON_INTERPRET must be set before triton is imported)
+# ----------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("omniret::diversity_loss_triton_fwd", mutates_args=())
+def _triton_fwd(m: torch.Tensor, seed: torch.Tensor, p: float, gamma: float, normalize: bool) -> torch.Tensor:
+    from omniret_kernels.triton.diversity_loss import diversity_loss_forward
+
+    return diversity_loss_forward(m, seed, keep_threshold(p), p, gamma, normalize)
+
+
+@torch.library.custom_op("omniret::diversity_loss_triton_bwd", mutates_args=())
+def _triton_bwd(grad: torch.Tensor, m: torch.Tensor, seed: torch.Tensor, p: float, gamma: float,
+                normalize: bool) -> torch.Tensor:
+    from omniret_kernels.triton.diversity_loss import diversity_loss_backward
+
+    return diversity_loss_backward(grad, m, seed, keep_threshold(p), p, gamma, normalize)
+
+
+@torch.library.custom_op("omniret::diversity_keep_mask_triton", mutates_args=())
+def _triton_keep_mask(seed: torch.Tensor, batch: int, n: int, p: float) -> torch.Tensor:
+    from omniret_kernels.triton.diversity_loss import diversity_keep_mask
+
+    return diversity_keep_mask(seed, batch, n, keep_threshold(p))
+
+
+_triton_fwd.register_fake(_fwd_fake)
+_triton_bwd.register_fake(_bwd_fake)
+_triton_keep_mask.register_fake(_keep_mask_fake)
+_triton_fwd.register_autograd(_make_backward(lambda *a: _triton_bwd(*a)), setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------------------
+def _check_args(m, p, gamma):
     check_tensor("m", m, ndim=3, dtypes=FLOAT_DTYPES)
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"p must be in [0, 1), got {p}")
-    backend = resolve_backend("diversity_loss", m.device, backend)
-    if backend != "reference":
-        raise NotImplementedError(f"diversity_loss backend {backend!r}")  # replaced by issue 5
+    if m.numel() == 0:
+        raise ValueError(f"m must be non-empty (B, N, D all > 0), got shape {tuple(m.shape)}")
+    if not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"p must be a number in [0, 1), got {p!r}")
+    if not isinstance(gamma, (int, float)) or not gamma > 0:
+        raise ValueError(f"gamma must be a number > 0, got {gamma!r}")
+
+
+@torch.compiler.assume_constant_result
+def _resolve_backend(device: torch.device, backend: Optional[str]) -> str:
+    """The backend rule, evaluated once at trace time under torch.compile (it asks the dispatcher which kernels
+    exist, which dynamo cannot trace; the answer cannot change while a process runs)."""
+    return resolve_backend("diversity_loss", device, backend)
+
+
+def _reference_loss(m, seed, p, gamma, normalize):
     B, N, _ = m.shape
-    keep = torch.rand(B, N, N, generator=generator, device=m.device) >= p if p > 0 else None
-    loss = reference.diversity_loss(m.float(), keep, p=p, gamma=gamma, normalize=normalize).to(m.dtype)
+    keep = keep_mask(seed, B, N, p) if p > 0 else None
+    mc = m if m.dtype in (torch.float32, torch.float64) else m.float()
+    return reference.diversity_loss(mc, keep, p=p, gamma=gamma, normalize=normalize).to(m.dtype)
+
+
+def diversity_loss(m: torch.Tensor, *, p: float = 0.9, gamma: float = 0.5, normalize: bool = True,
+                   generator: Optional[torch.Generator] = None, return_keep_mask: bool = False,
+                   check_finite: bool = False, backend: Optional[str] = None):
+    """m (B, N, D) -> scalar loss in m's dtype (SPEC section 3).
+
+    keep[b, i, j] ~ Bernoulli(1 - p) from Philox keyed by a seed drawn from `generator` (torch's default
+    generator of m's device when None); restoring that generator's state replays the mask.
+    `return_keep_mask=True` returns (loss, keep) with keep the (B, N, N) bool mask as the chosen backend's own
+    generator produces it. `check_finite=True` raises on NaN/Inf in m before any kernel runs (the CPU
+    kernel also raises on non-finite or, with normalize=True, zero tokens on its own)."""
+    _check_args(m, p, gamma)
+    if check_finite:
+        _check_finite("m", m)
+    p, gamma, normalize = float(p), float(gamma), bool(normalize)
+    backend = _resolve_backend(m.device, backend)
+    seed = draw_seed(generator, m.device).to(m.device)
+    B, N, _ = m.shape
+    if backend == "reference":
+        loss = _reference_loss(m, seed, p, gamma, normalize)
+        keep_fn = keep_mask
+    elif backend == "triton":
+        loss = torch.ops.omniret.diversity_loss_triton_fwd(m, seed, p, gamma, normalize)
+        keep_fn = torch.ops.omniret.diversity_keep_mask_triton
+    else:  # cpu or cuda: the dispatcher picks the kernel from m's device
+        loss = torch.ops.omniret.diversity_loss_fwd(m, seed, p, gamma, normalize)
+        keep_fn = torch.ops.omniret.diversity_keep_mask
     if return_keep_mask:
-        return loss, (keep if keep is not None else torch.ones(B, N, N, dtype=torch.bool, device=m.device))
+        return loss, keep_fn(seed, B, N, p)
     return loss

@@ -281,9 +281,9 @@ def test_feature_cache(tmp_path):
     plain = m.encode_corpus(items)
     cache = m.enable_feature_cache(tmp_path / "cache")
     first = m.encode_corpus(items)
-    assert cache.misses == 11 and cache.hits == 0
+    assert cache.misses == 6 and cache.hits == 5  # 6 distinct media among the 11
     second = m.encode_corpus(items)
-    assert cache.hits == 11
+    assert cache.hits == 5 + 11
     torch.testing.assert_close(first, plain, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(second, first)
     files = list((tmp_path / "cache").rglob("*"))
@@ -297,3 +297,29 @@ def test_feature_cache(tmp_path):
     c2 = m2.enable_feature_cache(tmp_path / "cache")
     m2.encode_corpus(items[:2])
     assert c2.hits == 0
+
+
+def test_prepared_batch_subset_and_precompute(tmp_path):
+    m = OmniRet.from_config("tiny").eval()
+    items = _items(_media())
+    batch = m.prepare(items)
+    idx = [8, 2, 7, 0]
+    with torch.no_grad():
+        sub = m(batch.subset(idx))[0]
+        direct = m([items[i] for i in idx])[0]
+    torch.testing.assert_close(sub, direct, atol=2e-5, rtol=1e-4)
+    cache = m.enable_feature_cache(tmp_path / "c")
+    assert m.precompute_media(items, batch_size=4) == 11
+    assert cache.misses == 6
+    m.encode_corpus(items)
+    assert cache.hits == 5 + 11 and cache.misses == 6
+
+
+def test_setup_stage2_twice_keeps_video_latents():
+    m = OmniRet.from_config("tiny")
+    m.setup_stage(2)
+    with torch.no_grad():
+        m.media_resampler.modality_latents["video"].add_(1.0)
+    trained = m.media_resampler.modality_latents["video"].detach().clone()
+    m.setup_stage(2)  # e.g. a trainer resuming inside stage 2
+    assert torch.equal(m.media_resampler.modality_latents["video"], trained)

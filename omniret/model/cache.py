@@ -62,11 +62,17 @@ class FeatureCache:
     def get_or_compute(self, keys: list, compute: Callable[[list], list]) -> list:
         """Features for each key; `compute(indices)` returns the features of the missing items (in order)."""
         found = [self.get(k) for k in keys]
-        missing = [i for i, f in enumerate(found) if f is None]
+        first = {}  # each missing key is computed once, even when the batch repeats an item
+        for i, f in enumerate(found):
+            if f is None:
+                first.setdefault(keys[i], i)
+        missing = list(first.values())
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         if missing:
+            computed = {}
             for i, feats in zip(missing, compute(missing)):
                 self.put(keys[i], feats)
-                found[i] = feats.detach().to("cpu")
+                computed[keys[i]] = feats.detach().to("cpu")
+            found = [computed[k] if f is None else f for k, f in zip(keys, found)]
         return found

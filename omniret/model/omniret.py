@@ -43,6 +43,18 @@ class PreparedBatch:
     def __len__(self) -> int:
         return len(self.sequences)
 
+    def subset(self, indices: Sequence[int]) -> "PreparedBatch":
+        """The items at `indices`, in that order, with their media (e.g. for gradient-cache chunks)."""
+        media = {m: [] for m in self.media}
+        offsets = []
+        for i in indices:
+            seq, off = self.sequences[i], self.media_offsets[i]
+            counts = {m: sum(1 for kind, _ in seq if kind == m) for m in self.media}
+            offsets.append({m: len(media[m]) for m in self.media})
+            for m in self.media:
+                media[m].extend(self.media[m][off[m]:off[m] + counts[m]])
+        return PreparedBatch([self.sequences[i] for i in indices], offsets, media)
+
 
 class OmniRet(nn.Module):
     def __init__(self, config: OmniRetConfig, *, _skip_seed: bool = False):
@@ -137,9 +149,9 @@ class OmniRet(nn.Module):
             raise ValueError("stage: this model already has LoRA (stage 2); stage 1 trains without it")
         for name, p in self.named_parameters():
             p.requires_grad_(not self.is_frozen_name(name))
-        if stage == 2:
+        if stage == 2 and not self.config.lora:  # entering stage 2 (a stage-2 model keeps its video latents)
             self.add_lora()
-            if self.media_resampler is not None and "video" in self.media_resampler.modalities:
+            if self.media_resampler is not None and {"image", "video"} <= set(self.media_resampler.modalities):
                 self.init_video_latents_from_image()
         return self.trainable_parameters()
 
@@ -210,6 +222,26 @@ class OmniRet(nn.Module):
         device = enc.device
         return (torch.cat(feats, 0).to(device, enc.dtype),
                 cu_seqlens_from_lengths([f.shape[0] for f in feats], device))
+
+    def precompute_media(self, items: Sequence, batch_size: int = 32, show_progress_bar: bool = False) -> int:
+        """Run the frozen encoders once over the media of `items`, filling the feature cache (enable_feature_cache
+        first). Returns the number of media items seen."""
+        if self.feature_cache is None:
+            raise ValueError("precompute_media needs a feature cache: call enable_feature_cache(root) first")
+        starts = range(0, len(items), batch_size)
+        if show_progress_bar:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="features", unit="batch")
+        seen = 0
+        with torch.inference_mode():
+            for s in starts:
+                batch = self.prepare(items[s:s + batch_size])
+                for modality, xs in batch.media.items():
+                    if xs and not self._encoder_for(modality).trainable:
+                        self.encode_media(modality, xs)
+                        seen += len(xs)
+        return seen
 
     def forward(self, items, instruction: Optional[str] = None):
         """items (list of str / dict, or a PreparedBatch) -> (embeddings, aux). Embeddings are unnormalised:

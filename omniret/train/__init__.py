@@ -1,4 +1,8 @@
 """Training: gradient caching, task-balanced sampling, the two-stage trainer and checkpoints."""
+from omniret.train.checkpoint import CheckpointManager
 from omniret.train.grad_cache import GradCache, full_batch_loss
+from omniret.train.sampler import TaskBalancedSampler
+from omniret.train.trainer import StageConfig, TrainConfig, Trainer, TrainResult
 
-__all__ = ["GradCache", "full_batch_loss"]
+__all__ = ["GradCache", "full_batch_loss", "TaskBalancedSampler", "Trainer", "TrainConfig", "StageConfig",
+           "TrainResult", "CheckpointManager"]

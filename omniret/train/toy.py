@@ -44,6 +44,20 @@ class ToyRetriever(nn.Module):
         self.dim, self.num_tokens, self.vocab, self.diversity_p = dim, num_tokens, vocab, diversity_p
         self.dtype = dtype
 
+    def setup_stage(self, stage: int) -> list:
+        """Like OmniRet.setup_stage: stage 1 keeps the text table frozen; stage 2 trains everything and starts
+        the audio latents from the image latents (as OmniRet starts video latents from image latents)."""
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage}")
+        for p in self.parameters():
+            p.requires_grad_(True)
+        if stage == 1:
+            self.text.weight.requires_grad_(False)
+        else:
+            with torch.no_grad():
+                self.latents["audio"].copy_(self.latents["image"])
+        return [p for p in self.parameters() if p.requires_grad]
+
     def forward(self, items: Sequence[dict]):
         if len(items) == 0:
             raise ValueError("items: empty batch")

