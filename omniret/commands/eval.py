@@ -40,9 +40,10 @@ def build_tasks(loaded, pools, table, seed: int = 0):
             items.append(mbeir.query_item(q, instruction))
             relevant.append([position[d] for d in sorted(t.relevant[q.qid]) if d in position])
         k = primary_k(t.name)
-        qmods = sorted({q.modality for q in t.queries})
+        # a task has one query modality in M-BEIR; if a file mixes them, the richest one names the group
+        qmod = max(sorted({q.modality for q in t.queries}), key=lambda m: len(m.split(",")))
         tasks.append(EvalTask(t.name, items, t.pool_name, relevant, ks=(1, 5, 10) if k == 10 else (1, 5),
-                              group=task_group(qmods[0], t.cand_modality), primary_k=k))
+                              group=task_group(qmod, t.cand_modality), primary_k=k))
     return tasks, pool_objs
 
 

@@ -34,13 +34,13 @@ TASKS = ("text->image", "text->audio", "audio->image", "image->audio", "image+te
 COMPOSED_TASKS = ("image+text->audio", "audio+text->image")
 
 # Eq. 1's task definitions; candidates carry none.
-TASK_INSTRUCTIONS = {
-    "text->image": "Find a handwritten image of the digit named in the text.",
-    "text->audio": "Find a recording of someone saying the digit named in the text.",
-    "audio->image": "Find a handwritten image of the spoken digit.",
-    "image->audio": "Find a recording of someone saying the handwritten digit.",
-    "image+text->audio": "Change the handwritten digit as the text says and find a recording of the result.",
-    "audio+text->image": "Change the spoken digit as the text says and find a handwritten image of the result.",
+TASK_INSTRUCTIONS = {  # short: every token of an instruction is paid for on every query of training
+    "text->image": "Find an image of the digit.",
+    "text->audio": "Find a recording of the digit.",
+    "audio->image": "Find an image of the spoken digit.",
+    "image->audio": "Find a recording of the written digit.",
+    "image+text->audio": "Change the written digit, then find it spoken.",
+    "audio+text->image": "Change the spoken digit, then find it written.",
 }
 
 TEXT_TEMPLATES = {
