@@ -17,6 +17,8 @@ def add_arguments(p) -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--lora-lr", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--triplet", default="mean", choices=("mean", "sum"),
+                   help="weight the triplet term as a mean over negatives (default) or SPEC's plain sum")
     p.add_argument("--data-cache", default=None, help="where the synthesised speech is cached "
                                                       "(default $OMNIRET_CACHE/digits or ~/.cache/omniret/digits)")
     p.add_argument("--max-eval-queries", type=int, default=None, help="cap the queries per task (quick runs)")
@@ -58,7 +60,7 @@ def run(args) -> int:
         data = DigitsConfig(seed=args.seed, max_voices=8, espeak_renderings={"train": 2, "test": 1},
                             flite_renderings=2, max_images_per_class=20)
     opts = DemoOptions(output=args.output, pooling=args.pooling, time_budget=args.time_budget, steps=args.steps,
-                       per_task=args.per_task, chunk_size=args.chunk_size, lr=args.lr, lora_lr=args.lora_lr,
+                       per_task=args.per_task, chunk_size=args.chunk_size, lr=args.lr, lora_lr=args.lora_lr, triplet=args.triplet,
                        seed=args.seed, data=data, cache_dir=args.data_cache, max_eval_queries=args.max_eval_queries,
                        build_index=not args.no_index, threads=args.threads)
     out = run_demo(opts)

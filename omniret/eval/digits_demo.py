@@ -45,6 +45,12 @@ class DemoOptions:
     # The frozen MiniLM (and its LoRA) run without dropout while training: fewer ops per step, and with
     # held-out voices/templates/wordings the benchmark already measures generalisation.
     llm_dropout: bool = False
+    # SPEC's triplet loss is a sum over a query's negatives, so at batch N its weight grows with N: at N = 96
+    # and tau = 0.07 it is ~20x the contrastive term at initialisation and collapses every embedding onto one
+    # point within three steps (measured; docs/demo.md). "mean" weights it by 1 / (N - 1) (mu1 = 1 on the mean
+    # over negatives); "sum" keeps mu1 = 1 on the sum.
+    triplet: str = "mean"
+    warmup_steps: int = 5  # at least this many warm-up steps, whatever the budget
 
 
 def _lr_factor(progress: float, warmup: float) -> float:
@@ -64,8 +70,9 @@ def build_model(pooling: str, seed: int):
     return model
 
 
-def train(model, bench: dict, opts: DemoOptions, log=print) -> list:
-    """Train until the time budget (or `opts.steps`) is spent; returns one record per step."""
+def train(model, bench: dict, opts: DemoOptions, log=print, log_path: str | None = None) -> list:
+    """Train until the time budget (or `opts.steps`) is spent; returns one record per step, also appended to
+    `log_path` (JSON lines) as it goes."""
     from omniret.train.grad_cache import GradCache
 
     lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
@@ -74,9 +81,14 @@ def train(model, bench: dict, opts: DemoOptions, log=print) -> list:
     if lora:
         groups.append({"params": lora, "lr": opts.lora_lr, "base_lr": opts.lora_lr})
     opt = torch.optim.AdamW(groups, weight_decay=0.01)
-    gc = GradCache(model, chunk_size=opts.chunk_size)  # SPEC loss: HN-InfoNCE + triplet + 0.1 diversity
-    sampler = digits.PairSampler(bench["train"], seed=opts.seed)
     per_task = {t: opts.per_task for t in digits.TASKS}
+    batch = sum(per_task.values())
+    if opts.triplet not in ("mean", "sum"):
+        raise ValueError(f"triplet must be 'mean' or 'sum', got {opts.triplet!r}")
+    mu1 = 1.0 / max(1, batch - 1) if opts.triplet == "mean" else 1.0
+    # the full loss of SPEC section 4: HN-InfoNCE (beta 0.5) + mu1 triplet + 0.1 diversity, tau 0.07
+    gc = GradCache(model, chunk_size=opts.chunk_size, mu1=mu1)
+    sampler = digits.PairSampler(bench["train"], seed=opts.seed)
     history = []
     model.train()
     if not opts.llm_dropout:
@@ -95,6 +107,8 @@ def train(model, bench: dict, opts: DemoOptions, log=print) -> list:
         if progress >= 1.0:
             break
         factor = _lr_factor(progress, opts.warmup)
+        if step < opts.warmup_steps:
+            factor = min(factor, (step + 1) / opts.warmup_steps)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * factor
         queries, cands, positives = sampler.sample(per_task)
@@ -106,6 +120,9 @@ def train(model, bench: dict, opts: DemoOptions, log=print) -> list:
         now = time.perf_counter() - start
         rec = {"step": step, "time": now, "lr": opts.lr * factor, **stats}
         history.append(rec)
+        if log_path:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
         if bar is not None:
             bar.set_postfix(loss=f"{stats['loss']:.3f}", pairs_s=f"{step * len(queries) / now:.0f}")
             bar.update(1 if opts.steps else int(now) - bar.n)
@@ -252,13 +269,13 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     log(f"model: demo preset, pooling={opts.pooling}, {n_train / 1e6:.2f}M trainable of {n_all / 1e6:.1f}M")
-    history = train(model, bench, opts, log)
+    log_path = os.path.join(opts.output, "train_log.jsonl")
+    if os.path.exists(log_path):
+        os.remove(log_path)
+    history = train(model, bench, opts, log, log_path)
     t_train = time.perf_counter() - t0 - t_data
     model_dir = os.path.join(opts.output, "model")
     model.save_pretrained(model_dir)
-    with open(os.path.join(opts.output, "train_log.jsonl"), "w") as f:
-        for h in history:
-            f.write(json.dumps(h) + "\n")
     if history:
         plot_curve(history, os.path.join(opts.output, "training_curve.png"))
     t1 = time.perf_counter()
