@@ -12,10 +12,10 @@ def add_arguments(p) -> None:
     p.add_argument("--time-budget", type=float, default=360.0,
                    help="seconds of training (default 360: the whole demo stays under 10 minutes on 2 cores)")
     p.add_argument("--steps", type=int, default=None, help="train a fixed number of steps instead of a time budget")
-    p.add_argument("--per-task", type=int, default=16, help="training pairs per task per step (6 tasks)")
-    p.add_argument("--chunk-size", type=int, default=96, help="gradient-caching chunk size")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--lora-lr", type=float, default=5e-4)
+    p.add_argument("--per-task", type=int, default=4, help="training pairs per task per step (6 tasks)")
+    p.add_argument("--chunk-size", type=int, default=24, help="gradient-caching chunk size")
+    p.add_argument("--lr", type=float, default=1e-3, help="towers, projectors, resamplers, pooling head")
+    p.add_argument("--lora-lr", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--triplet", default="mean", choices=("mean", "sum"),
                    help="weight the triplet term as a mean over negatives (default) or SPEC's plain sum")

@@ -28,10 +28,10 @@ class DemoOptions:
     pooling: str = "aswp"
     time_budget: float = 360.0  # seconds of training
     steps: int | None = None  # a fixed number of steps instead (reproducible schedule)
-    per_task: int = 16  # training pairs per task per step (6 tasks)
-    chunk_size: int = 96  # gradient-caching chunk
-    lr: float = 2e-3
-    lora_lr: float = 5e-4
+    per_task: int = 4  # training pairs per task per step (6 tasks): small steps, many updates
+    chunk_size: int = 24  # gradient-caching chunk
+    lr: float = 1e-3
+    lora_lr: float = 3e-4
     warmup: float = 0.05  # share of the schedule
     seed: int = 0
     data: digits.DigitsConfig = field(default_factory=digits.DigitsConfig)
