@@ -5,8 +5,8 @@
 // projection with its token index into a uint64 key, sort every column with the bitonic network of
 // aswp_pool_math.h (each comparator is an AVX-512 min/max over the 32 columns, in L1), then couple to the
 // reference quantiles and pool walking the references in rank order (row operations, no gathers). Written: the
-// (B, L) output, and for backward the sorted values (B, N, L) and each token's sorted position (uint8 when
-// N <= 256). The (B, N, L) projection itself is never materialised.
+// (B, L) output, and for backward the sorted values (B, N, L) and the token at each sorted position (uint8
+// when N <= 256). The (B, N, L) projection itself is never materialised.
 //
 // Backward, per 32-column block (all samples, so the reference and weight gradients need no atomics):
 // recompute psi from the saved sorted values, take the pooling gradient, push it through the coupling and the
@@ -242,7 +242,7 @@ Prepared<scalar_t> prepare(const at::Tensor& x, const at::Tensor& directions, co
 
 template <class scalar_t, class index_t>
 void forward_kernel(const Prepared<scalar_t>& P, int pooling, at::Tensor& out, at::Tensor& sorted,
-                    at::Tensor& token_rank) {
+                    at::Tensor& sorted_tokens) {
   using K = KeyOf<scalar_t>;
   using Key = typename K::type;
   constexpr int W = kSortWidth;
@@ -253,7 +253,7 @@ void forward_kernel(const Prepared<scalar_t>& P, int pooling, at::Tensor& out, a
   const int64_t n_groups = (B + group - 1) / group, n_tiles = (L + tile - 1) / tile;
   scalar_t* out_p = out.data_ptr<scalar_t>();
   scalar_t* sorted_p = sorted.data_ptr<scalar_t>();
-  index_t* rank_p = token_rank.data_ptr<index_t>();
+  index_t* tokens_p = sorted_tokens.data_ptr<index_t>();
   const scalar_t* ref_s = P.ref_sorted.template data_ptr<scalar_t>();
   const scalar_t* w_s = P.weight_sorted.defined() ? P.weight_sorted.template data_ptr<scalar_t>() : nullptr;
 
@@ -261,7 +261,6 @@ void forward_kernel(const Prepared<scalar_t>& P, int pooling, at::Tensor& out, a
     at::Tensor proj = at::empty({group * N, tile}, P.x2d.options());
     std::vector<Key> keys(size_t(n_pow2) * W);
     std::vector<scalar_t> block(size_t(N) * W);
-    std::vector<index_t> rank_block(size_t(N) * W);
     scalar_t psi[W], acc[W];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t g = item / n_tiles, l0 = (item % n_tiles) * tile;
@@ -289,23 +288,19 @@ void forward_kernel(const Prepared<scalar_t>& P, int pooling, at::Tensor& out, a
             for (; c < W; ++c) row[c] = K::pad();
           }
           sort_key_block(keys.data(), n_pow2);
-          // Unpack: sorted values (kept for backward) and the sorted position of every valid token.
+          // Unpack, row by row (vectorised): sorted values and the token at each sorted position, both kept
+          // for backward; positions past the sample's valid tokens hold 0.
           for (int64_t i = 0; i < N; ++i) {
             const Key* row = keys.data() + size_t(i) * W;
             scalar_t* s_dst = sorted_p + (b * N + i) * L + l;
+            index_t* t_dst = tokens_p + (b * N + i) * L + l;
             scalar_t* blk = block.data() + size_t(i) * W;
             if (i < n_b) {
-              for (int c = 0; c < width; ++c) s_dst[c] = blk[c] = K::value(row[c]);  // vectorised decode
-              for (int c = 0; c < width; ++c) rank_block[size_t(K::index(row[c])) * W + c] = index_t(i);  // scatter
+              for (int c = 0; c < width; ++c) s_dst[c] = blk[c] = K::value(row[c]);
+              for (int c = 0; c < width; ++c) t_dst[c] = index_t(K::index(row[c]));
             } else {
-              for (int c = 0; c < width; ++c) s_dst[c] = scalar_t(0);
+              for (int c = 0; c < width; ++c) s_dst[c] = scalar_t(0), t_dst[c] = index_t(0);
             }
-          }
-          for (int64_t n = 0; n < N; ++n) {
-            index_t* r_dst = rank_p + (b * N + n) * L + l;
-            const index_t* src = rank_block.data() + size_t(n) * W;
-            const index_t keep = valid[n] ? index_t(~index_t(0)) : index_t(0);
-            for (int c = 0; c < width; ++c) r_dst[c] = src[c] & keep;
           }
           // Couple and pool, walking the references in rank order (one row of 32 columns per rank).
           for (int c = 0; c < width; ++c) acc[c] = pool_initial<scalar_t>(pooling);
@@ -342,27 +337,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aswp_pool_fwd_cpu(
   const auto index_dtype = N <= 256 ? at::kByte : at::kInt;
   at::Tensor out = at::empty({B, L}, x.options().dtype(compute));
   at::Tensor sorted = at::empty({B, N, L}, x.options().dtype(compute));
-  at::Tensor token_rank = at::empty({B, N, L}, x.options().dtype(index_dtype));
+  at::Tensor sorted_tokens = at::empty({B, N, L}, x.options().dtype(index_dtype));
   std::optional<at::Tensor> wopt = code == kWeighted ? weights : std::nullopt;
   AT_DISPATCH_FLOATING_TYPES(compute, "aswp_pool_fwd_cpu", [&] {
     auto P = prepare<scalar_t>(x, directions, references, mask, wopt, normalize_directions, true);
     if (index_dtype == at::kByte)
-      forward_kernel<scalar_t, uint8_t>(P, code, out, sorted, token_rank);
+      forward_kernel<scalar_t, uint8_t>(P, code, out, sorted, sorted_tokens);
     else
-      forward_kernel<scalar_t, int32_t>(P, code, out, sorted, token_rank);
+      forward_kernel<scalar_t, int32_t>(P, code, out, sorted, sorted_tokens);
   });
-  return {out.to(x.scalar_type()), sorted, token_rank};
+  return {out.to(x.scalar_type()), sorted, sorted_tokens};
 }
 
 template <class scalar_t, class index_t>
 void backward_kernel(const Prepared<scalar_t>& P, int pooling, scalar_t temperature, const at::Tensor& grad,
-                     const at::Tensor& sorted, const at::Tensor& token_rank, at::Tensor& dp, at::Tensor& dref_s,
+                     const at::Tensor& sorted, const at::Tensor& sorted_tokens, at::Tensor& dp, at::Tensor& dref_s,
                      at::Tensor& dweight_s) {
   constexpr int W = kSortWidth;
   const int64_t B = P.B, N = P.N, L = P.L, M = P.M;
   const scalar_t* g_p = grad.data_ptr<scalar_t>();
   const scalar_t* sorted_p = sorted.data_ptr<scalar_t>();
-  const index_t* rank_p = token_rank.data_ptr<index_t>();
+  const index_t* tokens_p = sorted_tokens.data_ptr<index_t>();
   const scalar_t* ref_s = P.ref_sorted.template data_ptr<scalar_t>();
   const int* order = P.order32.template data_ptr<int>();
   const scalar_t* w_s = P.weight_sorted.defined() ? P.weight_sorted.template data_ptr<scalar_t>() : nullptr;
@@ -423,16 +418,17 @@ void backward_kernel(const Prepared<scalar_t>& P, int pooling, scalar_t temperat
           }
           couple_row_backward(dpsi, qw[r], ds.data() + size_t(lo[r]) * W, ds.data() + size_t(hi[r]) * W, width);
         }
-        // Through the sort: token n receives ds at its sorted position; masked tokens receive 0.
-        const uint8_t* valid = P.valid.data() + b * N;
-        for (int64_t n = 0; n < N; ++n) {
-          scalar_t* dst = dp_p + (b * N + n) * L + l;
-          const index_t* rk = rank_p + (b * N + n) * L + l;
-          if (valid[n]) {
-            for (int c = 0; c < width; ++c) dst[c] = ds[size_t(rk[c]) * W + c];
-          } else {
-            std::fill_n(dst, width, scalar_t(0));
-          }
+        // Through the sort: the token at sorted position i receives ds[i]; masked tokens receive 0.
+        if (n_b < N) {
+          const uint8_t* valid = P.valid.data() + b * N;
+          for (int64_t n = 0; n < N; ++n)
+            if (!valid[n]) std::fill_n(dp_p + (b * N + n) * L + l, width, scalar_t(0));
+        }
+        for (int i = 0; i < n_b; ++i) {
+          const index_t* tok = tokens_p + (b * N + i) * L + l;
+          const scalar_t* d = ds.data() + size_t(i) * W;
+          scalar_t* dst = dp_p + b * N * L + l;
+          for (int c = 0; c < width; ++c) dst[int64_t(tok[c]) * L + c] = d[c];
         }
       }
     }
@@ -460,16 +456,16 @@ void normalize_backward(at::Tensor& dtheta, const at::Tensor& theta, const at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aswp_pool_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& directions, const at::Tensor& references,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& weights, const at::Tensor& sorted,
-    const at::Tensor& token_rank, c10::string_view pooling, bool normalize_directions, double temperature, bool need_x,
+    const at::Tensor& sorted_tokens, c10::string_view pooling, bool normalize_directions, double temperature, bool need_x,
     bool need_directions) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int code = pooling_code(pooling);
   const int64_t B = x.size(0), N = x.size(1), L = directions.size(0), M = references.size(0);
   TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == B && grad_out.size(1) == L,
                     "grad_out must be (B, L)");
-  TORCH_CHECK_VALUE(sorted.sizes() == token_rank.sizes() && sorted.dim() == 3 && sorted.size(0) == B &&
+  TORCH_CHECK_VALUE(sorted.sizes() == sorted_tokens.sizes() && sorted.dim() == 3 && sorted.size(0) == B &&
                         sorted.size(1) == N && sorted.size(2) == L,
-                    "sorted/token_rank must be (B, N, L)");
+                    "sorted/sorted_tokens must be (B, N, L)");
   const auto compute = sorted.scalar_type();
   at::Tensor grad_x, grad_dir;
   at::Tensor grad_ref_s = at::empty({M, L}, sorted.options());  // in rank order, unpermuted at the end
@@ -479,7 +475,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aswp_pool_bwd_cpu(
   AT_DISPATCH_FLOATING_TYPES(compute, "aswp_pool_bwd_cpu", [&] {
     auto P = prepare<scalar_t>(x, directions, references, mask, wopt, normalize_directions, need_directions);
     at::Tensor g = grad_out.to(compute).contiguous();
-    at::Tensor s = sorted.contiguous(), pm = token_rank.contiguous();
+    at::Tensor s = sorted.contiguous(), pm = sorted_tokens.contiguous();
     at::Tensor dp = at::empty({B * N, L}, sorted.options());
     if (pm.scalar_type() == at::kByte)
       backward_kernel<scalar_t, uint8_t>(P, code, scalar_t(temperature), g, s, pm, dp, grad_ref_s, grad_w_s);
