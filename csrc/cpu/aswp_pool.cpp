@@ -10,7 +10,9 @@
 //
 // Backward, per 32-column block (all samples, so the reference and weight gradients need no atomics):
 // recompute psi from the saved sorted values, take the pooling gradient, push it through the coupling and the
-// sort into dp (B * N, L), then two GEMMs give dx = dp theta and dtheta = dp^T x. Storing the sorted values
+// sort into dp (B * N, L), then two GEMMs give dx = dp d and d(d) = dp^T x. theta = d / ||d|| is never
+// materialised: the GEMMs use `directions` as is and the 1 / ||d|| scale is applied to the (L)-wide projection
+// rows in cache (forward) and to dp as it is written (backward). Storing the sorted values
 // (4 B per projection) instead of recomputing the projection saves a fourth GEMM.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -20,6 +22,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cmath>
 #include <vector>
 
 #include "omniret/aswp_pool_math.h"
@@ -178,14 +181,14 @@ void sort_references(const at::Tensor& references, at::Tensor& ref_sorted, at::T
   });
 }
 
-// What both directions need: x and theta in the compute type, the references sorted per column with the
+// What both directions need: x and the directions in the compute type, 1 / ||d|| per slice, the references sorted per column with the
 // index j of each rank (so the kernels walk references in rank order), and each sample's quantile table.
 template <class scalar_t>
 struct Prepared {
   int64_t B, N, D, L, M;
   at::Tensor x2d;          // (B * N, D) compute type (when asked for)
-  at::Tensor theta;        // (L, D) normalised or not
-  at::Tensor inv_norm;     // (L, 1), only when normalising
+  at::Tensor dir;           // (L, D) directions, not normalised
+  std::vector<scalar_t> scale;  // (L): 1 / ||d_l|| when normalising, else 1
   at::Tensor ref_sorted;   // (M, L): ref_sorted[r, l] = references[order[r, l], l]
   at::Tensor order;        // (M, L) int64: j of rank r in column l (stable)
   at::Tensor order32;      // (M, L) int32
@@ -205,11 +208,18 @@ Prepared<scalar_t> prepare(const at::Tensor& x, const at::Tensor& directions, co
   P.B = x.size(0), P.N = x.size(1), P.D = x.size(2), P.L = directions.size(0), P.M = references.size(0);
   if (need_x) P.x2d = x.to(dt).contiguous().view({P.B * P.N, P.D});
   at::Tensor d = directions.to(dt).contiguous();
+  P.dir = d;
+  P.scale.assign(P.L, scalar_t(1));
   if (normalize_directions) {
-    P.inv_norm = d.norm(2, {1}, true).reciprocal();
-    P.theta = d * P.inv_norm;
-  } else {
-    P.theta = d;
+    const scalar_t* dp = d.data_ptr<scalar_t>();
+    const int64_t D = P.D;
+    at::parallel_for(0, P.L, 64, [&](int64_t l0, int64_t l1) {
+      for (int64_t l = l0; l < l1; ++l) {
+        double sq = 0;
+        for (int64_t k = 0; k < D; ++k) sq += double(dp[l * D + k]) * double(dp[l * D + k]);
+        P.scale[l] = scalar_t(1.0 / std::sqrt(sq));
+      }
+    });
   }
   sort_references<scalar_t>(references.to(dt).contiguous(), P.ref_sorted, P.order32);
   P.order = P.order32.to(at::kLong);
@@ -266,7 +276,7 @@ void forward_kernel(const Prepared<scalar_t>& P, int pooling, at::Tensor& out, a
       const int64_t g = item / n_tiles, l0 = (item % n_tiles) * tile;
       const int64_t b0 = g * group, nb = std::min(group, B - b0), width_tile = std::min(tile, L - l0);
       at::Tensor proj_view = proj.narrow(0, 0, nb * N).narrow(1, 0, width_tile);
-      at::mm_out(proj_view, P.x2d.narrow(0, b0 * N, nb * N), P.theta.narrow(0, l0, width_tile).t());
+      at::mm_out(proj_view, P.x2d.narrow(0, b0 * N, nb * N), P.dir.narrow(0, l0, width_tile).t());
       const scalar_t* pj = proj.data_ptr<scalar_t>();
       for (int64_t bl = 0; bl < nb; ++bl) {
         const int64_t b = b0 + bl;
@@ -283,7 +293,8 @@ void forward_kernel(const Prepared<scalar_t>& P, int pooling, at::Tensor& out, a
             int c = 0;
             if (i < N && valid[i]) {
               const scalar_t* src = pj + (bl * N + i) * tile + c0;
-              for (; c < width; ++c) row[c] = K::make(src[c], i);
+              const scalar_t* sc = P.scale.data() + l;  // the projection onto d / ||d||
+              for (; c < width; ++c) row[c] = K::make(src[c] * sc[c], i);
             }
             for (; c < W; ++c) row[c] = K::pad();
           }
@@ -427,28 +438,30 @@ void backward_kernel(const Prepared<scalar_t>& P, int pooling, scalar_t temperat
         for (int i = 0; i < n_b; ++i) {
           const index_t* tok = tokens_p + (b * N + i) * L + l;
           const scalar_t* d = ds.data() + size_t(i) * W;
+          const scalar_t* sc = P.scale.data() + l;  // chain rule through p = (x . d) / ||d||
           scalar_t* dst = dp_p + b * N * L + l;
-          for (int c = 0; c < width; ++c) dst[int64_t(tok[c]) * L + c] = d[c];
+          for (int c = 0; c < width; ++c) dst[int64_t(tok[c]) * L + c] = d[c] * sc[c];
         }
       }
     }
   });
 }
 
-// theta = d / ||d||: d(directions) = (dtheta - theta <dtheta, theta>) / ||d||, row by row, in place on dtheta.
+// With theta = d s (s = 1 / ||d||) and G = dq^T x (dq = dp s, what the kernel wrote), the gradient to d is
+// s (dtheta - theta <theta, dtheta>) = G - s^2 d <d, G>: one pass per row, in place on G.
 template <class scalar_t>
-void normalize_backward(at::Tensor& dtheta, const at::Tensor& theta, const at::Tensor& inv_norm) {
-  const int64_t L = dtheta.size(0), D = dtheta.size(1);
-  scalar_t* g = dtheta.data_ptr<scalar_t>();
-  const scalar_t* t = theta.data_ptr<scalar_t>();
-  const scalar_t* inv = inv_norm.data_ptr<scalar_t>();
+void normalize_backward(at::Tensor& grad, const at::Tensor& dir, const std::vector<scalar_t>& scale) {
+  const int64_t L = grad.size(0), D = grad.size(1);
+  scalar_t* g = grad.data_ptr<scalar_t>();
+  const scalar_t* d = dir.data_ptr<scalar_t>();
   at::parallel_for(0, L, 16, [&](int64_t l0, int64_t l1) {
     for (int64_t l = l0; l < l1; ++l) {
       scalar_t* gr = g + l * D;
-      const scalar_t* tr = t + l * D;
+      const scalar_t* dr = d + l * D;
       scalar_t dot = 0;
-      for (int64_t d = 0; d < D; ++d) dot += gr[d] * tr[d];
-      for (int64_t d = 0; d < D; ++d) gr[d] = (gr[d] - tr[d] * dot) * inv[l];
+      for (int64_t k = 0; k < D; ++k) dot += gr[k] * dr[k];
+      const scalar_t f = scale[l] * scale[l] * dot;
+      for (int64_t k = 0; k < D; ++k) gr[k] -= f * dr[k];
     }
   });
 }
@@ -482,10 +495,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aswp_pool_bwd_cpu(
     else
       backward_kernel<scalar_t, int32_t>(P, code, scalar_t(temperature), g, s, pm, dp, grad_ref_s, grad_w_s);
     order = P.order;
-    if (need_x) grad_x = at::mm(dp, P.theta).view({B, N, x.size(2)}).to(x.scalar_type());
+    if (need_x) grad_x = at::mm(dp, P.dir).view({B, N, x.size(2)}).to(x.scalar_type());
     if (need_directions) {
       at::Tensor dtheta = at::mm(dp.t(), P.x2d);
-      if (normalize_directions) normalize_backward<scalar_t>(dtheta, P.theta, P.inv_norm);
+      if (normalize_directions) normalize_backward<scalar_t>(dtheta, P.dir, P.scale);
       grad_dir = dtheta.to(directions.scalar_type());
     }
   });
