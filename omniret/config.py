@@ -23,6 +23,7 @@ IMAGE_KINDS = ("siglip", "cnn_image")
 AUDIO_KINDS = ("whisper", "qwen2_audio", "cnn_audio")
 POOLINGS = ("aswp", "eos", "mean", "multi_vector")
 ASWP_POOLINGS = ("stm", "max", "mean", "weighted")
+MEDIA_RESAMPLERS = ("shared", "shared_no_latents", "separate", "none")
 
 
 @dataclass
@@ -73,6 +74,7 @@ class OmniRetConfig:
 
     # projectors and the shared media resampler
     projector: str = "mlp2x_gelu"  # or "linear"
+    media_resampler: str = "shared"  # "shared" | "shared_no_latents" | "separate" | "none"  (Table 5 d)
     media_latents: int = 64  # resampled tokens per media item
     resampler_depth: int = 1
     resampler_heads: int = 12
@@ -112,6 +114,8 @@ class OmniRetConfig:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.aswp_pooling not in ASWP_POOLINGS:
             raise ValueError(f"aswp_pooling must be one of {ASWP_POOLINGS}, got {self.aswp_pooling!r}")
+        if self.media_resampler not in MEDIA_RESAMPLERS:
+            raise ValueError(f"media_resampler must be one of {MEDIA_RESAMPLERS}, got {self.media_resampler!r}")
         if self.projector not in ("mlp2x_gelu", "linear"):
             raise ValueError(f"projector must be 'mlp2x_gelu' or 'linear', got {self.projector!r}")
         if len(tuple(self.video_grid)) != 3 or min(self.video_grid) < 1:

@@ -193,6 +193,8 @@ def test_bad_inputs(model):
         model.encode_corpus("a single string")
     with pytest.raises(ValueError, match="no such image"):
         model([{"image": "/nonexistent/x.png"}])
+    with pytest.raises(ValueError, match=r"items\[5\]\['image'\]\[0\]"):  # the caller's index, not the batch's
+        model.encode_corpus(["a", "bb", "c", "dddd", "e", {"image": torch.rand(2, 8, 8)}], batch_size=2)
 
 
 def test_no_audio_encoder_says_so():
@@ -345,3 +347,37 @@ def test_gradient_checkpointing_same_gradients():
     # (the same config gives the same LoRA init, so the two models are identical)
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["shared_no_latents", "separate", "none"])
+def test_table5_media_resamplers(kind):
+    m = OmniRet.from_config(preset("tiny", media_resampler=kind))
+    m.setup_stage(2)
+    if kind == "separate":  # stage 2 starts the video resampler as a copy of the image one
+        sd_i, sd_v = m.media_resampler["image"].state_dict(), m.media_resampler["video"].state_dict()
+        assert all(torch.equal(sd_i[k], sd_v[k]) for k in sd_i)
+    items = _items(_media())[4:9]
+    m.train()
+    emb, aux = m(items)
+    (emb.pow(2).mean() + aux["diversity"]).backward()
+    if kind != "none":
+        grads = [p.grad for n, p in m.named_parameters() if n.startswith("media_resampler.") and "latents" in n]
+        assert grads and any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert aux["diversity"].item() > 0
+    m.eval()
+    batch = _embed(m, items)
+    for i, it in enumerate(items):
+        torch.testing.assert_close(_embed(m, [it])[0], batch[i], atol=2e-5, rtol=1e-4)
+    if kind == "none":  # every encoder token reaches the LLM: 16 SigLIP patches per image
+        seq_len = m.composer.build_inputs(*_inputs(m, [{"image": _media()["image"]}]))[0].shape[1]
+        assert seq_len == 1 + 16 + 1
+
+
+def _inputs(m, items):
+    batch = m.prepare(items)
+    resampled = {}
+    for mod, xs in batch.media.items():
+        if xs:
+            tok, cu = m.encode_media(mod, xs)
+            resampled[mod] = m.resample_media(mod, m._projector_for(mod)(tok), cu)
+    return batch.sequences, batch.media_offsets, resampled
