@@ -294,7 +294,11 @@ def test_feature_cache(tmp_path):
     entries[0].write_bytes(b"broken")  # a damaged entry is recomputed, not trusted
     third = m.encode_corpus(items)
     torch.testing.assert_close(third, first)
-    # a changed encoder never reads the old entries
+    # a changed encoder never reads the old entries: new weights loaded in place, or another model
+    fp = m.encoders["image"].fingerprint()
+    sd = {k: v + 0.01 for k, v in m.encoders["image"].state_dict().items()}
+    m.encoders["image"].load_state_dict(sd)
+    assert m.encoders["image"].fingerprint() != fp
     m2 = OmniRet.from_config(preset("tiny", seed=1)).eval()
     c2 = m2.enable_feature_cache(tmp_path / "cache")
     m2.encode_corpus(items[:2])
