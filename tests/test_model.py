@@ -191,6 +191,8 @@ def test_bad_inputs(model):
         model([{"video": torch.rand(3, 8, 8)}])
     with pytest.raises(ValueError, match="items"):
         model.encode_corpus("a single string")
+    with pytest.raises(ValueError, match="positions"):
+        model(["x" * 100, {"text": "y" * 120, "image": [torch.rand(3, 8, 8)] * 100}])
     with pytest.raises(ValueError, match="no such image"):
         model([{"image": "/nonexistent/x.png"}])
     with pytest.raises(ValueError, match=r"items\[5\]\['image'\]\[0\]"):  # the caller's index, not the batch's
