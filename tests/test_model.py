@@ -385,3 +385,23 @@ def _inputs(m, items):
             tok, cu = m.encode_media(mod, xs)
             resampled[mod] = m.resample_media(mod, m._projector_for(mod)(tok), cu)
     return batch.sequences, batch.media_offsets, resampled
+
+
+def test_bf16_frozen_backbones():
+    """Frozen backbones in bfloat16 (how the paper-size model fits a GPU) with fp32 trainable parts."""
+    cfg = preset("tiny")
+    for bb in (cfg.llm, cfg.image_encoder, cfg.audio_encoder):
+        bb.dtype = "bfloat16"
+    m = OmniRet.from_config(cfg)
+    assert m.composer.llm.get_input_embeddings().weight.dtype == torch.bfloat16
+    items = _items(_media())[4:8]
+    ref = OmniRet.from_config("tiny").encode_corpus(items)
+    out = m.encode_corpus(items)
+    assert out.dtype == torch.float32 and (out * ref).sum(-1).min() > 0.9
+    m.setup_stage(2)
+    m.train()
+    emb, aux = m(items)
+    (emb.pow(2).mean() + aux["diversity"]).backward()
+    lora = [p for n, p in m.named_parameters() if "lora_A" in n]
+    assert lora and all(p.dtype == torch.float32 for p in m.trainable_parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.projectors.parameters())

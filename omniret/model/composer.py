@@ -229,3 +229,5 @@ class Composer(nn.Module):
         inject_adapter_in_model(lcfg, self.llm)
         for name, p in self.llm.named_parameters():
             p.requires_grad_("lora_" in name)
+            if "lora_" in name and p.dtype in (torch.bfloat16, torch.float16):
+                p.data = p.data.float()  # adapters train in fp32 over a bf16/fp16 base (peft casts the input)
