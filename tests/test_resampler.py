@@ -197,3 +197,10 @@ def _run_fn(fn, q, k, v, cu, grad):
     out = fn(q, k, v, cu)
     out.backward(grad)
     return out.detach(), q.grad, k.grad, v.grad
+
+
+@pytest.mark.skipif(not _ext.cuda_extension_built(), reason="CUDA extension not built")
+def test_cuda_kernels_registered_when_built():
+    """Compiled, never run here (no GPU): at least the CUDA extension registers both directions."""
+    assert _ext.has_kernel("resampler_attention_fwd", "CUDA")
+    assert _ext.has_kernel("resampler_attention_bwd", "CUDA")
