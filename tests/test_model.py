@@ -67,7 +67,8 @@ def test_every_modality_alone_and_composed(model):
     # each input's content matters: changing one part changes the embedding
     m2 = _media(seed=1)
     swapped = [{"image": m2["image"]}, {"audio": m2["audio"]}, {"video": m2["video"]},
-               {"text": "a dog barking", "audio": m2["audio_long"]}, {"text": "a cat barking", "audio": _media()["audio_long"]}]
+               {"text": "a dog barking", "audio": m2["audio_long"]},
+               {"text": "a cat barking", "audio": _media()["audio_long"]}]
     base = _embed(model, [items[1], items[2], items[3], items[5], items[5]])
     other = _embed(model, swapped)
     for i in range(len(swapped)):

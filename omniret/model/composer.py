@@ -210,8 +210,9 @@ class Composer(nn.Module):
         limit = getattr(self.llm.config, "max_position_embeddings", None)
         if limit is not None and max(lengths) > limit:
             i = max(range(len(lengths)), key=lengths.__getitem__)
-            raise ValueError(f"item {i} of this batch is {lengths[i]} tokens long (text + {self.cfg.media_latents} per media item), "
-                             f"more than the LLM's {limit} positions; use fewer media or shorter text")
+            raise ValueError(f"item {i} of this batch is {lengths[i]} tokens long (text + "
+                             f"{self.cfg.media_latents} per media item), more than the LLM's {limit} positions; "
+                             "use fewer media or shorter text")
         T = max(lengths)
         embeds = torch.zeros(len(rows), T, self.hidden_size, dtype=dtype, device=device)
         mask = torch.zeros(len(rows), T, dtype=torch.bool, device=device)
