@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "omniret/py_module.h"
+#include "resampler_attention_glue.h"  // resampler_attention: csrc/cuda/resampler_attention.cu
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -122,6 +123,8 @@ TORCH_LIBRARY_IMPL(omniret, CUDA, m) {
   m.impl("aswp_pool_bwd", &omniret::aswp_pool_bwd_cuda);
 
   // ---- resampler_attention ----
+  m.impl("resampler_attention_fwd", &omniret::resampler_cuda::fwd);
+  m.impl("resampler_attention_bwd", &omniret::resampler_cuda::bwd);
 
   // ---- diversity_loss ----
 }
