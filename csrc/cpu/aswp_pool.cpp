@@ -206,8 +206,10 @@ Prepared<scalar_t> prepare(const at::Tensor& x, const at::Tensor& directions, co
   Prepared<scalar_t> P;
   const auto dt = c10::CppTypeToScalarType<scalar_t>::value;
   P.B = x.size(0), P.N = x.size(1), P.D = x.size(2), P.L = directions.size(0), P.M = references.size(0);
-  if (need_x) P.x2d = x.to(dt).contiguous().view({P.B * P.N, P.D});
-  at::Tensor d = directions.to(dt).contiguous();
+  // Detached: at::parallel_for's worker threads do not inherit the caller's below-autograd guard, and at::mm_out
+  // on a tensor that requires grad refuses to run there.
+  if (need_x) P.x2d = x.detach().to(dt).contiguous().view({P.B * P.N, P.D});
+  at::Tensor d = directions.detach().to(dt).contiguous();
   P.dir = d;
   P.scale.assign(P.L, scalar_t(1));
   if (normalize_directions) {
