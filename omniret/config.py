@@ -23,6 +23,7 @@ IMAGE_KINDS = ("siglip", "cnn_image")
 AUDIO_KINDS = ("whisper", "qwen2_audio", "cnn_audio")
 POOLINGS = ("aswp", "eos", "mean", "multi_vector")
 ASWP_POOLINGS = ("stm", "max", "mean", "weighted")
+MEDIA_RESAMPLERS = ("shared", "shared_no_latents", "separate", "none")
 
 
 @dataclass
@@ -59,6 +60,8 @@ class OmniRetConfig:
     tokenizer: Optional[str] = None
     append_eos: bool = True  # end every sequence with EOS when the tokenizer adds none (last-token pooling)
     max_text_tokens: int = 512  # per text segment
+    gradient_checkpointing: bool = False  # recompute the LLM's layers in backward (memory for long batches)
+    llm_dropout: bool = False  # the frozen LLM's own dropout in training mode (LoRA dropout always follows it)
 
     # media
     video: bool = True  # video through the image tower + trilinear reduction
@@ -71,6 +74,7 @@ class OmniRetConfig:
 
     # projectors and the shared media resampler
     projector: str = "mlp2x_gelu"  # or "linear"
+    media_resampler: str = "shared"  # "shared" | "shared_no_latents" | "separate" | "none"  (Table 5 d)
     media_latents: int = 64  # resampled tokens per media item
     resampler_depth: int = 1
     resampler_heads: int = 12
@@ -110,6 +114,8 @@ class OmniRetConfig:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.aswp_pooling not in ASWP_POOLINGS:
             raise ValueError(f"aswp_pooling must be one of {ASWP_POOLINGS}, got {self.aswp_pooling!r}")
+        if self.media_resampler not in MEDIA_RESAMPLERS:
+            raise ValueError(f"media_resampler must be one of {MEDIA_RESAMPLERS}, got {self.media_resampler!r}")
         if self.projector not in ("mlp2x_gelu", "linear"):
             raise ValueError(f"projector must be 'mlp2x_gelu' or 'linear', got {self.projector!r}")
         if len(tuple(self.video_grid)) != 3 or min(self.video_grid) < 1:
@@ -199,6 +205,7 @@ def _demo() -> OmniRetConfig:
         media_latents=8, resampler_depth=1, resampler_heads=6,
         pooling="aswp", num_slices=1024, output_latents=32,
         lora_target_modules=["query", "key", "value", "dense"],
+        lora_dropout=0.0,  # CPU bernoulli masks cost ~11% of a demo training step
     )
 
 

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from omniret_kernels import reference
+from omniret_kernels import _ext, reference
 from omniret_kernels._checks import FLOAT_DTYPES, check_finite, check_same_device, check_tensor, is_compiling
 from omniret_kernels._dispatch import resolve_backend
 
@@ -43,6 +43,94 @@ def _check_args(x, directions, references, mask, pooling, weights, temperature, 
     return device
 
 
+
+# ----------------------------------------------------------------------------------------------------------
+# Dispatcher ops omniret::aswp_pool_fwd / _bwd (schemas in csrc/ops.cpp, CPU kernel in csrc/cpu/aswp_pool.cpp,
+# CUDA kernel in csrc/cuda/aswp_pool.cu) and the Triton pair omniret::aswp_pool_triton_fwd / _bwd share one fake
+# kernel and one backward formula.
+# ----------------------------------------------------------------------------------------------------------
+def _saved_dtypes(x: torch.Tensor, n: int):
+    """(compute dtype of the saved sorted values, dtype of the saved permutation)."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return compute, (torch.uint8 if n <= 256 else torch.int32)
+
+
+def _fwd_fake(x, directions, references, mask, weights, pooling, normalize_directions, temperature):
+    B, N, _ = x.shape
+    L = directions.shape[0]
+    compute, index = _saved_dtypes(x, N)
+    return (x.new_empty((B, L)), x.new_empty((B, N, L), dtype=compute), x.new_empty((B, N, L), dtype=index))
+
+
+def _bwd_fake(grad_out, x, directions, references, mask, weights, sorted_values, sorted_tokens, pooling,
+              normalize_directions, temperature, need_x, need_directions):
+    return (
+        x.new_empty(x.shape if need_x else (0,)),
+        directions.new_empty(directions.shape if need_directions else (0,)),
+        references.new_empty(references.shape),
+        (weights.new_empty(weights.shape) if pooling == "weighted" and weights is not None
+         else references.new_empty((0,))),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, directions, references, mask, weights, pooling, normalize_directions, temperature = inputs
+    _, sorted_values, sorted_tokens = output
+    ctx.mark_non_differentiable(sorted_values, sorted_tokens)
+    ctx.save_for_backward(x, directions, references, mask, weights, sorted_values, sorted_tokens)
+    ctx.attrs = (pooling, normalize_directions, temperature)
+
+
+def _make_backward(bwd_op):
+    def backward(ctx, grad_out, _grad_sorted, _grad_sorted_tokens):
+        x, directions, references, mask, weights, sorted_values, sorted_tokens = ctx.saved_tensors
+        pooling, normalize_directions, temperature = ctx.attrs
+        need_x, need_directions = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gx, gd, gr, gw = bwd_op(grad_out.contiguous(), x, directions, references, mask, weights, sorted_values, sorted_tokens,
+                                pooling, normalize_directions, temperature, need_x, need_directions)
+        return (gx if need_x else None, gd if need_directions else None,
+                gr if ctx.needs_input_grad[2] else None, None,
+                gw if pooling == "weighted" and ctx.needs_input_grad[4] else None, None, None, None)
+    return backward
+
+
+if _ext.cpu_extension_built() and hasattr(torch.ops.omniret, "aswp_pool_fwd"):
+    torch.library.register_fake("omniret::aswp_pool_fwd")(_fwd_fake)
+    torch.library.register_fake("omniret::aswp_pool_bwd")(_bwd_fake)
+    torch.library.register_autograd("omniret::aswp_pool_fwd", _make_backward(torch.ops.omniret.aswp_pool_bwd),
+                                    setup_context=_setup_context)
+
+
+@torch.library.custom_op("omniret::aswp_pool_triton_fwd", mutates_args=())
+def _triton_fwd(x: torch.Tensor, directions: torch.Tensor, references: torch.Tensor, mask: Optional[torch.Tensor],
+                weights: Optional[torch.Tensor], pooling: str, normalize_directions: bool,
+                temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from omniret_kernels.triton.aswp_pool import aswp_pool_forward
+    return aswp_pool_forward(x, directions, references, mask, weights, pooling, normalize_directions, temperature)
+
+
+@torch.library.custom_op("omniret::aswp_pool_triton_bwd", mutates_args=())
+def _triton_bwd(grad_out: torch.Tensor, x: torch.Tensor, directions: torch.Tensor, references: torch.Tensor,
+                mask: Optional[torch.Tensor], weights: Optional[torch.Tensor], sorted_values: torch.Tensor,
+                sorted_tokens: torch.Tensor, pooling: str, normalize_directions: bool, temperature: float, need_x: bool,
+                need_directions: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from omniret_kernels.triton.aswp_pool import aswp_pool_backward
+    return aswp_pool_backward(grad_out, x, directions, references, mask, weights, sorted_values, sorted_tokens, pooling,
+                              normalize_directions, temperature, need_x, need_directions)
+
+
+_triton_fwd.register_fake(_fwd_fake)
+_triton_bwd.register_fake(_bwd_fake)
+_triton_fwd.register_autograd(_make_backward(_triton_bwd), setup_context=_setup_context)
+
+
+@torch.compiler.assume_constant_result
+def _resolve_backend(device: torch.device, backend: Optional[str]) -> str:
+    """The backend rule, evaluated once at trace time under torch.compile (it asks the dispatcher which kernels
+    exist, which Dynamo cannot trace)."""
+    return resolve_backend("aswp_pool", device, backend)
+
+
 def aswp_pool(
     x: torch.Tensor,
     directions: torch.Tensor,
@@ -58,7 +146,7 @@ def aswp_pool(
 ) -> torch.Tensor:
     """(B, N, D) tokens -> (B, L) embedding. See SPEC section 1; mask (B, N) bool, True = valid token."""
     device = _check_args(x, directions, references, mask, pooling, weights, temperature, check_finite)
-    backend = resolve_backend("aswp_pool", device, backend)
+    backend = _resolve_backend(device, backend)
     if backend == "reference":
         out = reference.aswp_pool(
             x.float(), directions.float(), references.float(), mask, pooling=pooling,
@@ -66,7 +154,10 @@ def aswp_pool(
             normalize_directions=normalize_directions, temperature=temperature,
         )
         return out.to(x.dtype)
-    raise NotImplementedError(f"aswp_pool backend {backend!r}")  # replaced by the fused kernels (issue 3)
+    if pooling != "weighted":
+        weights = None
+    op = torch.ops.omniret.aswp_pool_triton_fwd if backend == "triton" else torch.ops.omniret.aswp_pool_fwd
+    return op(x, directions, references, mask, weights, pooling, normalize_directions, float(temperature))[0]
 
 
 class ASWPPool(nn.Module):

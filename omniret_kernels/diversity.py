@@ -138,7 +138,10 @@ def diversity_loss(m: torch.Tensor, *, p: float = 0.9, gamma: float = 0.5, norma
         _check_finite("m", m)
     p, gamma, normalize = float(p), float(gamma), bool(normalize)
     backend = _resolve_backend(m.device, backend)
-    seed = draw_seed(generator, m.device).to(m.device)
+    if p > 0:
+        seed = draw_seed(generator, m.device).to(m.device)
+    else:  # no dropout: leave the generator untouched, so p = 0 does not shift anyone else's random stream
+        seed = torch.zeros((), dtype=torch.int64, device=m.device)
     B, N, _ = m.shape
     if backend == "reference":
         loss = _reference_loss(m, seed, p, gamma, normalize)

@@ -106,8 +106,13 @@ def test_keep_rate_within_binomial_bounds(p):
     assert keep.any(dim=(0, 1)).all() and keep.any(dim=(0, 2)).all()
 
 
-def test_p_zero_keeps_everything():
+def test_p_zero_keeps_everything_and_draws_nothing():
     assert keep_mask(torch.tensor(3), 2, 9, 0.0).all()
+    m = torch.randn(2, 5, 3)
+    state = torch.get_rng_state()
+    for backend in ("reference", "cpu"):
+        diversity_loss(m, p=0.0, backend=backend)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -67,7 +67,8 @@ def test_every_modality_alone_and_composed(model):
     # each input's content matters: changing one part changes the embedding
     m2 = _media(seed=1)
     swapped = [{"image": m2["image"]}, {"audio": m2["audio"]}, {"video": m2["video"]},
-               {"text": "a dog barking", "audio": m2["audio_long"]}, {"text": "a cat barking", "audio": _media()["audio_long"]}]
+               {"text": "a dog barking", "audio": m2["audio_long"]},
+               {"text": "a cat barking", "audio": _media()["audio_long"]}]
     base = _embed(model, [items[1], items[2], items[3], items[5], items[5]])
     other = _embed(model, swapped)
     for i in range(len(swapped)):
@@ -191,8 +192,12 @@ def test_bad_inputs(model):
         model([{"video": torch.rand(3, 8, 8)}])
     with pytest.raises(ValueError, match="items"):
         model.encode_corpus("a single string")
+    with pytest.raises(ValueError, match="positions"):
+        model(["x" * 100, {"text": "y" * 120, "image": [torch.rand(3, 8, 8)] * 100}])
     with pytest.raises(ValueError, match="no such image"):
         model([{"image": "/nonexistent/x.png"}])
+    with pytest.raises(ValueError, match=r"items\[5\]\['image'\]\[0\]"):  # the caller's index, not the batch's
+        model.encode_corpus(["a", "bb", "c", "dddd", "e", {"image": torch.rand(2, 8, 8)}], batch_size=2)
 
 
 def test_no_audio_encoder_says_so():
@@ -292,7 +297,11 @@ def test_feature_cache(tmp_path):
     entries[0].write_bytes(b"broken")  # a damaged entry is recomputed, not trusted
     third = m.encode_corpus(items)
     torch.testing.assert_close(third, first)
-    # a changed encoder never reads the old entries
+    # a changed encoder never reads the old entries: new weights loaded in place, or another model
+    fp = m.encoders["image"].fingerprint()
+    sd = {k: v + 0.01 for k, v in m.encoders["image"].state_dict().items()}
+    m.encoders["image"].load_state_dict(sd)
+    assert m.encoders["image"].fingerprint() != fp
     m2 = OmniRet.from_config(preset("tiny", seed=1)).eval()
     c2 = m2.enable_feature_cache(tmp_path / "cache")
     m2.encode_corpus(items[:2])
@@ -323,3 +332,79 @@ def test_setup_stage2_twice_keeps_video_latents():
     trained = m.media_resampler.modality_latents["video"].detach().clone()
     m.setup_stage(2)  # e.g. a trainer resuming inside stage 2
     assert torch.equal(m.media_resampler.modality_latents["video"], trained)
+
+
+def test_gradient_checkpointing_same_gradients():
+    items = _items(_media())[:5]
+    grads = []
+    for ckpt in (False, True):
+        m = OmniRet.from_config(preset("tiny", gradient_checkpointing=ckpt))
+        m.setup_stage(2)
+        torch.manual_seed(4)
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+        m.train()
+        torch.manual_seed(5)
+        emb, aux = m(items)
+        (emb.pow(2).mean() + aux["diversity"]).backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("lora_A" in n for n in grads[0])
+    # (the same config gives the same LoRA init, so the two models are identical)
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["shared_no_latents", "separate", "none"])
+def test_table5_media_resamplers(kind):
+    m = OmniRet.from_config(preset("tiny", media_resampler=kind))
+    m.setup_stage(2)
+    if kind == "separate":  # stage 2 starts the video resampler as a copy of the image one
+        sd_i, sd_v = m.media_resampler["image"].state_dict(), m.media_resampler["video"].state_dict()
+        assert all(torch.equal(sd_i[k], sd_v[k]) for k in sd_i)
+    items = _items(_media())[4:9]
+    m.train()
+    emb, aux = m(items)
+    (emb.pow(2).mean() + aux["diversity"]).backward()
+    if kind != "none":
+        grads = [p.grad for n, p in m.named_parameters() if n.startswith("media_resampler.") and "latents" in n]
+        assert grads and any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert aux["diversity"].item() > 0
+    m.eval()
+    batch = _embed(m, items)
+    for i, it in enumerate(items):
+        torch.testing.assert_close(_embed(m, [it])[0], batch[i], atol=2e-5, rtol=1e-4)
+    if kind == "none":  # every encoder token reaches the LLM: 16 SigLIP patches per image
+        seq_len = m.composer.build_inputs(*_inputs(m, [{"image": _media()["image"]}]))[0].shape[1]
+        assert seq_len == 1 + 16 + 1
+
+
+def _inputs(m, items):
+    batch = m.prepare(items)
+    resampled = {}
+    for mod, xs in batch.media.items():
+        if xs:
+            tok, cu = m.encode_media(mod, xs)
+            resampled[mod] = m.resample_media(mod, m._projector_for(mod)(tok), cu)
+    return batch.sequences, batch.media_offsets, resampled
+
+
+def test_bf16_frozen_backbones():
+    """Frozen backbones in bfloat16 (how the paper-size model fits a GPU) with fp32 trainable parts."""
+    cfg = preset("tiny")
+    for bb in (cfg.llm, cfg.image_encoder, cfg.audio_encoder):
+        bb.dtype = "bfloat16"
+    m = OmniRet.from_config(cfg)
+    assert m.composer.llm.get_input_embeddings().weight.dtype == torch.bfloat16
+    items = _items(_media())[4:8]
+    ref = OmniRet.from_config("tiny").encode_corpus(items)
+    out = m.encode_corpus(items)
+    assert out.dtype == torch.float32 and (out * ref).sum(-1).min() > 0.9
+    m.setup_stage(2)
+    m.train()
+    emb, aux = m(items)
+    (emb.pow(2).mean() + aux["diversity"]).backward()
+    lora = [p for n, p in m.named_parameters() if "lora_A" in n]
+    assert lora and all(p.dtype == torch.float32 for p in m.trainable_parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.projectors.parameters())

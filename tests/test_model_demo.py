@@ -74,3 +74,20 @@ def test_demo_stage2_lora_and_round_trip(tmp_path):
     loaded = OmniRet.from_pretrained(tmp_path / "demo").eval()
     items = [{"image": torch.rand(3, 8, 8)}, "a digit", {"audio": torch.randn(4000) * 0.1, "text": "noise"}]
     assert torch.equal(m.encode_corpus(items), loaded.encode_corpus(items))
+
+
+def test_frozen_llm_dropout_off_lora_dropout_follows_mode():
+    m = OmniRet.from_config("demo")
+    m.setup_stage(2)
+    m.train()
+    llm = m.composer.llm
+    lora_drop = [mod for n, mod in llm.named_modules() if n.endswith("lora_dropout.default")]
+    assert lora_drop and all(mod.training for mod in lora_drop)
+    own = [mod for n, mod in llm.named_modules() if isinstance(mod, torch.nn.Dropout) and "lora_" not in n]
+    assert own and not any(mod.training for mod in own)
+    with torch.no_grad():  # no LoRA dropout effect at init (B = 0): two training-mode calls agree
+        a = m(["some text"])[0]
+        b = m(["some text"])[0]
+    torch.testing.assert_close(a, b)
+    m2 = OmniRet.from_config(preset("demo", llm_dropout=True)).train()
+    assert any(mod.training for n, mod in m2.composer.llm.named_modules() if isinstance(mod, torch.nn.Dropout))

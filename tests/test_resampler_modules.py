@@ -123,3 +123,24 @@ def test_video_to_tokens_layouts():
         video_to_tokens(torch.randn(4, 8, 2), (2, 2, 2))
     with pytest.raises(ValueError, match="grid"):
         video_to_tokens(f, (2, 2))
+
+
+@pytest.mark.parametrize("backend", [None, "cpu"])
+def test_module_on_fast_backend_matches_reference_backend(backend):
+    from omniret_kernels import _ext
+
+    if not _ext.has_kernel("resampler_attention_fwd", "CPU"):
+        pytest.skip("CPU extension not built")
+    fast = SharedMediaResampler(32, num_latents=6, depth=2, heads=4, kv_heads=2, backend=backend)
+    ref = SharedMediaResampler(32, num_latents=6, depth=2, heads=4, kv_heads=2, backend="reference")
+    ref.load_state_dict(fast.state_dict())
+    media = [torch.randn(n, 32) for n in (5, 40, 1, 300)]
+    outs = []
+    for m in (fast, ref):
+        out = m(media, modality="audio")
+        out.square().sum().backward()
+        outs.append((out.detach(), [p.grad for p in m.parameters() if p.grad is not None]))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-4, atol=1e-5)
+    assert len(outs[0][1]) == len(outs[1][1])
+    for a, b in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)

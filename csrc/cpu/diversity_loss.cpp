@@ -11,6 +11,12 @@
 #include <torch/library.h>
 
 #include <cmath>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 #include <vector>
 
 #include "omniret/counter_rng.h"
@@ -19,45 +25,116 @@
 namespace omniret {
 namespace {
 
-// out[k] = <a, b[k]> for K columns at once (a is loaded once per K FMAs).
+// ---- inner kernels -------------------------------------------------------------------------------------------
+// Explicit AVX2/FMA with several independent accumulators: one FMA chain per output would stall on FMA latency,
+// and ISO C++ mode (-std=c++20) keeps g++ from contracting a * b + c into an FMA on its own.
+#if defined(__AVX2__) && defined(__FMA__)
+template <typename T>
+struct Simd;
+template <>
+struct Simd<float> {
+  using V = __m256;
+  static constexpr int kWidth = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V broadcast(float x) { return _mm256_set1_ps(x); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static float sum(V v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+  }
+};
+template <>
+struct Simd<double> {
+  using V = __m256d;
+  static constexpr int kWidth = 4;
+  static V zero() { return _mm256_setzero_pd(); }
+  static V load(const double* p) { return _mm256_loadu_pd(p); }
+  static void store(double* p, V v) { _mm256_storeu_pd(p, v); }
+  static V broadcast(double x) { return _mm256_set1_pd(x); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+  static double sum(V v) {
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+  }
+};
+
+// out[k] = <a, b[k]> for K columns at once: a is loaded once per K FMAs, 2K accumulators in flight.
 template <typename T, int K>
 inline void dot_k(const T* __restrict a, const T* const* b, int64_t d, T* out) {
-  T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-  const T* __restrict b0 = b[0];
-  const T* __restrict b1 = b[K > 1 ? 1 : 0];
-  const T* __restrict b2 = b[K > 2 ? 2 : 0];
-  const T* __restrict b3 = b[K > 3 ? 3 : 0];
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-  for (int64_t x = 0; x < d; ++x) {
-    const T av = a[x];
-    s0 += av * b0[x];
-    if constexpr (K > 1) s1 += av * b1[x];
-    if constexpr (K > 2) s2 += av * b2[x];
-    if constexpr (K > 3) s3 += av * b3[x];
+  using S = Simd<T>;
+  constexpr int W = S::kWidth;
+  typename S::V acc[K][2];
+  for (int k = 0; k < K; ++k) acc[k][0] = acc[k][1] = S::zero();
+  int64_t x = 0;
+  for (; x + 2 * W <= d; x += 2 * W) {
+    const typename S::V a0 = S::load(a + x), a1 = S::load(a + x + W);
+    for (int k = 0; k < K; ++k) {
+      acc[k][0] = S::fmadd(a0, S::load(b[k] + x), acc[k][0]);
+      acc[k][1] = S::fmadd(a1, S::load(b[k] + x + W), acc[k][1]);
+    }
   }
-  out[0] = s0;
-  if constexpr (K > 1) out[1] = s1;
-  if constexpr (K > 2) out[2] = s2;
-  if constexpr (K > 3) out[3] = s3;
+  for (int k = 0; k < K; ++k) {
+    T s = S::sum(acc[k][0]) + S::sum(acc[k][1]);
+    for (int64_t t = x; t < d; ++t) s += a[t] * b[k][t];
+    out[k] = s;
+  }
 }
 
-// out += sum_k w[k] * b[k] for K rows at once (out is loaded and stored once per K FMAs).
-template <typename T, int K>
-inline void axpy_k(T* __restrict out, const T* w, const T* const* b, int64_t d) {
-  const T w0 = w[0], w1 = K > 1 ? w[1] : T(0), w2 = K > 2 ? w[2] : T(0), w3 = K > 3 ? w[3] : T(0);
-  const T* __restrict b0 = b[0];
-  const T* __restrict b1 = b[K > 1 ? 1 : 0];
-  const T* __restrict b2 = b[K > 2 ? 2 : 0];
-  const T* __restrict b3 = b[K > 3 ? 3 : 0];
-#pragma omp simd
-  for (int64_t x = 0; x < d; ++x) {
-    T acc = out[x] + w0 * b0[x];
-    if constexpr (K > 1) acc += w1 * b1[x];
-    if constexpr (K > 2) acc += w2 * b2[x];
-    if constexpr (K > 3) acc += w3 * b3[x];
-    out[x] = acc;
+// out = sum_k w[k] * b[k] over all `count` rows, written once: 4 vector accumulators per 32 (float) columns.
+template <typename T>
+inline void combine_rows(T* __restrict out, const T* w, const T* const* b, int64_t count, int64_t d) {
+  using S = Simd<T>;
+  constexpr int W = S::kWidth;
+  int64_t x = 0;
+  for (; x + 4 * W <= d; x += 4 * W) {
+    typename S::V a0 = S::zero(), a1 = S::zero(), a2 = S::zero(), a3 = S::zero();
+    for (int64_t k = 0; k < count; ++k) {
+      const typename S::V wk = S::broadcast(w[k]);
+      const T* bk = b[k] + x;
+      a0 = S::fmadd(wk, S::load(bk), a0);
+      a1 = S::fmadd(wk, S::load(bk + W), a1);
+      a2 = S::fmadd(wk, S::load(bk + 2 * W), a2);
+      a3 = S::fmadd(wk, S::load(bk + 3 * W), a3);
+    }
+    S::store(out + x, a0);
+    S::store(out + x + W, a1);
+    S::store(out + x + 2 * W, a2);
+    S::store(out + x + 3 * W, a3);
+  }
+  for (; x + W <= d; x += W) {
+    typename S::V a0 = S::zero();
+    for (int64_t k = 0; k < count; ++k) a0 = S::fmadd(S::broadcast(w[k]), S::load(b[k] + x), a0);
+    S::store(out + x, a0);
+  }
+  for (; x < d; ++x) {
+    T s = 0;
+    for (int64_t k = 0; k < count; ++k) s += w[k] * b[k][x];
+    out[x] = s;
   }
 }
+#else  // portable fallback
+template <typename T, int K>
+inline void dot_k(const T* __restrict a, const T* const* b, int64_t d, T* out) {
+  for (int k = 0; k < K; ++k) {
+    T s = 0;
+    for (int64_t x = 0; x < d; ++x) s += a[x] * b[k][x];
+    out[k] = s;
+  }
+}
+
+template <typename T>
+inline void combine_rows(T* __restrict out, const T* w, const T* const* b, int64_t count, int64_t d) {
+  for (int64_t x = 0; x < d; ++x) {
+    T s = 0;
+    for (int64_t k = 0; k < count; ++k) s += w[k] * b[k][x];
+    out[x] = s;
+  }
+}
+#endif
 
 // Calls f(columns, count) on groups of up to four entries of `cols`, dispatching to the K-wide kernels.
 template <typename F>
@@ -73,16 +150,6 @@ inline void dot_group(const T* a, const T* const* b, int count, int64_t d, T* ou
     case 3: dot_k<T, 3>(a, b, d, out); break;
     case 2: dot_k<T, 2>(a, b, d, out); break;
     default: dot_k<T, 1>(a, b, d, out); break;
-  }
-}
-
-template <typename T>
-inline void axpy_group(T* out, const T* w, const T* const* b, int count, int64_t d) {
-  switch (count) {
-    case 4: axpy_k<T, 4>(out, w, b, d); break;
-    case 3: axpy_k<T, 3>(out, w, b, d); break;
-    case 2: axpy_k<T, 2>(out, w, b, d); break;
-    default: axpy_k<T, 1>(out, w, b, d); break;
   }
 }
 
@@ -186,7 +253,8 @@ void backward_impl(const at::Tensor& mc, uint64_t seed, double p, double gamma, 
   const T scale = static_cast<T>(1.0 / (1.0 - p)), g_gamma = static_cast<T>(gamma);
   const T weight = static_cast<T>(grad_out / (static_cast<double>(B) * static_cast<double>(N) * N));
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> inv(N), coef(N * N), diag(N);
+    std::vector<T> inv(N), coef(N * N), diag(N), nonzero_weights(N);
+    std::vector<const T*> nonzero_rows(N);
     std::vector<int64_t> cols;
     cols.reserve(N);
     for (int64_t b = begin; b < end; ++b) {
@@ -214,28 +282,39 @@ void backward_impl(const at::Tensor& mc, uint64_t seed, double p, double gamma, 
           }
         });
       }
-      // Pass 2: dm_i = inv_i * (sum_j coef_ij inv_j m_j - diag_i inv_i m_i)  (normalization Jacobian).
+      // Pass 2: dm_i = inv_i * (sum_j coef_ij inv_j m_j - diag_i inv_i m_i)  (normalization Jacobian), each
+      // gradient row accumulated in registers over its nonzero coefficients and written once.
       for (int64_t i = 0; i < N; ++i) {
-        T* gi = out + (b * N + i) * D;
-        std::fill(gi, gi + D, T(0));
-        cols.clear();
         T* wi = coef.data() + i * N;  // row i of coef becomes row i of W (no later row reads it)
         for (int64_t j = 0; j < N; ++j) wi[j] *= inv[i] * inv[j];
         if (normalize) wi[i] -= diag[i] * inv[i] * inv[i];
-        for (int64_t j = 0; j < N; ++j)
-          if (wi[j] != T(0)) cols.push_back(j);
-        for_each_group_of_four(cols, [&](const int64_t* js, int64_t count) {
-          const T* rows[4];
-          T ws[4];
-          for (int k = 0; k < count; ++k) {
-            rows[k] = x + js[k] * D;
-            ws[k] = wi[js[k]];
+        int64_t count = 0;
+        for (int64_t j = 0; j < N; ++j) {
+          if (wi[j] != T(0)) {
+            nonzero_weights[count] = wi[j];
+            nonzero_rows[count++] = x + j * D;
           }
-          axpy_group(gi, ws, rows, static_cast<int>(count), D);
-        });
+        }
+        combine_rows(out + (b * N + i) * D, nonzero_weights.data(), nonzero_rows.data(), count, D);
       }
     }
   });
+}
+
+// A fresh gradient as large as m comes from mmap, and first-touching it 4 KiB page by page costs more than the
+// kernel's arithmetic (~25k faults per 100 MB). Asking for transparent huge pages on it (the system default here
+// is THP "madvise") cuts that 512-fold. Only a hint: without THP nothing changes.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const size_t bytes = t.nbytes();
+  if (bytes < 4 * kHuge) return;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = (begin + bytes) & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
 }
 
 uint64_t read_seed(const at::Tensor& seed) { return static_cast<uint64_t>(seed.item<int64_t>()); }
@@ -257,6 +336,7 @@ at::Tensor diversity_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor&
   const at::Tensor mc = compute_copy(m);
   const double g = grad_loss.item<double>();
   at::Tensor grad = at::empty_like(mc);
+  advise_huge_pages(grad);
   if (mc.scalar_type() == at::kDouble)
     backward_impl<double>(mc, read_seed(seed), p, gamma, normalize, g, grad);
   else

@@ -31,6 +31,7 @@ namespace omniret {
 namespace resampler {
 namespace {
 
+// Keys per block: 64 query rows x 256 keys of float scores stay in L2 with the K/V tiles.
 constexpr int64_t kBlockKeys = 256;
 
 template <typename T>

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -74,19 +73,43 @@ class OmniRet(nn.Module):
             dim = self.composer.hidden_size
             self.projectors = nn.ModuleDict({
                 name: build_projector(config.projector, enc.out_dim, dim) for name, enc in self.encoders.items()})
-            modalities = [m for m in ("image", "video", "audio") if self._encoder_for(m) is not None]
-            self.media_resampler = (
-                SharedMediaResampler(dim, num_latents=config.media_latents, depth=config.resampler_depth,
-                                     heads=config.resampler_heads, modalities=modalities,
-                                     mlp_mult=config.resampler_mlp_mult) if modalities else None)
+            self.media_resampler = self._build_media_resampler(dim)
             self.head = build_head(config, dim)
         self.feature_cache: Optional[FeatureCache] = None
-        if config.lora:
-            self.composer.add_lora()
+        if config.lora:  # a stage-2 checkpoint: LoRA is there before its weights load
+            config.lora = False
+            self.add_lora()
+        if config.gradient_checkpointing:
+            self.composer.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # -------------------------------------------------------------------------------------------------
     # construction, stages
     # -------------------------------------------------------------------------------------------------
+    def _build_media_resampler(self, dim: int):
+        """Table 5 (d): "shared" (one resampler, per-modality latents; the paper's), "shared_no_latents",
+        "separate" (one resampler per modality), "none" (projected encoder tokens go to the LLM as they are)."""
+        cfg = self.config
+        modalities = [m for m in MODALITIES if self._encoder_for(m) is not None]
+        if not modalities or cfg.media_resampler == "none":
+            return None
+
+        def make(mods):
+            return SharedMediaResampler(dim, num_latents=cfg.media_latents, depth=cfg.resampler_depth,
+                                        heads=cfg.resampler_heads, modalities=mods, mlp_mult=cfg.resampler_mlp_mult)
+
+        if cfg.media_resampler == "separate":
+            return nn.ModuleDict({m: make(()) for m in modalities})
+        return make(modalities if cfg.media_resampler == "shared" else ())
+
+    def resample_media(self, modality: str, tokens: torch.Tensor, cu: torch.Tensor):
+        """Projected packed tokens of one modality -> (n, Nq, D), or a list of (n_i, D) with no resampler."""
+        kind = self.config.media_resampler
+        if kind == "none":
+            return [tokens[cu[i]:cu[i + 1]] for i in range(cu.shape[0] - 1)]
+        if kind == "separate":
+            return self.media_resampler[modality](tokens, cu, modality=None)
+        return self.media_resampler(tokens, cu, modality=modality if kind == "shared" else None)
+
     @classmethod
     def from_config(cls, config) -> "OmniRet":
         """An OmniRetConfig or a preset name ("paper", "demo", "tiny")."""
@@ -127,17 +150,30 @@ class OmniRet(nn.Module):
         """Stage 2: LoRA (rank/alpha from the config) into the LLM. Returns the new parameters (for the
         optimizer). Idempotent."""
         if not self.config.lora:
-            self.composer.add_lora()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.config.seed + 1)  # the same config gives the same LoRA init
+                self.composer.add_lora()
             self.config.lora = True
         return [p for n, p in self.named_parameters() if "lora_" in n]
 
-    def init_video_latents_from_image(self) -> None:
-        """Stage 2 starts the video latents from the image latents (section 5.1)."""
+    def _has_video_latents(self) -> bool:
         r = self.media_resampler
-        if r is None or "video" not in r.modalities or "image" not in r.modalities:
-            raise ValueError("init_video_latents_from_image needs image and video latents in the media resampler")
+        if isinstance(r, nn.ModuleDict):
+            return {"image", "video"} <= set(r.keys())
+        return r is not None and {"image", "video"} <= set(r.modalities)
+
+    def init_video_latents_from_image(self) -> None:
+        """Stage 2 starts the video latents from the image latents (section 5.1); with separate resamplers the
+        video resampler starts as a copy of the image one."""
+        if not self._has_video_latents():
+            raise ValueError("init_video_latents_from_image needs image and video latents in the media resampler "
+                             f"(media_resampler={self.config.media_resampler!r})")
+        r = self.media_resampler
         with torch.no_grad():
-            r.modality_latents["video"].copy_(r.modality_latents["image"])
+            if isinstance(r, nn.ModuleDict):
+                r["video"].load_state_dict(r["image"].state_dict())
+            else:
+                r.modality_latents["video"].copy_(r.modality_latents["image"])
 
     def setup_stage(self, stage: int) -> list:
         """Stage 1: projectors, resamplers and the pooling head train (plus the trainable towers); backbones
@@ -151,7 +187,7 @@ class OmniRet(nn.Module):
             p.requires_grad_(not self.is_frozen_name(name))
         if stage == 2 and not self.config.lora:  # entering stage 2 (a stage-2 model keeps its video latents)
             self.add_lora()
-            if self.media_resampler is not None and {"image", "video"} <= set(self.media_resampler.modalities):
+            if self._has_video_latents():
                 self.init_video_latents_from_image()
         return self.trainable_parameters()
 
@@ -163,6 +199,11 @@ class OmniRet(nn.Module):
         for enc in self.encoders.values():  # frozen encoders are fixed feature extractors: no dropout ever
             if not enc.trainable:
                 enc.eval()
+        if not self.config.llm_dropout:  # the frozen LLM's own dropout stays off; LoRA's dropout follows `mode`
+            self.composer.llm.eval()
+            for name, module in self.composer.llm.named_modules():
+                if "lora_dropout" in name:
+                    module.train(mode)
         return self
 
     def enable_feature_cache(self, root) -> FeatureCache:
@@ -173,15 +214,18 @@ class OmniRet(nn.Module):
     # -------------------------------------------------------------------------------------------------
     # forward
     # -------------------------------------------------------------------------------------------------
-    def prepare(self, items: Sequence, instruction: Optional[str] = None) -> PreparedBatch:
-        """Parse items and load/preprocess their media (CPU work; can run in a data loader worker)."""
+    def prepare(self, items: Sequence, instruction: Optional[str] = None,
+                positions: Optional[Sequence[int]] = None) -> PreparedBatch:
+        """Parse items and load/preprocess their media (CPU work; can run in a data loader worker).
+        `positions`: the items' indices in the caller's list, used in error messages."""
         if isinstance(items, (str, dict)):
             raise ValueError("items must be a list of items (strings or dicts), got a single item")
         if len(items) == 0:
             raise ValueError("items is empty")
         media = {m: [] for m in MODALITIES}
         sequences, offsets = [], []
-        for i, item in enumerate(items):
+        for j, item in enumerate(items):
+            i = j if positions is None else positions[j]
             parsed = item if isinstance(item, ParsedItem) else parse_item(item, i, instruction)
             offsets.append({m: len(media[m]) for m in MODALITIES})
             counters = {m: 0 for m in MODALITIES}
@@ -255,11 +299,15 @@ class OmniRet(nn.Module):
             tokens, cu = self.encode_media(modality, xs)
             proj = self._projector_for(modality)
             tokens = proj(tokens.to(next(proj.parameters()).dtype))
-            resampled[modality] = self.media_resampler(tokens, cu, modality=modality)
+            resampled[modality] = self.resample_media(modality, tokens, cu)
         if resampled:
-            all_media = torch.cat([resampled[m] for m in MODALITIES if m in resampled], dim=0)
             p = self.config.diversity_p if self.training else 0.0
-            div = diversity_loss(all_media, p=p, gamma=self.config.diversity_gamma)
+            gamma = self.config.diversity_gamma
+            parts = [resampled[m] for m in MODALITIES if m in resampled]
+            if all(isinstance(x, torch.Tensor) for x in parts):
+                div = diversity_loss(torch.cat(parts, dim=0), p=p, gamma=gamma)
+            else:  # no resampler: every item has its own token count; the mean over items
+                div = torch.stack([diversity_loss(t.unsqueeze(0), p=p, gamma=gamma) for x in parts for t in x]).mean()
         else:
             div = torch.zeros((), device=self.device)
         embeds, mask = self.composer.build_inputs(batch.sequences, batch.media_offsets, resampled)
@@ -311,7 +359,7 @@ class OmniRet(nn.Module):
             with autocast:
                 for s in starts:
                     idx = order[s:s + batch_size]
-                    emb, _ = self([items[i] for i in idx], instruction)
+                    emb, _ = self(self.prepare([items[i] for i in idx], instruction, positions=idx))
                     emb = emb.float()
                     if normalize_embeddings:
                         emb = F.normalize(emb, dim=-1)

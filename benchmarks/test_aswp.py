@@ -1,0 +1,156 @@
+"""aswp_pool speed and memory against baselines timed in the same run (pytest-benchmark).
+
+Run explicitly (CI runs tests/ only):
+    PYTHONPATH=$PWD python -m pytest benchmarks/test_aswp.py -q -s
+Shapes: the paper's (B=8, N=M=128, D=1536, L=4096) and a ragged masked batch of the same size. Baselines:
+the GEMM floor (torch.matmul on the same shapes: forward (B*N, D) x (D, L); forward + backward adds dx and
+d(directions)), and the eager plain-PyTorch reference. Peak memory is the RSS growth of forward + backward
+(gradients included) in a fresh subprocess. OMNIRET_BENCH_SMALL=1 shrinks everything for a smoke run.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from omniret_kernels import _ext, aswp_pool, reference
+
+pytestmark = pytest.mark.skipif(not _ext.cpu_extension_built(), reason="omniret_kernels._C is not built")
+
+SMALL = os.environ.get("OMNIRET_BENCH_SMALL") == "1"
+SHAPE = dict(B=2, N=32, D=64, L=256, M=32) if SMALL else dict(B=8, N=128, D=1536, L=4096, M=128)
+CASES = {"paper": False, "ragged": True}
+ROUNDS = 3
+RESULTS = {}
+
+
+def make(case, requires_grad):
+    g = torch.Generator().manual_seed(0)
+    B, N, D, L, M = (SHAPE[k] for k in "BNDLM")
+    x = torch.randn(B, N, D, generator=g).requires_grad_(requires_grad)
+    d = torch.randn(L, D, generator=g).requires_grad_(requires_grad)
+    r = torch.linspace(-1, 1, M)[:, None].repeat(1, L).requires_grad_(requires_grad)
+    mask = None
+    if CASES[case]:
+        lengths = torch.randint(N // 4, N + 1, (B,), generator=g)
+        mask = torch.arange(N)[None, :] < lengths[:, None]
+    return x, d, r, mask
+
+
+def best_time(fn, rounds=ROUNDS):
+    fn()  # warm-up
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def floors(case):
+    x, d, _, _ = make(case, False)
+    B, N, D, L = (SHAPE[k] for k in "BNDL")
+    x2, gp = x.reshape(B * N, D), torch.randn(B * N, L)
+    fwd = best_time(lambda: torch.matmul(x2, d.t()))
+    dx = best_time(lambda: torch.matmul(gp, d))
+    dd = best_time(lambda: torch.matmul(gp.t(), x2))
+    return fwd, fwd + dx + dd
+
+
+def forward_fn(case, backend):
+    x, d, r, mask = make(case, False)
+    if backend == "reference":
+        return lambda: reference.aswp_pool(x, d, r, mask)
+    return lambda: aswp_pool(x, d, r, mask, backend=backend)
+
+
+def fwd_bwd_fn(case, backend):
+    x, d, r, mask = make(case, True)
+
+    def run():
+        for t in (x, d, r):
+            t.grad = None
+        f = reference.aswp_pool if backend == "reference" else lambda *a: aswp_pool(*a, backend=backend)
+        out = f(x, d, r, mask)
+        out.backward(torch.ones_like(out))
+    return run
+
+
+PEAK_SCRIPT = textwrap.dedent("""
+    import gc, json, sys, torch
+    sys.path.insert(0, {root!r})
+    sys.path.insert(0, {bench!r})
+    import test_aswp as bench
+    backend, case = sys.argv[1], sys.argv[2]
+    run = bench.fwd_bwd_fn(case, backend)
+    def rss(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    run(); gc.collect()  # warm-up: libraries, thread pools, allocator caches
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak RSS to the current RSS
+    base = rss("VmRSS:")
+    run()
+    print(json.dumps({{"peak_growth": rss("VmHWM:") - base}}))
+""")
+
+
+def peak_growth(case, backend):
+    """Peak RSS growth of forward + backward (gradients included), measured in a fresh process."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = PEAK_SCRIPT.format(root=os.path.dirname(here), bench=here)
+    # A fixed mmap threshold makes glibc return every large block to the OS on free, so the warm-up run's
+    # memory is not silently reused and the RSS growth is the op's own.
+    env = dict(os.environ, OMNIRET_BENCH_SMALL="1" if SMALL else "0", MALLOC_MMAP_THRESHOLD_="131072")
+    out = subprocess.run([sys.executable, "-c", script, backend, case], capture_output=True, text=True, env=env,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_growth"]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_aswp_forward(benchmark, case):
+    floor_fwd, _ = floors(case)
+    eager = best_time(forward_fn(case, "reference"))
+    benchmark.pedantic(forward_fn(case, "cpu"), rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    ours = benchmark.stats.stats.min
+    RESULTS[("fwd", case)] = dict(floor=floor_fwd, eager=eager, ours=ours)
+    benchmark.extra_info.update(ratio_to_floor=ours / floor_fwd, speedup_vs_eager=eager / ours)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_aswp_forward_backward(benchmark, case):
+    _, floor_fb = floors(case)
+    eager = best_time(fwd_bwd_fn(case, "reference"))
+    benchmark.pedantic(fwd_bwd_fn(case, "cpu"), rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    ours = benchmark.stats.stats.min
+    mem_ours, mem_eager = peak_growth(case, "cpu"), peak_growth(case, "reference")
+    RESULTS[("fwd+bwd", case)] = dict(floor=floor_fb, eager=eager, ours=ours, mem_ours=mem_ours,
+                                      mem_eager=mem_eager)
+    benchmark.extra_info.update(ratio_to_floor=ours / floor_fb, speedup_vs_eager=eager / ours,
+                                peak_mem_ratio=mem_ours / mem_eager)
+
+
+def test_print_table(capsys):
+    """Prints the table (run after the benchmarks above, in the same session)."""
+    if not RESULTS:
+        pytest.skip("no benchmark results in this session")
+    shape = "B={B} N={N} D={D} L={L} M={M}".format(**SHAPE)
+    lines = [f"aswp_pool benchmark, {shape}, load {os.getloadavg()[0]:.2f}, torch threads {torch.get_num_threads()}",
+             f"{'pass':8} {'case':7} {'backend':10} {'time ms':>9} {'/floor':>7} {'vs eager':>9} {'peak MiB':>9}"]
+    for (kind, case), r in RESULTS.items():
+        mem = lambda k: f"{r[k] / 2**20:9.1f}" if k in r else f"{'-':>9}"  # noqa: E731
+        lines.append(f"{kind:8} {case:7} {'floor':10} {r['floor'] * 1e3:9.1f} {1.0:7.2f} {'':>9} {'':>9}")
+        lines.append(f"{kind:8} {case:7} {'reference':10} {r['eager'] * 1e3:9.1f} {r['eager'] / r['floor']:7.2f} "
+                     f"{1.0:9.2f} {mem('mem_eager')}")
+        lines.append(f"{kind:8} {case:7} {'cpu':10} {r['ours'] * 1e3:9.1f} {r['ours'] / r['floor']:7.2f} "
+                     f"{r['eager'] / r['ours']:9.2f} {mem('mem_ours')}")
+        if "mem_ours" in r:
+            lines.append(f"{'':8} {'':7} peak memory growth cpu / reference = {r['mem_ours'] / r['mem_eager']:.1%}")
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))
