@@ -128,6 +128,16 @@ def test_info_table_paper_on_meta(capsys):
     assert 60e6 < rows["total"][1] < 110e6  # the paper's ~84M, give or take our open choices
     stage1 = {n: tr for n, _, tr in parameter_table(build_on_meta(preset("paper"), stage=1))}
     assert "LoRA" not in stage1
+    assert stage1["total"] == rows["total"][1] - rows["LoRA"][1]
+    # the meta table of the tiny preset equals the real model's counts
+    import json
+
+    assert main(["info", "--preset", "tiny", "--json"]) == 0
+    table = {r["part"]: (r["parameters"], r["trainable"]) for r in json.loads(capsys.readouterr().out)}
+    real = OmniRet.from_config("tiny")
+    real.setup_stage(2)
+    assert table["total"] == (sum(p.numel() for p in real.parameters()),
+                              sum(p.numel() for p in real.parameters() if p.requires_grad))
 
 
 def test_config_json_round_trip(tmp_path):
@@ -157,7 +167,8 @@ def test_hf_tokenizer_special_tokens():
     t = HFTokenizer(plain, append_eos=True)
     assert (t.prefix_ids, t.suffix_ids, t.encode("a b a")) == ([], [3], [1, 2, 1])
     assert HFTokenizer(plain, append_eos=False).suffix_ids == []
-    raw.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 4), ("[SEP]", 5)])
+    raw.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                       special_tokens=[("[CLS]", 4), ("[SEP]", 5)])
     bert_like = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", eos_token="</s>")
     t = HFTokenizer(bert_like, append_eos=True)
     assert (t.prefix_ids, t.suffix_ids) == ([4], [5])

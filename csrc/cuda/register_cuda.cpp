@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "omniret/py_module.h"
+#include "resampler_attention_glue.h"  // resampler_attention: csrc/cuda/resampler_attention.cu
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -69,19 +70,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aswp_pool_fwd_cuda(
   at::Tensor out = at::empty({B, L}, x.options().dtype(at::kFloat));
   at::Tensor sorted = at::empty({B, N, L}, x.options().dtype(at::kFloat));
   const bool rank_u8 = N <= 256;
-  at::Tensor token_rank = at::zeros({B, N, L}, x.options().dtype(rank_u8 ? at::kByte : at::kInt));
+  at::Tensor sorted_tokens = at::empty({B, N, L}, x.options().dtype(rank_u8 ? at::kByte : at::kInt));
   C10_CUDA_CHECK(cuda::aswp_pool_forward(
       proj.data_ptr<float>(), P.valid.defined() ? P.valid.data_ptr<uint8_t>() : nullptr, P.n_valid.data_ptr<int>(),
       P.ref_sorted.data_ptr<float>(), code == 3 ? P.weight_sorted.data_ptr<float>() : nullptr, int(B), int(N),
-      int(L), int(M), code, out.data_ptr<float>(), sorted.data_ptr<float>(), token_rank.data_ptr(), rank_u8,
+      int(L), int(M), code, out.data_ptr<float>(), sorted.data_ptr<float>(), sorted_tokens.data_ptr(), rank_u8,
       c10::cuda::getCurrentCUDAStream()));
-  return {out.to(x.scalar_type()), sorted, token_rank};
+  return {out.to(x.scalar_type()), sorted, sorted_tokens};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aswp_pool_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& directions, const at::Tensor& references,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& weights, const at::Tensor& sorted,
-    const at::Tensor& token_rank, c10::string_view pooling, bool normalize_directions, double temperature,
+    const at::Tensor& sorted_tokens, c10::string_view pooling, bool normalize_directions, double temperature,
     bool need_x, bool need_directions) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const c10::cuda::CUDAGuard guard(x.device());
@@ -89,8 +90,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aswp_pool_bwd_cuda(
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2), L = directions.size(0), M = references.size(0);
   AswpPrepared P = aswp_prepare(x, directions, references, mask, weights, code == 3, normalize_directions);
   at::Tensor g = grad_out.to(at::kFloat).contiguous();
-  at::Tensor s = sorted.contiguous(), tr = token_rank.contiguous();
-  at::Tensor dp = at::empty({B * N, L}, sorted.options());
+  at::Tensor s = sorted.contiguous(), tr = sorted_tokens.contiguous();
+  at::Tensor dp = at::zeros({B * N, L}, sorted.options());
   at::Tensor dref_s = at::empty({M, L}, sorted.options());
   at::Tensor dw_s = code == 3 ? at::empty({M, L}, sorted.options()) : at::Tensor();
   C10_CUDA_CHECK(cuda::aswp_pool_backward(
@@ -196,6 +197,8 @@ TORCH_LIBRARY_IMPL(omniret, CUDA, m) {
   m.impl("aswp_pool_bwd", &omniret::aswp_pool_bwd_cuda);
 
   // ---- resampler_attention ----
+  m.impl("resampler_attention_fwd", &omniret::resampler_cuda::fwd);
+  m.impl("resampler_attention_bwd", &omniret::resampler_cuda::bwd);
 
   // ---- diversity_loss ----
   m.impl("diversity_loss_fwd", &omniret::diversity_loss_fwd_cuda);
