@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from omniret_kernels import _ext, reference
-from omniret_kernels._checks import FLOAT_DTYPES, check_same_device, check_tensor, is_compiling
+from omniret_kernels._checks import FLOAT_DTYPES, check_finite as _check_finite, check_same_device, check_tensor, is_compiling
 from omniret_kernels._dispatch import resolve_backend
 
 __all__ = ["resampler_attention", "check_cu_seqlens"]
@@ -127,13 +127,18 @@ def _resolve(device_type: str, device_index: int, backend: Optional[str]) -> str
     return resolve_backend(_OP, device, backend)
 
 
-def resampler_attention(q, k, v, cu_seqlens, *, scale: Optional[float] = None, backend: Optional[str] = None):
+def resampler_attention(q, k, v, cu_seqlens, *, scale: Optional[float] = None, check_finite: bool = False,
+                        backend: Optional[str] = None):
     """q (B, H, Nq, d), k/v (T, Hk, d) packed, cu_seqlens (B + 1,) int32 -> (B, H, Nq, d).
 
     out[b, h] = softmax(q[b, h] k_b^T * scale) v_b over sample b's keys only, kv head h // (H / Hk);
     scale = d ** -0.5 by default. float32/float16/bfloat16 compute in float32, float64 in float64.
+    check_finite=True raises a ValueError naming q, k or v when it holds NaN or Inf (one pass over each).
     """
     device = _check_args(q, k, v, cu_seqlens)
+    if check_finite:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            _check_finite(name, t)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     backend = _resolve(device.type, -1 if device.index is None else device.index, backend)
     if backend == "reference":

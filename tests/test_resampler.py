@@ -154,6 +154,10 @@ def test_bad_arguments_raise_value_error(backend):
         call(k=torch.randn(7, 3, 8), v=torch.randn(7, 3, 8))
     with pytest.raises(ValueError, match="dtype"):
         call(k=k.double(), v=v.double())
+    with pytest.raises(ValueError, match="v contains NaN"):
+        call(v=v.clone().index_fill_(0, torch.tensor([4]), float("nan")), check_finite=True)
+    with pytest.raises(ValueError, match="q contains NaN or Inf"):
+        call(q=q.clone().index_fill_(2, torch.tensor([1]), float("inf")), check_finite=True)
 
 
 @needs_cpu
