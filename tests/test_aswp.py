@@ -65,11 +65,12 @@ def test_cpu_odd_sizes(shape, pooling):
 @needs_cpu
 def test_cpu_multithreaded_with_grad():
     """Enough slice tiles (256 slices each) for at::parallel_for to use its worker threads, with inputs that
-    require grad: the kernel's ATen calls on worker threads must not see autograd."""
+    require grad (the kernel's ATen calls on worker threads must not see autograd), and more than one backward
+    chunk of 1024 slices."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        x, d, r, w, mask = make_inputs(2, 9, 8, 700, 9, masked=True)
+        x, d, r, w, mask = make_inputs(2, 9, 8, 1100, 9, masked=True)
         assert_close_all(*run_both("stm", x, d, r, w, mask), atol=1e-9, rtol=1e-9)
     finally:
         torch.set_num_threads(threads)

@@ -35,6 +35,7 @@ using namespace omniret::aswp;
 constexpr int kSortWidth = 32;      // columns sorted together: 128 rows x 32 x 8 B = 32 KiB, inside L1
 constexpr int64_t kSliceTile = 256;  // GEMM tile width; measured best of 64/128/256 for the paper shape
 constexpr int64_t kGemmRows = 1024;  // rows of x per GEMM tile (whole samples)
+constexpr int64_t kBackwardChunk = 1024;  // slices of dp alive at once in backward (multiple of kSortWidth)
 
 int pooling_code(c10::string_view pooling) {
   if (pooling == "stm") return kStm;
@@ -364,7 +365,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aswp_pool_fwd_cpu(
 
 template <class scalar_t, class index_t>
 void backward_kernel(const Prepared<scalar_t>& P, int pooling, scalar_t temperature, const at::Tensor& grad,
-                     const at::Tensor& sorted, const at::Tensor& sorted_tokens, at::Tensor& dp, at::Tensor& dref_s,
+                     const at::Tensor& sorted, const at::Tensor& sorted_tokens, int64_t l_begin, int64_t l_end,
+                     scalar_t* dq, int64_t ld, at::Tensor& dref_s,
                      at::Tensor& dweight_s) {
   constexpr int W = kSortWidth;
   const int64_t B = P.B, N = P.N, L = P.L, M = P.M;
@@ -374,10 +376,11 @@ void backward_kernel(const Prepared<scalar_t>& P, int pooling, scalar_t temperat
   const scalar_t* ref_s = P.ref_sorted.template data_ptr<scalar_t>();
   const int* order = P.order32.template data_ptr<int>();
   const scalar_t* w_s = P.weight_sorted.defined() ? P.weight_sorted.template data_ptr<scalar_t>() : nullptr;
-  scalar_t* dp_p = dp.data_ptr<scalar_t>();
+  // dq holds columns [l_begin, l_end) of dp, row stride ld
+  scalar_t* dp_p = dq - l_begin;
   scalar_t* dref_p = dref_s.data_ptr<scalar_t>();
   scalar_t* dw_p = dweight_s.defined() ? dweight_s.data_ptr<scalar_t>() : nullptr;
-  const int64_t n_blocks = (L + W - 1) / W;
+  const int64_t n_blocks = (l_end - l_begin + W - 1) / W;
   const scalar_t inv_t = scalar_t(1) / temperature;
   const bool needs_argmax = pooling == kStm || pooling == kMax;
 
@@ -386,8 +389,8 @@ void backward_kernel(const Prepared<scalar_t>& P, int pooling, scalar_t temperat
     scalar_t best[W], z[W], num[W], dpsi[W];
     int best_j[W], best_r[W];
     for (int64_t blk_i = begin; blk_i < end; ++blk_i) {
-      const int64_t l = blk_i * W;
-      const int width = int(std::min<int64_t>(W, L - l));
+      const int64_t l = l_begin + blk_i * W;
+      const int width = int(std::min<int64_t>(W, l_end - l));
       for (int64_t r = 0; r < M; ++r) {
         std::fill_n(dref_p + r * L + l, width, scalar_t(0));
         if (dw_p) std::fill_n(dw_p + r * L + l, width, scalar_t(0));
@@ -435,14 +438,14 @@ void backward_kernel(const Prepared<scalar_t>& P, int pooling, scalar_t temperat
         if (n_b < N) {
           const uint8_t* valid = P.valid.data() + b * N;
           for (int64_t n = 0; n < N; ++n)
-            if (!valid[n]) std::fill_n(dp_p + (b * N + n) * L + l, width, scalar_t(0));
+            if (!valid[n]) std::fill_n(dp_p + (b * N + n) * ld + l, width, scalar_t(0));
         }
         for (int i = 0; i < n_b; ++i) {
           const index_t* tok = tokens_p + (b * N + i) * L + l;
           const scalar_t* d = ds.data() + size_t(i) * W;
           const scalar_t* sc = P.scale.data() + l;  // chain rule through p = (x . d) / ||d||
-          scalar_t* dst = dp_p + b * N * L + l;
-          for (int c = 0; c < width; ++c) dst[int64_t(tok[c]) * L + c] = d[c] * sc[c];
+          scalar_t* dst = dp_p + b * N * ld + l;
+          for (int c = 0; c < width; ++c) dst[int64_t(tok[c]) * ld + c] = d[c] * sc[c];
         }
       }
     }
@@ -491,15 +494,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aswp_pool_bwd_cpu(
     auto P = prepare<scalar_t>(x, directions, references, mask, wopt, normalize_directions, need_directions);
     at::Tensor g = grad_out.to(compute).contiguous();
     at::Tensor s = sorted.contiguous(), pm = sorted_tokens.contiguous();
-    at::Tensor dp = at::empty({B * N, L}, sorted.options());
-    if (pm.scalar_type() == at::kByte)
-      backward_kernel<scalar_t, uint8_t>(P, code, scalar_t(temperature), g, s, pm, dp, grad_ref_s, grad_w_s);
-    else
-      backward_kernel<scalar_t, int32_t>(P, code, scalar_t(temperature), g, s, pm, dp, grad_ref_s, grad_w_s);
+    // dp (B * N, L) is produced and consumed in chunks of slices (a quarter of the paper shape's 16 MiB at a
+    // time): each chunk's d(directions) rows are one GEMM into their place, and dx accumulates chunk by chunk.
+    const int64_t chunk = std::min<int64_t>(L, kBackwardChunk);
+    at::Tensor dq = at::empty({B * N, chunk}, sorted.options());
+    at::Tensor dx = need_x ? at::zeros({B * N, x.size(2)}, sorted.options()) : at::Tensor();
+    at::Tensor dtheta = need_directions ? at::empty({L, x.size(2)}, sorted.options()) : at::Tensor();
+    for (int64_t c0 = 0; c0 < L; c0 += chunk) {
+      const int64_t w = std::min(chunk, L - c0);
+      if (pm.scalar_type() == at::kByte)
+        backward_kernel<scalar_t, uint8_t>(P, code, scalar_t(temperature), g, s, pm, c0, c0 + w,
+                                           dq.data_ptr<scalar_t>(), chunk, grad_ref_s, grad_w_s);
+      else
+        backward_kernel<scalar_t, int32_t>(P, code, scalar_t(temperature), g, s, pm, c0, c0 + w,
+                                           dq.data_ptr<scalar_t>(), chunk, grad_ref_s, grad_w_s);
+      at::Tensor dq_view = dq.narrow(1, 0, w);
+      if (need_x) dx.addmm_(dq_view, P.dir.narrow(0, c0, w));
+      if (need_directions) {
+        at::Tensor rows = dtheta.narrow(0, c0, w);
+        at::mm_out(rows, dq_view.t(), P.x2d);
+      }
+    }
     order = P.order;
-    if (need_x) grad_x = at::mm(dp, P.dir).view({B, N, x.size(2)}).to(x.scalar_type());
+    if (need_x) grad_x = dx.view({B, N, x.size(2)}).to(x.scalar_type());
     if (need_directions) {
-      at::Tensor dtheta = at::mm(dp.t(), P.x2d);
       if (normalize_directions) normalize_backward<scalar_t>(dtheta, P.dir, P.scale);
       grad_dir = dtheta.to(directions.scalar_type());
     }

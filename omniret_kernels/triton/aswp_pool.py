@@ -125,6 +125,7 @@ def _aswp_bwd_kernel(
             if POOLING == 0:
                 e = tl.where(valid_ml, tl.exp((psi - best[None, :]) * inv_t), 0.0)
                 z = tl.sum(e, axis=0)
+                z = tl.where(in_l, z, 1.0)  # slices past L have no valid entry (0 / 0 otherwise)
                 mean_psi = tl.sum(e * psi, axis=0) / z
                 dpsi += g * (e / z[None, :]) * (psi - mean_psi[None, :]) * inv_t
         elif POOLING == 2:
