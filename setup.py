@@ -9,6 +9,11 @@ import sys
 
 from setuptools import find_packages, setup
 
+# torch derives CUDA_HOME from `which nvcc` when it is unset; an nvcc linked into /usr/local/bin then gives
+# /usr/local, which has no CUDA headers. Prefer the toolkit's own directory when there is one.
+if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH") and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
 try:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -32,19 +37,24 @@ def _want_cuda():
     forced = os.environ.get("OMNIRET_BUILD_CUDA")
     has_cuda_torch = torch.version.cuda is not None
     has_nvcc = CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+    has_headers = CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime_api.h"))
     if forced == "0":
         return False, "OMNIRET_BUILD_CUDA=0"
     if forced == "1":
-        if not (has_cuda_torch and has_nvcc):
+        if not (has_cuda_torch and has_nvcc and has_headers):
             sys.exit(
                 "OMNIRET_BUILD_CUDA=1 but "
-                + ("torch is a CPU build" if not has_cuda_torch else "nvcc was not found (set CUDA_HOME)")
+                + ("torch is a CPU build" if not has_cuda_torch else
+                   "nvcc was not found (set CUDA_HOME)" if not has_nvcc else
+                   f"there are no CUDA headers under CUDA_HOME={CUDA_HOME}")
             )
         return True, "OMNIRET_BUILD_CUDA=1"
     if not has_cuda_torch:
         return False, f"torch {torch.__version__} is a CPU build"
     if not has_nvcc:
         return False, "nvcc not found (set CUDA_HOME=/usr/local/cuda)"
+    if not has_headers:
+        return False, f"no CUDA headers under CUDA_HOME={CUDA_HOME} (set CUDA_HOME to the toolkit's directory)"
     return True, f"torch {torch.__version__} has CUDA {torch.version.cuda} and nvcc is at {CUDA_HOME}"
 
 

@@ -71,12 +71,14 @@ def _padded_sdpa(q, k, v, cu, grad):
 
 
 def _per_sample_sdpa(q, k, v, cu, grad):
-    bounds = cu.tolist()
+    """torch.split, whose backward concatenates the pieces' gradients (slicing would zero-fill a full-size gradient
+    per sample)."""
+    lengths = cu.diff().tolist()
 
     def run():
         q.grad = k.grad = v.grad = None
-        outs = [F.scaled_dot_product_attention(q[b:b + 1], k[s:e].transpose(0, 1)[None], v[s:e].transpose(0, 1)[None])
-                for b, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))]
+        outs = [F.scaled_dot_product_attention(qb[None], kb.transpose(0, 1)[None], vb.transpose(0, 1)[None])
+                for qb, kb, vb in zip(q.unbind(0), k.split(lengths), v.split(lengths))]
         torch.cat(outs).backward(grad)
     return run
 

@@ -8,7 +8,7 @@
 TORCH_LIBRARY(omniret, m) {
   // ---- aswp_pool (omniret_kernels/aswp.py) ----
   // Forward returns (out (B, L) in x's dtype, sorted (B, N, L) float32/float64 = each column's sorted valid
-  // projections, token_rank (B, N, L) uint8 if N <= 256 else int32 = each valid token's sorted position).
+  // projections, sorted_tokens (B, N, L) uint8 if N <= 256 else int32 = the token at each sorted position).
   m.def(
       "aswp_pool_fwd(Tensor x, Tensor directions, Tensor references, Tensor? mask, Tensor? weights, str pooling, "
       "bool normalize_directions, float temperature) -> (Tensor, Tensor, Tensor)");
@@ -16,7 +16,7 @@ TORCH_LIBRARY(omniret, m) {
   // (need_x / need_directions false, or no weights) comes back as an empty tensor.
   m.def(
       "aswp_pool_bwd(Tensor grad_out, Tensor x, Tensor directions, Tensor references, Tensor? mask, "
-      "Tensor? weights, Tensor sorted, Tensor token_rank, str pooling, bool normalize_directions, float temperature, "
+      "Tensor? weights, Tensor sorted, Tensor sorted_tokens, str pooling, bool normalize_directions, float temperature, "
       "bool need_x, bool need_directions) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // ---- resampler_attention (omniret_kernels/resampler.py) ----

@@ -62,7 +62,7 @@ def _fwd_fake(x, directions, references, mask, weights, pooling, normalize_direc
     return (x.new_empty((B, L)), x.new_empty((B, N, L), dtype=compute), x.new_empty((B, N, L), dtype=index))
 
 
-def _bwd_fake(grad_out, x, directions, references, mask, weights, sorted_values, token_rank, pooling,
+def _bwd_fake(grad_out, x, directions, references, mask, weights, sorted_values, sorted_tokens, pooling,
               normalize_directions, temperature, need_x, need_directions):
     return (
         x.new_empty(x.shape if need_x else (0,)),
@@ -75,18 +75,18 @@ def _bwd_fake(grad_out, x, directions, references, mask, weights, sorted_values,
 
 def _setup_context(ctx, inputs, output):
     x, directions, references, mask, weights, pooling, normalize_directions, temperature = inputs
-    _, sorted_values, token_rank = output
-    ctx.mark_non_differentiable(sorted_values, token_rank)
-    ctx.save_for_backward(x, directions, references, mask, weights, sorted_values, token_rank)
+    _, sorted_values, sorted_tokens = output
+    ctx.mark_non_differentiable(sorted_values, sorted_tokens)
+    ctx.save_for_backward(x, directions, references, mask, weights, sorted_values, sorted_tokens)
     ctx.attrs = (pooling, normalize_directions, temperature)
 
 
 def _make_backward(bwd_op):
-    def backward(ctx, grad_out, _grad_sorted, _grad_token_rank):
-        x, directions, references, mask, weights, sorted_values, token_rank = ctx.saved_tensors
+    def backward(ctx, grad_out, _grad_sorted, _grad_sorted_tokens):
+        x, directions, references, mask, weights, sorted_values, sorted_tokens = ctx.saved_tensors
         pooling, normalize_directions, temperature = ctx.attrs
         need_x, need_directions = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        gx, gd, gr, gw = bwd_op(grad_out.contiguous(), x, directions, references, mask, weights, sorted_values, token_rank,
+        gx, gd, gr, gw = bwd_op(grad_out.contiguous(), x, directions, references, mask, weights, sorted_values, sorted_tokens,
                                 pooling, normalize_directions, temperature, need_x, need_directions)
         return (gx if need_x else None, gd if need_directions else None,
                 gr if ctx.needs_input_grad[2] else None, None,
@@ -112,10 +112,10 @@ def _triton_fwd(x: torch.Tensor, directions: torch.Tensor, references: torch.Ten
 @torch.library.custom_op("omniret::aswp_pool_triton_bwd", mutates_args=())
 def _triton_bwd(grad_out: torch.Tensor, x: torch.Tensor, directions: torch.Tensor, references: torch.Tensor,
                 mask: Optional[torch.Tensor], weights: Optional[torch.Tensor], sorted_values: torch.Tensor,
-                token_rank: torch.Tensor, pooling: str, normalize_directions: bool, temperature: float, need_x: bool,
+                sorted_tokens: torch.Tensor, pooling: str, normalize_directions: bool, temperature: float, need_x: bool,
                 need_directions: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from omniret_kernels.triton.aswp_pool import aswp_pool_backward
-    return aswp_pool_backward(grad_out, x, directions, references, mask, weights, sorted_values, token_rank, pooling,
+    return aswp_pool_backward(grad_out, x, directions, references, mask, weights, sorted_values, sorted_tokens, pooling,
                               normalize_directions, temperature, need_x, need_directions)
 
 

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from omniret_kernels import _ext, reference
-from omniret_kernels._checks import FLOAT_DTYPES, check_same_device, check_tensor, is_compiling
+from omniret_kernels._checks import FLOAT_DTYPES, check_finite as _check_finite, check_same_device, check_tensor, is_compiling
 from omniret_kernels._dispatch import resolve_backend
 
 __all__ = ["resampler_attention", "check_cu_seqlens"]
@@ -53,12 +53,13 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# The kernels return contiguous tensors whatever the inputs' strides, and so do the fakes.
 def _fake_fwd(q, k, v, cu_seqlens, scale):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
 
 
 def _fake_bwd(grad_out, q, k, v, out, lse, cu_seqlens, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -126,13 +127,18 @@ def _resolve(device_type: str, device_index: int, backend: Optional[str]) -> str
     return resolve_backend(_OP, device, backend)
 
 
-def resampler_attention(q, k, v, cu_seqlens, *, scale: Optional[float] = None, backend: Optional[str] = None):
+def resampler_attention(q, k, v, cu_seqlens, *, scale: Optional[float] = None, check_finite: bool = False,
+                        backend: Optional[str] = None):
     """q (B, H, Nq, d), k/v (T, Hk, d) packed, cu_seqlens (B + 1,) int32 -> (B, H, Nq, d).
 
     out[b, h] = softmax(q[b, h] k_b^T * scale) v_b over sample b's keys only, kv head h // (H / Hk);
     scale = d ** -0.5 by default. float32/float16/bfloat16 compute in float32, float64 in float64.
+    check_finite=True raises a ValueError naming q, k or v when it holds NaN or Inf (one pass over each).
     """
     device = _check_args(q, k, v, cu_seqlens)
+    if check_finite:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            _check_finite(name, t)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     backend = _resolve(device.type, -1 if device.index is None else device.index, backend)
     if backend == "reference":

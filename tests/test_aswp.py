@@ -63,6 +63,20 @@ def test_cpu_odd_sizes(shape, pooling):
 
 
 @needs_cpu
+def test_cpu_multithreaded_with_grad():
+    """Enough slice tiles (256 slices each) for at::parallel_for to use its worker threads, with inputs that
+    require grad (the kernel's ATen calls on worker threads must not see autograd), and more than one backward
+    chunk of 1024 slices."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, d, r, w, mask = make_inputs(2, 9, 8, 1100, 9, masked=True)
+        assert_close_all(*run_both("stm", x, d, r, w, mask), atol=1e-9, rtol=1e-9)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_cpu
 @pytest.mark.parametrize("temperature", [0.05, 1.0, 20.0])
 def test_cpu_temperature(temperature):
     x, d, r, w, mask = make_inputs(2, 16, 6, 33, 16, masked=True)
@@ -126,28 +140,29 @@ def test_cpu_low_precision_inputs(dtype, atol):
 
 @needs_cpu
 def test_cpu_saved_tensors_fully_written():
-    """sorted / token_rank are fresh outputs: every valid position holds a finite sorted value, masked rows hold 0,
-    and token_rank is a permutation of the valid tokens in every column."""
+    """sorted / sorted_tokens are fresh outputs: every valid position holds the sorted projection and the valid
+    token sorted there (each column a permutation of the valid tokens); positions past n_b hold 0."""
     x, d, r, w, mask = make_inputs(3, 20, 6, 45, 7, dtype=torch.float32, masked=True, requires_grad=False)
-    out, sorted_values, token_rank = torch.ops.omniret.aswp_pool_fwd(x, d, r, mask, None, "stm", True, 1.0)
-    assert token_rank.dtype == torch.uint8 and sorted_values.dtype == torch.float32
+    out, sorted_values, sorted_tokens = torch.ops.omniret.aswp_pool_fwd(x, d, r, mask, None, "stm", True, 1.0)
+    assert sorted_tokens.dtype == torch.uint8 and sorted_values.dtype == torch.float32
     assert torch.isfinite(out).all() and torch.isfinite(sorted_values).all()
     proj = reference.aswp_project(x, d)
     for b in range(3):
         n_b = int(mask[b].sum())
-        valid = proj[b][mask[b]]
-        torch.testing.assert_close(sorted_values[b, :n_b], valid.sort(0).values)
-        assert (sorted_values[b, n_b:] == 0).all()
-        ranks = token_rank[b][mask[b]].long()
-        assert (ranks.sort(0).values == torch.arange(n_b)[:, None]).all()
+        torch.testing.assert_close(sorted_values[b, :n_b], proj[b][mask[b]].sort(0).values)
+        tokens = sorted_tokens[b, :n_b].long()
+        assert mask[b][tokens].all()
+        assert (tokens.sort(0).values == mask[b].nonzero()).all()
+        torch.testing.assert_close(proj[b].gather(0, tokens), sorted_values[b, :n_b])
+        assert (sorted_values[b, n_b:] == 0).all() and (sorted_tokens[b, n_b:] == 0).all()
 
 
 @needs_cpu
-def test_cpu_large_n_uses_int32_ranks():
+def test_cpu_large_n_uses_int32_tokens():
     x, d, r, w, mask = make_inputs(1, 300, 4, 9, 16, masked=True)
-    _, _, token_rank = torch.ops.omniret.aswp_pool_fwd(x.detach(), d.detach(), r.detach(), mask, None, "stm", True,
-                                                       1.0)
-    assert token_rank.dtype == torch.int32
+    _, _, sorted_tokens = torch.ops.omniret.aswp_pool_fwd(x.detach(), d.detach(), r.detach(), mask, None, "stm",
+                                                          True, 1.0)
+    assert sorted_tokens.dtype == torch.int32
     assert_close_all(*run_both("stm", x, d, r, w, mask), atol=1e-9, rtol=1e-9)
 
 

@@ -325,5 +325,12 @@ def test_torch_compile_fullgraph(backend):
     assert torch.equal(keep, keep2) and torch.equal(loss.detach(), loss2.detach())
 
 
+@pytest.mark.skipif(not _ext.cuda_extension_built(), reason="omniret_kernels._C_cuda not built")
+def test_cuda_kernels_are_registered():
+    """The CUDA kernels compile here but cannot run (no GPU): check that the build registered them."""
+    for op in ("diversity_loss_fwd", "diversity_loss_bwd", "diversity_keep_mask"):
+        assert _ext.has_kernel(op, "CUDA"), op
+
+
 def test_exported_from_package():
     assert omniret_kernels.diversity_loss is diversity_loss

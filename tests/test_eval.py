@@ -167,3 +167,54 @@ def test_relevance_mask_from_lists():
     assert m.tolist() == [[True, False, True, False], [False] * 4, [False, True, False, False]]
     h = hits_at_k(torch.eye(3, 4), torch.eye(4), m, (1,))
     assert h[1].tolist() == [True, False, False]  # query 2 ranks candidate 2 first, but only 1 is relevant
+
+
+def test_eval_command_on_mbeir_files_with_the_tiny_preset(tmp_path, capsys):
+    """`omniret eval` end to end: validate, encode pools (cached), score, write results.json/results.md."""
+    import numpy as np
+    import soundfile as sf
+    from PIL import Image
+
+    from omniret.cli import main
+
+    root = tmp_path / "mbeir"
+    (root / "img").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(root / "img" / f"{i}.png")
+    (root / "wav").mkdir()
+    sf.write(root / "wav" / "a.wav", rng.normal(size=8000).astype(np.float32) * 0.1, 16000)
+
+    def jsonl(path, rows):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    jsonl(root / "query" / "test" / "mbeir_toy_task0_test.jsonl", [
+        {"qid": "3:1", "query_txt": "a photo", "query_img_path": None, "query_modality": "text",
+         "pos_cand_list": ["3:10"], "neg_cand_list": []},
+        {"qid": "3:2", "query_txt": "like this", "query_img_path": "img/0.png", "query_modality": "image,text",
+         "pos_cand_list": ["3:11"], "neg_cand_list": []},
+        {"qid": "3:3", "query_txt": None, "query_audio_path": "wav/a.wav", "query_modality": "audio",
+         "pos_cand_list": ["3:12"], "neg_cand_list": []}])
+    jsonl(root / "cand_pool" / "local" / "mbeir_toy_task0_cand_pool.jsonl",
+          [{"did": f"3:{10 + i}", "txt": None, "img_path": f"img/{1 + i}.png", "modality": "image"} for i in range(5)])
+    (root / "instructions").mkdir()
+    (root / "instructions" / "query_instructions.tsv").write_text(
+        "query_modality\tcand_modality\tdataset_name\tdataset_id\tprompt_1\n"
+        "text\timage\tToy\t3\tFind the image.\nimage,text\timage\tToy\t3\tEdit it.\naudio\timage\tToy\t3\tSee it.\n")
+    out = tmp_path / "out"
+    argv = ["eval", "--data", str(root), "--preset", "tiny", "--output", str(out), "--batch-size", "2"]
+    assert main(argv) == 0
+    data = json.loads((out / "results.json").read_text())
+    (metrics,) = data["tasks"].values()
+    assert set(metrics) == {"R@1", "R@5"} and metrics["R@5"] == 1.0  # 5 candidates: top 5 holds everything
+    assert data["details"]["toy_task0"]["queries"] == 3 and data["details"]["toy_task0"]["candidates"] == 5
+    assert "| toy_task0 | composed |" in (out / "results.md").read_text()
+    assert len(list((out / "embedding_cache").glob("*.npy"))) == 1
+    # a broken file stops the run before any encoding, naming the line
+    with open(root / "query" / "test" / "mbeir_toy_task0_test.jsonl", "a") as f:
+        f.write("{oops\n")
+    capsys.readouterr()
+    assert main(argv) == 1
+    assert "mbeir_toy_task0_test.jsonl:4: not valid JSON" in capsys.readouterr().err
+    assert main(argv[:3] + ["--validate-only"]) == 1

@@ -67,7 +67,8 @@ def test_every_modality_alone_and_composed(model):
     # each input's content matters: changing one part changes the embedding
     m2 = _media(seed=1)
     swapped = [{"image": m2["image"]}, {"audio": m2["audio"]}, {"video": m2["video"]},
-               {"text": "a dog barking", "audio": m2["audio_long"]}, {"text": "a cat barking", "audio": _media()["audio_long"]}]
+               {"text": "a dog barking", "audio": m2["audio_long"]},
+               {"text": "a cat barking", "audio": _media()["audio_long"]}]
     base = _embed(model, [items[1], items[2], items[3], items[5], items[5]])
     other = _embed(model, swapped)
     for i in range(len(swapped)):
@@ -191,6 +192,8 @@ def test_bad_inputs(model):
         model([{"video": torch.rand(3, 8, 8)}])
     with pytest.raises(ValueError, match="items"):
         model.encode_corpus("a single string")
+    with pytest.raises(ValueError, match="positions"):
+        model(["x" * 100, {"text": "y" * 120, "image": [torch.rand(3, 8, 8)] * 100}])
     with pytest.raises(ValueError, match="no such image"):
         model([{"image": "/nonexistent/x.png"}])
     with pytest.raises(ValueError, match=r"items\[5\]\['image'\]\[0\]"):  # the caller's index, not the batch's
@@ -294,7 +297,11 @@ def test_feature_cache(tmp_path):
     entries[0].write_bytes(b"broken")  # a damaged entry is recomputed, not trusted
     third = m.encode_corpus(items)
     torch.testing.assert_close(third, first)
-    # a changed encoder never reads the old entries
+    # a changed encoder never reads the old entries: new weights loaded in place, or another model
+    fp = m.encoders["image"].fingerprint()
+    sd = {k: v + 0.01 for k, v in m.encoders["image"].state_dict().items()}
+    m.encoders["image"].load_state_dict(sd)
+    assert m.encoders["image"].fingerprint() != fp
     m2 = OmniRet.from_config(preset("tiny", seed=1)).eval()
     c2 = m2.enable_feature_cache(tmp_path / "cache")
     m2.encode_corpus(items[:2])
@@ -381,3 +388,23 @@ def _inputs(m, items):
             tok, cu = m.encode_media(mod, xs)
             resampled[mod] = m.resample_media(mod, m._projector_for(mod)(tok), cu)
     return batch.sequences, batch.media_offsets, resampled
+
+
+def test_bf16_frozen_backbones():
+    """Frozen backbones in bfloat16 (how the paper-size model fits a GPU) with fp32 trainable parts."""
+    cfg = preset("tiny")
+    for bb in (cfg.llm, cfg.image_encoder, cfg.audio_encoder):
+        bb.dtype = "bfloat16"
+    m = OmniRet.from_config(cfg)
+    assert m.composer.llm.get_input_embeddings().weight.dtype == torch.bfloat16
+    items = _items(_media())[4:8]
+    ref = OmniRet.from_config("tiny").encode_corpus(items)
+    out = m.encode_corpus(items)
+    assert out.dtype == torch.float32 and (out * ref).sum(-1).min() > 0.9
+    m.setup_stage(2)
+    m.train()
+    emb, aux = m(items)
+    (emb.pow(2).mean() + aux["diversity"]).backward()
+    lora = [p for n, p in m.named_parameters() if "lora_A" in n]
+    assert lora and all(p.dtype == torch.float32 for p in m.trainable_parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.projectors.parameters())

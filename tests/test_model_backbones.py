@@ -167,7 +167,8 @@ def test_hf_tokenizer_special_tokens():
     t = HFTokenizer(plain, append_eos=True)
     assert (t.prefix_ids, t.suffix_ids, t.encode("a b a")) == ([], [3], [1, 2, 1])
     assert HFTokenizer(plain, append_eos=False).suffix_ids == []
-    raw.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 4), ("[SEP]", 5)])
+    raw.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                       special_tokens=[("[CLS]", 4), ("[SEP]", 5)])
     bert_like = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", eos_token="</s>")
     t = HFTokenizer(bert_like, append_eos=True)
     assert (t.prefix_ids, t.suffix_ids) == ([4], [5])

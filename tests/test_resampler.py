@@ -154,6 +154,10 @@ def test_bad_arguments_raise_value_error(backend):
         call(k=torch.randn(7, 3, 8), v=torch.randn(7, 3, 8))
     with pytest.raises(ValueError, match="dtype"):
         call(k=k.double(), v=v.double())
+    with pytest.raises(ValueError, match="v contains NaN"):
+        call(v=v.clone().index_fill_(0, torch.tensor([4]), float("nan")), check_finite=True)
+    with pytest.raises(ValueError, match="q contains NaN or Inf"):
+        call(q=q.clone().index_fill_(2, torch.tensor([1]), float("inf")), check_finite=True)
 
 
 @needs_cpu
@@ -197,3 +201,26 @@ def _run_fn(fn, q, k, v, cu, grad):
     out = fn(q, k, v, cu)
     out.backward(grad)
     return out.detach(), q.grad, k.grad, v.grad
+
+
+@pytest.mark.skipif(not _ext.cuda_extension_built(), reason="CUDA extension not built")
+def test_cuda_kernels_registered_when_built():
+    """Compiled, never run here (no GPU): at least the CUDA extension registers both directions."""
+    assert _ext.has_kernel("resampler_attention_fwd", "CUDA")
+    assert _ext.has_kernel("resampler_attention_bwd", "CUDA")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    """Strided views (heads-major q, k and v split from one fused projection) give the contiguous-input result."""
+    q, k, v, cu = _inputs([2, 9, 40], 4, 2, 3, 16, torch.float64)
+    grad = torch.randn(q.shape, dtype=torch.float64)
+    want = _run("reference", q, k, v, cu, grad)
+    q_strided = q.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # (B, Nq, H, d) memory
+    kv = torch.stack([k, v], dim=1).requires_grad_()  # (T, 2, Hk, d), as from one fused to_kv Linear
+    assert not q_strided.is_contiguous() and not kv[:, 0].is_contiguous()
+    out = resampler_attention(q_strided, kv[:, 0], kv[:, 1], cu, backend=backend)
+    out.backward(grad)
+    got = (out.detach(), q_strided.grad, kv.grad[:, 0], kv.grad[:, 1])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)

@@ -5,12 +5,14 @@
 // projection with its token index into a uint64 key, sort every column with the bitonic network of
 // aswp_pool_math.h (each comparator is an AVX-512 min/max over the 32 columns, in L1), then couple to the
 // reference quantiles and pool walking the references in rank order (row operations, no gathers). Written: the
-// (B, L) output, and for backward the sorted values (B, N, L) and each token's sorted position (uint8 when
-// N <= 256). The (B, N, L) projection itself is never materialised.
+// (B, L) output, and for backward the sorted values (B, N, L) and the token at each sorted position (uint8
+// when N <= 256). The (B, N, L) projection itself is never materialised.
 //
 // Backward, per 32-column block (all samples, so the reference and weight gradients need no atomics):
 // recompute psi from the saved sorted values, take the pooling gradient, push it through the coupling and the
-// sort into dp (B * N, L), then two GEMMs give dx = dp theta and dtheta = dp^T x. Storing the sorted values
+// sort into dp (B * N, L), then two GEMMs give dx = dp d and d(d) = dp^T x. theta = d / ||d|| is never
+// materialised: the GEMMs use `directions` as is and the 1 / ||d|| scale is applied to the (L)-wide projection
+// rows in cache (forward) and to dp as it is written (backward). Storing the sorted values
 // (4 B per projection) instead of recomputing the projection saves a fourth GEMM.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -20,6 +22,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cmath>
 #include <vector>
 
 #include "omniret/aswp_pool_math.h"
@@ -32,6 +35,7 @@ using namespace omniret::aswp;
 constexpr int kSortWidth = 32;      // columns sorted together: 128 rows x 32 x 8 B = 32 KiB, inside L1
 constexpr int64_t kSliceTile = 256;  // GEMM tile width; measured best of 64/128/256 for the paper shape
 constexpr int64_t kGemmRows = 1024;  // rows of x per GEMM tile (whole samples)
+constexpr int64_t kBackwardChunk = 1024;  // slices of dp alive at once in backward (multiple of kSortWidth)
 
 int pooling_code(c10::string_view pooling) {
   if (pooling == "stm") return kStm;
@@ -178,14 +182,14 @@ void sort_references(const at::Tensor& references, at::Tensor& ref_sorted, at::T
   });
 }
 
-// What both directions need: x and theta in the compute type, the references sorted per column with the
+// What both directions need: x and the directions in the compute type, 1 / ||d|| per slice, the references sorted per column with the
 // index j of each rank (so the kernels walk references in rank order), and each sample's quantile table.
 template <class scalar_t>
 struct Prepared {
   int64_t B, N, D, L, M;
   at::Tensor x2d;          // (B * N, D) compute type (when asked for)
-  at::Tensor theta;        // (L, D) normalised or not
-  at::Tensor inv_norm;     // (L, 1), only when normalising
+  at::Tensor dir;           // (L, D) directions, not normalised
+  std::vector<scalar_t> scale;  // (L): 1 / ||d_l|| when normalising, else 1
   at::Tensor ref_sorted;   // (M, L): ref_sorted[r, l] = references[order[r, l], l]
   at::Tensor order;        // (M, L) int64: j of rank r in column l (stable)
   at::Tensor order32;      // (M, L) int32
@@ -203,13 +207,22 @@ Prepared<scalar_t> prepare(const at::Tensor& x, const at::Tensor& directions, co
   Prepared<scalar_t> P;
   const auto dt = c10::CppTypeToScalarType<scalar_t>::value;
   P.B = x.size(0), P.N = x.size(1), P.D = x.size(2), P.L = directions.size(0), P.M = references.size(0);
-  if (need_x) P.x2d = x.to(dt).contiguous().view({P.B * P.N, P.D});
-  at::Tensor d = directions.to(dt).contiguous();
+  // Detached: at::parallel_for's worker threads do not inherit the caller's below-autograd guard, and at::mm_out
+  // on a tensor that requires grad refuses to run there.
+  if (need_x) P.x2d = x.detach().to(dt).contiguous().view({P.B * P.N, P.D});
+  at::Tensor d = directions.detach().to(dt).contiguous();
+  P.dir = d;
+  P.scale.assign(P.L, scalar_t(1));
   if (normalize_directions) {
-    P.inv_norm = d.norm(2, {1}, true).reciprocal();
-    P.theta = d * P.inv_norm;
-  } else {
-    P.theta = d;
+    const scalar_t* dp = d.data_ptr<scalar_t>();
+    const int64_t D = P.D;
+    at::parallel_for(0, P.L, 64, [&](int64_t l0, int64_t l1) {
+      for (int64_t l = l0; l < l1; ++l) {
+        double sq = 0;
+        for (int64_t k = 0; k < D; ++k) sq += double(dp[l * D + k]) * double(dp[l * D + k]);
+        P.scale[l] = scalar_t(1.0 / std::sqrt(sq));
+      }
+    });
   }
   sort_references<scalar_t>(references.to(dt).contiguous(), P.ref_sorted, P.order32);
   P.order = P.order32.to(at::kLong);
@@ -242,7 +255,7 @@ Prepared<scalar_t> prepare(const at::Tensor& x, const at::Tensor& directions, co
 
 template <class scalar_t, class index_t>
 void forward_kernel(const Prepared<scalar_t>& P, int pooling, at::Tensor& out, at::Tensor& sorted,
-                    at::Tensor& token_rank) {
+                    at::Tensor& sorted_tokens) {
   using K = KeyOf<scalar_t>;
   using Key = typename K::type;
   constexpr int W = kSortWidth;
@@ -253,7 +266,7 @@ void forward_kernel(const Prepared<scalar_t>& P, int pooling, at::Tensor& out, a
   const int64_t n_groups = (B + group - 1) / group, n_tiles = (L + tile - 1) / tile;
   scalar_t* out_p = out.data_ptr<scalar_t>();
   scalar_t* sorted_p = sorted.data_ptr<scalar_t>();
-  index_t* rank_p = token_rank.data_ptr<index_t>();
+  index_t* tokens_p = sorted_tokens.data_ptr<index_t>();
   const scalar_t* ref_s = P.ref_sorted.template data_ptr<scalar_t>();
   const scalar_t* w_s = P.weight_sorted.defined() ? P.weight_sorted.template data_ptr<scalar_t>() : nullptr;
 
@@ -261,13 +274,12 @@ void forward_kernel(const Prepared<scalar_t>& P, int pooling, at::Tensor& out, a
     at::Tensor proj = at::empty({group * N, tile}, P.x2d.options());
     std::vector<Key> keys(size_t(n_pow2) * W);
     std::vector<scalar_t> block(size_t(N) * W);
-    std::vector<index_t> rank_block(size_t(N) * W);
     scalar_t psi[W], acc[W];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t g = item / n_tiles, l0 = (item % n_tiles) * tile;
       const int64_t b0 = g * group, nb = std::min(group, B - b0), width_tile = std::min(tile, L - l0);
       at::Tensor proj_view = proj.narrow(0, 0, nb * N).narrow(1, 0, width_tile);
-      at::mm_out(proj_view, P.x2d.narrow(0, b0 * N, nb * N), P.theta.narrow(0, l0, width_tile).t());
+      at::mm_out(proj_view, P.x2d.narrow(0, b0 * N, nb * N), P.dir.narrow(0, l0, width_tile).t());
       const scalar_t* pj = proj.data_ptr<scalar_t>();
       for (int64_t bl = 0; bl < nb; ++bl) {
         const int64_t b = b0 + bl;
@@ -284,28 +296,25 @@ void forward_kernel(const Prepared<scalar_t>& P, int pooling, at::Tensor& out, a
             int c = 0;
             if (i < N && valid[i]) {
               const scalar_t* src = pj + (bl * N + i) * tile + c0;
-              for (; c < width; ++c) row[c] = K::make(src[c], i);
+              const scalar_t* sc = P.scale.data() + l;  // the projection onto d / ||d||
+              for (; c < width; ++c) row[c] = K::make(src[c] * sc[c], i);
             }
             for (; c < W; ++c) row[c] = K::pad();
           }
           sort_key_block(keys.data(), n_pow2);
-          // Unpack: sorted values (kept for backward) and the sorted position of every valid token.
+          // Unpack, row by row (vectorised): sorted values and the token at each sorted position, both kept
+          // for backward; positions past the sample's valid tokens hold 0.
           for (int64_t i = 0; i < N; ++i) {
             const Key* row = keys.data() + size_t(i) * W;
             scalar_t* s_dst = sorted_p + (b * N + i) * L + l;
+            index_t* t_dst = tokens_p + (b * N + i) * L + l;
             scalar_t* blk = block.data() + size_t(i) * W;
             if (i < n_b) {
-              for (int c = 0; c < width; ++c) s_dst[c] = blk[c] = K::value(row[c]);  // vectorised decode
-              for (int c = 0; c < width; ++c) rank_block[size_t(K::index(row[c])) * W + c] = index_t(i);  // scatter
+              for (int c = 0; c < width; ++c) s_dst[c] = blk[c] = K::value(row[c]);
+              for (int c = 0; c < width; ++c) t_dst[c] = index_t(K::index(row[c]));
             } else {
-              for (int c = 0; c < width; ++c) s_dst[c] = scalar_t(0);
+              for (int c = 0; c < width; ++c) s_dst[c] = scalar_t(0), t_dst[c] = index_t(0);
             }
-          }
-          for (int64_t n = 0; n < N; ++n) {
-            index_t* r_dst = rank_p + (b * N + n) * L + l;
-            const index_t* src = rank_block.data() + size_t(n) * W;
-            const index_t keep = valid[n] ? index_t(~index_t(0)) : index_t(0);
-            for (int c = 0; c < width; ++c) r_dst[c] = src[c] & keep;
           }
           // Couple and pool, walking the references in rank order (one row of 32 columns per rank).
           for (int c = 0; c < width; ++c) acc[c] = pool_initial<scalar_t>(pooling);
@@ -342,34 +351,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aswp_pool_fwd_cpu(
   const auto index_dtype = N <= 256 ? at::kByte : at::kInt;
   at::Tensor out = at::empty({B, L}, x.options().dtype(compute));
   at::Tensor sorted = at::empty({B, N, L}, x.options().dtype(compute));
-  at::Tensor token_rank = at::empty({B, N, L}, x.options().dtype(index_dtype));
+  at::Tensor sorted_tokens = at::empty({B, N, L}, x.options().dtype(index_dtype));
   std::optional<at::Tensor> wopt = code == kWeighted ? weights : std::nullopt;
   AT_DISPATCH_FLOATING_TYPES(compute, "aswp_pool_fwd_cpu", [&] {
     auto P = prepare<scalar_t>(x, directions, references, mask, wopt, normalize_directions, true);
     if (index_dtype == at::kByte)
-      forward_kernel<scalar_t, uint8_t>(P, code, out, sorted, token_rank);
+      forward_kernel<scalar_t, uint8_t>(P, code, out, sorted, sorted_tokens);
     else
-      forward_kernel<scalar_t, int32_t>(P, code, out, sorted, token_rank);
+      forward_kernel<scalar_t, int32_t>(P, code, out, sorted, sorted_tokens);
   });
-  return {out.to(x.scalar_type()), sorted, token_rank};
+  return {out.to(x.scalar_type()), sorted, sorted_tokens};
 }
 
 template <class scalar_t, class index_t>
 void backward_kernel(const Prepared<scalar_t>& P, int pooling, scalar_t temperature, const at::Tensor& grad,
-                     const at::Tensor& sorted, const at::Tensor& token_rank, at::Tensor& dp, at::Tensor& dref_s,
+                     const at::Tensor& sorted, const at::Tensor& sorted_tokens, int64_t l_begin, int64_t l_end,
+                     scalar_t* dq, int64_t ld, at::Tensor& dref_s,
                      at::Tensor& dweight_s) {
   constexpr int W = kSortWidth;
   const int64_t B = P.B, N = P.N, L = P.L, M = P.M;
   const scalar_t* g_p = grad.data_ptr<scalar_t>();
   const scalar_t* sorted_p = sorted.data_ptr<scalar_t>();
-  const index_t* rank_p = token_rank.data_ptr<index_t>();
+  const index_t* tokens_p = sorted_tokens.data_ptr<index_t>();
   const scalar_t* ref_s = P.ref_sorted.template data_ptr<scalar_t>();
   const int* order = P.order32.template data_ptr<int>();
   const scalar_t* w_s = P.weight_sorted.defined() ? P.weight_sorted.template data_ptr<scalar_t>() : nullptr;
-  scalar_t* dp_p = dp.data_ptr<scalar_t>();
+  // dq holds columns [l_begin, l_end) of dp, row stride ld
+  scalar_t* dp_p = dq - l_begin;
   scalar_t* dref_p = dref_s.data_ptr<scalar_t>();
   scalar_t* dw_p = dweight_s.defined() ? dweight_s.data_ptr<scalar_t>() : nullptr;
-  const int64_t n_blocks = (L + W - 1) / W;
+  const int64_t n_blocks = (l_end - l_begin + W - 1) / W;
   const scalar_t inv_t = scalar_t(1) / temperature;
   const bool needs_argmax = pooling == kStm || pooling == kMax;
 
@@ -378,8 +389,8 @@ void backward_kernel(const Prepared<scalar_t>& P, int pooling, scalar_t temperat
     scalar_t best[W], z[W], num[W], dpsi[W];
     int best_j[W], best_r[W];
     for (int64_t blk_i = begin; blk_i < end; ++blk_i) {
-      const int64_t l = blk_i * W;
-      const int width = int(std::min<int64_t>(W, L - l));
+      const int64_t l = l_begin + blk_i * W;
+      const int width = int(std::min<int64_t>(W, l_end - l));
       for (int64_t r = 0; r < M; ++r) {
         std::fill_n(dref_p + r * L + l, width, scalar_t(0));
         if (dw_p) std::fill_n(dw_p + r * L + l, width, scalar_t(0));
@@ -423,36 +434,39 @@ void backward_kernel(const Prepared<scalar_t>& P, int pooling, scalar_t temperat
           }
           couple_row_backward(dpsi, qw[r], ds.data() + size_t(lo[r]) * W, ds.data() + size_t(hi[r]) * W, width);
         }
-        // Through the sort: token n receives ds at its sorted position; masked tokens receive 0.
-        const uint8_t* valid = P.valid.data() + b * N;
-        for (int64_t n = 0; n < N; ++n) {
-          scalar_t* dst = dp_p + (b * N + n) * L + l;
-          const index_t* rk = rank_p + (b * N + n) * L + l;
-          if (valid[n]) {
-            for (int c = 0; c < width; ++c) dst[c] = ds[size_t(rk[c]) * W + c];
-          } else {
-            std::fill_n(dst, width, scalar_t(0));
-          }
+        // Through the sort: the token at sorted position i receives ds[i]; masked tokens receive 0.
+        if (n_b < N) {
+          const uint8_t* valid = P.valid.data() + b * N;
+          for (int64_t n = 0; n < N; ++n)
+            if (!valid[n]) std::fill_n(dp_p + (b * N + n) * ld + l, width, scalar_t(0));
+        }
+        for (int i = 0; i < n_b; ++i) {
+          const index_t* tok = tokens_p + (b * N + i) * L + l;
+          const scalar_t* d = ds.data() + size_t(i) * W;
+          const scalar_t* sc = P.scale.data() + l;  // chain rule through p = (x . d) / ||d||
+          scalar_t* dst = dp_p + b * N * ld + l;
+          for (int c = 0; c < width; ++c) dst[int64_t(tok[c]) * ld + c] = d[c] * sc[c];
         }
       }
     }
   });
 }
 
-// theta = d / ||d||: d(directions) = (dtheta - theta <dtheta, theta>) / ||d||, row by row, in place on dtheta.
+// With theta = d s (s = 1 / ||d||) and G = dq^T x (dq = dp s, what the kernel wrote), the gradient to d is
+// s (dtheta - theta <theta, dtheta>) = G - s^2 d <d, G>: one pass per row, in place on G.
 template <class scalar_t>
-void normalize_backward(at::Tensor& dtheta, const at::Tensor& theta, const at::Tensor& inv_norm) {
-  const int64_t L = dtheta.size(0), D = dtheta.size(1);
-  scalar_t* g = dtheta.data_ptr<scalar_t>();
-  const scalar_t* t = theta.data_ptr<scalar_t>();
-  const scalar_t* inv = inv_norm.data_ptr<scalar_t>();
+void normalize_backward(at::Tensor& grad, const at::Tensor& dir, const std::vector<scalar_t>& scale) {
+  const int64_t L = grad.size(0), D = grad.size(1);
+  scalar_t* g = grad.data_ptr<scalar_t>();
+  const scalar_t* d = dir.data_ptr<scalar_t>();
   at::parallel_for(0, L, 16, [&](int64_t l0, int64_t l1) {
     for (int64_t l = l0; l < l1; ++l) {
       scalar_t* gr = g + l * D;
-      const scalar_t* tr = t + l * D;
+      const scalar_t* dr = d + l * D;
       scalar_t dot = 0;
-      for (int64_t d = 0; d < D; ++d) dot += gr[d] * tr[d];
-      for (int64_t d = 0; d < D; ++d) gr[d] = (gr[d] - tr[d] * dot) * inv[l];
+      for (int64_t k = 0; k < D; ++k) dot += gr[k] * dr[k];
+      const scalar_t f = scale[l] * scale[l] * dot;
+      for (int64_t k = 0; k < D; ++k) gr[k] -= f * dr[k];
     }
   });
 }
@@ -460,16 +474,16 @@ void normalize_backward(at::Tensor& dtheta, const at::Tensor& theta, const at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aswp_pool_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& directions, const at::Tensor& references,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& weights, const at::Tensor& sorted,
-    const at::Tensor& token_rank, c10::string_view pooling, bool normalize_directions, double temperature, bool need_x,
+    const at::Tensor& sorted_tokens, c10::string_view pooling, bool normalize_directions, double temperature, bool need_x,
     bool need_directions) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int code = pooling_code(pooling);
   const int64_t B = x.size(0), N = x.size(1), L = directions.size(0), M = references.size(0);
   TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == B && grad_out.size(1) == L,
                     "grad_out must be (B, L)");
-  TORCH_CHECK_VALUE(sorted.sizes() == token_rank.sizes() && sorted.dim() == 3 && sorted.size(0) == B &&
+  TORCH_CHECK_VALUE(sorted.sizes() == sorted_tokens.sizes() && sorted.dim() == 3 && sorted.size(0) == B &&
                         sorted.size(1) == N && sorted.size(2) == L,
-                    "sorted/token_rank must be (B, N, L)");
+                    "sorted/sorted_tokens must be (B, N, L)");
   const auto compute = sorted.scalar_type();
   at::Tensor grad_x, grad_dir;
   at::Tensor grad_ref_s = at::empty({M, L}, sorted.options());  // in rank order, unpermuted at the end
@@ -479,17 +493,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aswp_pool_bwd_cpu(
   AT_DISPATCH_FLOATING_TYPES(compute, "aswp_pool_bwd_cpu", [&] {
     auto P = prepare<scalar_t>(x, directions, references, mask, wopt, normalize_directions, need_directions);
     at::Tensor g = grad_out.to(compute).contiguous();
-    at::Tensor s = sorted.contiguous(), pm = token_rank.contiguous();
-    at::Tensor dp = at::empty({B * N, L}, sorted.options());
-    if (pm.scalar_type() == at::kByte)
-      backward_kernel<scalar_t, uint8_t>(P, code, scalar_t(temperature), g, s, pm, dp, grad_ref_s, grad_w_s);
-    else
-      backward_kernel<scalar_t, int32_t>(P, code, scalar_t(temperature), g, s, pm, dp, grad_ref_s, grad_w_s);
+    at::Tensor s = sorted.contiguous(), pm = sorted_tokens.contiguous();
+    // dp (B * N, L) is produced and consumed in chunks of slices (a quarter of the paper shape's 16 MiB at a
+    // time): each chunk's d(directions) rows are one GEMM into their place, and dx accumulates chunk by chunk.
+    const int64_t chunk = std::min<int64_t>(L, kBackwardChunk);
+    at::Tensor dq = at::empty({B * N, chunk}, sorted.options());
+    at::Tensor dx = need_x ? at::zeros({B * N, x.size(2)}, sorted.options()) : at::Tensor();
+    at::Tensor dtheta = need_directions ? at::empty({L, x.size(2)}, sorted.options()) : at::Tensor();
+    for (int64_t c0 = 0; c0 < L; c0 += chunk) {
+      const int64_t w = std::min(chunk, L - c0);
+      if (pm.scalar_type() == at::kByte)
+        backward_kernel<scalar_t, uint8_t>(P, code, scalar_t(temperature), g, s, pm, c0, c0 + w,
+                                           dq.data_ptr<scalar_t>(), chunk, grad_ref_s, grad_w_s);
+      else
+        backward_kernel<scalar_t, int32_t>(P, code, scalar_t(temperature), g, s, pm, c0, c0 + w,
+                                           dq.data_ptr<scalar_t>(), chunk, grad_ref_s, grad_w_s);
+      at::Tensor dq_view = dq.narrow(1, 0, w);
+      if (need_x) dx.addmm_(dq_view, P.dir.narrow(0, c0, w));
+      if (need_directions) {
+        at::Tensor rows = dtheta.narrow(0, c0, w);
+        at::mm_out(rows, dq_view.t(), P.x2d);
+      }
+    }
     order = P.order;
-    if (need_x) grad_x = at::mm(dp, P.theta).view({B, N, x.size(2)}).to(x.scalar_type());
+    if (need_x) grad_x = dx.view({B, N, x.size(2)}).to(x.scalar_type());
     if (need_directions) {
-      at::Tensor dtheta = at::mm(dp.t(), P.x2d);
-      if (normalize_directions) normalize_backward<scalar_t>(dtheta, P.theta, P.inv_norm);
+      if (normalize_directions) normalize_backward<scalar_t>(dtheta, P.dir, P.scale);
       grad_dir = dtheta.to(directions.scalar_type());
     }
   });

@@ -7,7 +7,7 @@
 // per column walks the references in rank order to couple and pool.
 // Backward: one block per COLS columns, looping over the samples (so reference/weight gradients need no
 // atomics): one thread per column recomputes psi, its pooling gradient and the coupling gradient into shared
-// memory, then all threads gather dp through the saved sorted positions.
+// memory, then all threads scatter it to dp through the saved token of each sorted position.
 #include "aswp_pool.h"
 
 #include "omniret/aswp_pool_math.h"
@@ -35,7 +35,7 @@ __global__ void forward_kernel(const float* __restrict__ proj, const uint8_t* __
                                const int* __restrict__ n_valid, const float* __restrict__ ref_sorted,
                                const float* __restrict__ weight_sorted, int N, int L, int M, int pooling,
                                int n_pow2, int cols, float* __restrict__ out, float* __restrict__ sorted,
-                               index_t* __restrict__ token_rank) {
+                               index_t* __restrict__ sorted_tokens) {
   extern __shared__ unsigned char smem[];
   uint64_t* keys = reinterpret_cast<uint64_t*>(smem);                 // (n_pow2, cols)
   float* values = reinterpret_cast<float*>(keys + size_t(n_pow2) * cols);  // (N, cols)
@@ -67,7 +67,7 @@ __global__ void forward_kernel(const float* __restrict__ proj, const uint8_t* __
     const float v = i < n_b ? key_value(key) : 0.0f;
     values[idx] = v;
     sorted[(size_t(b) * N + i) * L + l] = v;
-    if (i < n_b) token_rank[(size_t(b) * N + key_index(key)) * L + l] = index_t(i);
+    sorted_tokens[(size_t(b) * N + i) * L + l] = index_t(i < n_b ? key_index(key) : 0u);
   }
   __syncthreads();
   for (int c = threadIdx.x; c < cols; c += blockDim.x) {
@@ -90,7 +90,7 @@ template <class index_t>
 __global__ void backward_kernel(const float* __restrict__ grad, const uint8_t* __restrict__ valid,
                                 const int* __restrict__ n_valid, const float* __restrict__ ref_sorted,
                                 const int* __restrict__ order, const float* __restrict__ weight_sorted,
-                                const float* __restrict__ sorted, const index_t* __restrict__ token_rank, int B,
+                                const float* __restrict__ sorted, const index_t* __restrict__ sorted_tokens, int B,
                                 int N, int L, int M, int pooling, float inv_t, int cols, float* __restrict__ dp,
                                 float* __restrict__ dref_sorted, float* __restrict__ dweight_sorted) {
   extern __shared__ unsigned char smem[];
@@ -144,12 +144,11 @@ __global__ void backward_kernel(const float* __restrict__ grad, const uint8_t* _
       }
     }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < N * cols; idx += blockDim.x) {
-      const int n = idx / cols, c = idx % cols, l = l0 + c;
+    for (int idx = threadIdx.x; idx < n_b * cols; idx += blockDim.x) {  // dp is zeroed: masked tokens keep 0
+      const int i = idx / cols, c = idx % cols, l = l0 + c;
       if (l >= L) continue;
-      const size_t at = (size_t(b) * N + n) * L + l;
-      const bool real = valid == nullptr || valid[size_t(b) * N + n];
-      dp[at] = real ? ds[int(token_rank[at]) * cols + c] : 0.0f;
+      const int token = int(sorted_tokens[(size_t(b) * N + i) * L + l]);
+      dp[(size_t(b) * N + token) * L + l] = ds[i * cols + c];
     }
     __syncthreads();
   }
@@ -159,7 +158,7 @@ __global__ void backward_kernel(const float* __restrict__ grad, const uint8_t* _
 
 cudaError_t aswp_pool_forward(const float* proj, const uint8_t* valid, const int* n_valid, const float* ref_sorted,
                               const float* weight_sorted, int B, int N, int L, int M, int pooling, float* out,
-                              float* sorted, void* token_rank, bool rank_u8, cudaStream_t stream) {
+                              float* sorted, void* sorted_tokens, bool rank_u8, cudaStream_t stream) {
   const int n_pow2 = next_pow2(N);
   const int cols = forward_cols(n_pow2);
   const size_t shared = size_t(n_pow2) * cols * sizeof(uint64_t) + size_t(N) * cols * sizeof(float);
@@ -168,19 +167,19 @@ cudaError_t aswp_pool_forward(const float* proj, const uint8_t* valid, const int
     cudaFuncSetAttribute(forward_kernel<uint8_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared));
     forward_kernel<uint8_t><<<grid, kThreads, shared, stream>>>(proj, valid, n_valid, ref_sorted, weight_sorted, N,
                                                                 L, M, pooling, n_pow2, cols, out, sorted,
-                                                                static_cast<uint8_t*>(token_rank));
+                                                                static_cast<uint8_t*>(sorted_tokens));
   } else {
     cudaFuncSetAttribute(forward_kernel<int32_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared));
     forward_kernel<int32_t><<<grid, kThreads, shared, stream>>>(proj, valid, n_valid, ref_sorted, weight_sorted, N,
                                                                 L, M, pooling, n_pow2, cols, out, sorted,
-                                                                static_cast<int32_t*>(token_rank));
+                                                                static_cast<int32_t*>(sorted_tokens));
   }
   return cudaGetLastError();
 }
 
 cudaError_t aswp_pool_backward(const float* grad, const uint8_t* valid, const int* n_valid, const float* ref_sorted,
                                const int* order, const float* weight_sorted, const float* sorted,
-                               const void* token_rank, bool rank_u8, int B, int N, int L, int M, int pooling,
+                               const void* sorted_tokens, bool rank_u8, int B, int N, int L, int M, int pooling,
                                float inv_temperature, float* dp, float* dref_sorted, float* dweight_sorted,
                                cudaStream_t stream) {
   const int cols = backward_cols(N, M);
@@ -189,12 +188,12 @@ cudaError_t aswp_pool_backward(const float* grad, const uint8_t* valid, const in
   if (rank_u8) {
     cudaFuncSetAttribute(backward_kernel<uint8_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared));
     backward_kernel<uint8_t><<<grid, kThreads, shared, stream>>>(
-        grad, valid, n_valid, ref_sorted, order, weight_sorted, sorted, static_cast<const uint8_t*>(token_rank), B,
+        grad, valid, n_valid, ref_sorted, order, weight_sorted, sorted, static_cast<const uint8_t*>(sorted_tokens), B,
         N, L, M, pooling, inv_temperature, cols, dp, dref_sorted, dweight_sorted);
   } else {
     cudaFuncSetAttribute(backward_kernel<int32_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared));
     backward_kernel<int32_t><<<grid, kThreads, shared, stream>>>(
-        grad, valid, n_valid, ref_sorted, order, weight_sorted, sorted, static_cast<const int32_t*>(token_rank), B,
+        grad, valid, n_valid, ref_sorted, order, weight_sorted, sorted, static_cast<const int32_t*>(sorted_tokens), B,
         N, L, M, pooling, inv_temperature, cols, dp, dref_sorted, dweight_sorted);
   }
   return cudaGetLastError();

@@ -143,22 +143,30 @@ def load_queries(path: str, root: str, problems: list | None = None, check_files
     return out
 
 
+def parse_candidate(obj: dict, root: str, path: str, n: int, problems: list, check_files: bool = True):
+    """One candidate line -> Candidate (or None, with a Problem, when it has no usable did)."""
+    did = obj.get("did")
+    if not isinstance(did, str) or not did:
+        problems.append(Problem(path, n, "did must be a non-empty string"))
+        return None
+    modality = canonical_modality(obj.get("modality", ""))
+    media = _check_media(obj, modality, CAND_MEDIA_FIELDS, root, path, n, problems, check_files)
+    text = _text_field(obj, "txt", modality, path, n, problems)
+    return Candidate(did, modality, text, media)
+
+
 def load_pool(path: str, root: str, problems: list | None = None, check_files: bool = True) -> list:
     problems = [] if problems is None else problems
     out, seen = [], set()
     for n, obj in _read_jsonl(path, problems):
-        did = obj.get("did")
-        if not isinstance(did, str) or not did:
-            problems.append(Problem(path, n, "did must be a non-empty string"))
+        cand = parse_candidate(obj, root, path, n, problems, check_files)
+        if cand is None:
             continue
-        if did in seen:
-            problems.append(Problem(path, n, f"duplicate did {did}"))
+        if cand.did in seen:
+            problems.append(Problem(path, n, f"duplicate did {cand.did}"))
             continue
-        seen.add(did)
-        modality = canonical_modality(obj.get("modality", ""))
-        media = _check_media(obj, modality, CAND_MEDIA_FIELDS, root, path, n, problems, check_files)
-        text = _text_field(obj, "txt", modality, path, n, problems)
-        out.append(Candidate(did, modality, text, media))
+        seen.add(cand.did)
+        out.append(cand)
     return out
 
 

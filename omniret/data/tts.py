@@ -24,6 +24,10 @@ ESPEAK_ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "e
 # flite's built-in speakers; kal and kal16 are one speaker at two rates, awb_time is a limited-domain
 # (clock times only) voice, so neither adds a speaker.
 FLITE_SPEAKERS = {"awb": ("awb",), "kal": ("kal16", "kal"), "rms": ("rms",), "slt": ("slt",)}
+# How each flite speaker is synthesised: kal is a diphone voice, the others are clustergen (statistical
+# parametric) voices. A held-out speaker must come from a family that keeps a speaker in training, or the test
+# measures an unseen synthesis method rather than an unseen voice.
+FLITE_FAMILIES = {"awb": "clustergen", "kal": "diphone", "rms": "clustergen", "slt": "clustergen"}
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,11 @@ class Voice:
     @property
     def key(self) -> str:
         return f"{self.engine}:{self.name}"
+
+    @property
+    def family(self) -> str:
+        """The synthesis method: every espeak-ng variant is formant synthesis; flite per FLITE_FAMILIES."""
+        return "formant" if self.engine == "espeak-ng" else FLITE_FAMILIES.get(self.name, self.name)
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,8 @@ class Results:
     tasks: dict = field(default_factory=dict)  # task -> {"R@1": .., "R@5": ..}
     details: dict = field(default_factory=dict)  # task -> {"group", "queries", "candidates", "pool", "primary"}
     hits: dict = field(default_factory=dict)  # task -> {k: (Q,) bool}, for analysis (not serialised)
+    query_embeddings: dict = field(default_factory=dict)  # task -> (Q, E), kept for index checks (not serialised)
+    pool_embeddings: dict = field(default_factory=dict)  # pool -> (C, E) (not serialised)
 
     def groups(self) -> dict:
         """Mean of each metric over the tasks of a group, and of each task's primary metric."""
@@ -114,6 +116,8 @@ def evaluate(tasks: Sequence[EvalTask], pools: dict, encode_queries: Encoder, en
                                       "pool": task.pool, "primary": f"R@{task.primary_k}",
                                       "queries_without_relevant": int((~mask.any(dim=1)).sum())}
         results.hits[task.name] = hits
+        results.query_embeddings[task.name] = q
+    results.pool_embeddings = pool_emb
     return results
 
 

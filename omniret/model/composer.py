@@ -207,6 +207,12 @@ class Composer(nn.Module):
                     parts.append(resampled[kind][offsets[kind] + value].to(dtype))
             rows.append(torch.cat(parts, dim=0))
         lengths = [r.shape[0] for r in rows]
+        limit = getattr(self.llm.config, "max_position_embeddings", None)
+        if limit is not None and max(lengths) > limit:
+            i = max(range(len(lengths)), key=lengths.__getitem__)
+            raise ValueError(f"item {i} of this batch is {lengths[i]} tokens long (text + "
+                             f"{self.cfg.media_latents} per media item), more than the LLM's {limit} positions; "
+                             "use fewer media or shorter text")
         T = max(lengths)
         embeds = torch.zeros(len(rows), T, self.hidden_size, dtype=dtype, device=device)
         mask = torch.zeros(len(rows), T, dtype=torch.bool, device=device)
@@ -229,3 +235,5 @@ class Composer(nn.Module):
         inject_adapter_in_model(lcfg, self.llm)
         for name, p in self.llm.named_parameters():
             p.requires_grad_("lora_" in name)
+            if "lora_" in name and p.dtype in (torch.bfloat16, torch.float16):
+                p.data = p.data.float()  # adapters train in fp32 over a bf16/fp16 base (peft casts the input)

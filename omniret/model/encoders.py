@@ -63,6 +63,14 @@ class MediaEncoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._fingerprint = None  # new weights, new identity
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._fingerprint = None  # .to(dtype) / .half() change what the encoder computes
+        return super()._apply(fn, *args, **kwargs)
+
     def fingerprint(self) -> str:
         """Identity of the encoder for the feature cache: class, architecture, source and a hash of the
         weights (computed once; frozen encoders do not change)."""

@@ -2,12 +2,11 @@
 
 Forward, one program per (sample, block of slices): project the block with tl.dot (float32, "ieee"), pack each
 projection with its token index into an int64 key whose signed order is (value, index) order, sort the keys
-along the token axis with tl.sort (on the last axis, hence the transpose), write the sorted values and each
-token's sorted position, then couple every reference to its quantile (gathered back from the sorted values)
+along the token axis with tl.sort (on the last axis, hence the transpose), write the sorted values and the
+token at each sorted position, then couple every reference to its quantile (gathered back from the sorted values)
 and pool. Backward, one program per block of slices looping over the samples (so the reference and weight
 gradients need no atomics): recompute psi, take the pooling gradient, scatter it onto the sorted positions
-(atomic adds: several references couple to one position), then gather it back to the tokens through the saved
-positions. The two GEMMs of backward (dx, d theta) run in torch.
+(atomic adds: several references couple to one position), then scatter it back to the tokens sorted there. The two GEMMs of backward (dx, d theta) run in torch.
 """
 from __future__ import annotations
 
@@ -43,7 +42,7 @@ def _psi_block(sorted_base_ptr, rank_ptr, ref_ptr, offs_m, offs_l, n_b, M, L, va
 @triton.jit
 def _aswp_fwd_kernel(
     x_ptr, theta_ptr, rank_ptr, ref_ptr, weight_ptr, mask_ptr,
-    out_ptr, sorted_ptr, token_rank_ptr,
+    out_ptr, sorted_ptr, sorted_tokens_ptr,
     N, D, L, M,
     POOLING: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -74,11 +73,11 @@ def _aswp_fwd_kernel(
     values = _ordered_bits((keys >> 32).to(tl.int32)).to(tl.float32, bitcast=True)
     tokens = (keys & 0xFFFFFFFF).to(tl.int32)
     pos = tl.arange(0, BLOCK_N)[None, :]
-    is_real = (pos < n_b) & in_l[:, None]
     sorted_base = sorted_ptr + b * N * L
     tl.store(sorted_base + pos * L + offs_l[:, None], tl.where(pos < n_b, values, 0.0),
              mask=(pos < N) & in_l[:, None])
-    tl.store(token_rank_ptr + b * N * L + tokens * L + offs_l[:, None], pos, mask=is_real)
+    tl.store(sorted_tokens_ptr + b * N * L + pos * L + offs_l[:, None], tl.where(pos < n_b, tokens, 0),
+             mask=(pos < N) & in_l[:, None])
     tl.debug_barrier()  # the gathers below read the sorted values this program just wrote
 
     offs_m = tl.arange(0, BLOCK_M)
@@ -96,7 +95,7 @@ def _aswp_fwd_kernel(
 
 @triton.jit
 def _aswp_bwd_kernel(
-    grad_ptr, rank_ptr, ref_ptr, weight_ptr, mask_ptr, sorted_ptr, token_rank_ptr,
+    grad_ptr, rank_ptr, ref_ptr, weight_ptr, mask_ptr, sorted_ptr, sorted_tokens_ptr,
     ds_ptr, dp_ptr, dref_ptr, dweight_ptr,
     B, N, L, M, inv_t,
     POOLING: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -126,6 +125,7 @@ def _aswp_bwd_kernel(
             if POOLING == 0:
                 e = tl.where(valid_ml, tl.exp((psi - best[None, :]) * inv_t), 0.0)
                 z = tl.sum(e, axis=0)
+                z = tl.where(in_l, z, 1.0)  # slices past L have no valid entry (0 / 0 otherwise)
                 mean_psi = tl.sum(e * psi, axis=0) / z
                 dpsi += g * (e / z[None, :]) * (psi - mean_psi[None, :]) * inv_t
         elif POOLING == 2:
@@ -140,10 +140,11 @@ def _aswp_bwd_kernel(
         tl.atomic_add(ds_base + lo * L + offs_l[None, :], dpsi * (1.0 - w), mask=valid_ml)
         tl.atomic_add(ds_base + hi * L + offs_l[None, :], dpsi * w, mask=valid_ml)
         tl.debug_barrier()
-        nl = in_n[:, None] & in_l[None, :]
-        rank = tl.load(token_rank_ptr + b * N * L + offs_n[:, None] * L + offs_l[None, :], mask=nl, other=0)
-        dp = tl.load(ds_base + rank.to(tl.int32) * L + offs_l[None, :], mask=nl & valid[:, None], other=0.0)
-        tl.store(dp_ptr + b * N * L + offs_n[:, None] * L + offs_l[None, :], dp, mask=nl)
+        # position i -> the token sorted there (dp is zeroed beforehand, so masked tokens keep 0)
+        real = (offs_n < n_b)[:, None] & in_l[None, :]
+        tok = tl.load(sorted_tokens_ptr + b * N * L + offs_n[:, None] * L + offs_l[None, :], mask=real, other=0)
+        ds_i = tl.load(ds_base + offs_n[:, None] * L + offs_l[None, :], mask=real, other=0.0)
+        tl.store(dp_ptr + b * N * L + tok.to(tl.int32) * L + offs_l[None, :], ds_i, mask=real)
     tl.store(dref_ptr + offs_m[:, None] * L + offs_l[None, :], dref, mask=valid_ml)
     if POOLING == 3:
         tl.store(dweight_ptr + offs_m[:, None] * L + offs_l[None, :], dweight, mask=valid_ml)
@@ -176,32 +177,32 @@ def aswp_pool_forward(x, directions, references, mask, weights, pooling, normali
     theta = _theta(directions, normalize_directions)
     out = torch.empty(B, L, device=x.device, dtype=torch.float32)
     sorted_values = torch.empty(B, N, L, device=x.device, dtype=torch.float32)
-    token_rank = torch.zeros(B, N, L, device=x.device, dtype=torch.uint8 if N <= 256 else torch.int32)
+    sorted_tokens = torch.empty(B, N, L, device=x.device, dtype=torch.uint8 if N <= 256 else torch.int32)
     mask_arg = mask.to(torch.uint8).contiguous() if mask is not None else out
     weight_arg = weights.float().contiguous() if pooling == "weighted" else out
     _aswp_fwd_kernel[(B, triton.cdiv(L, block_l))](
         x.contiguous(), theta, _ranks(references), references.float().contiguous(), weight_arg, mask_arg,
-        out, sorted_values, token_rank, N, D, L, M,
+        out, sorted_values, sorted_tokens, N, D, L, M,
         POOLING=POOLING_CODES[pooling], HAS_MASK=mask is not None,
         BLOCK_N=block_n, BLOCK_L=block_l, BLOCK_D=32, BLOCK_M=block_m,
     )
-    return out.to(x.dtype), sorted_values, token_rank
+    return out.to(x.dtype), sorted_values, sorted_tokens
 
 
-def aswp_pool_backward(grad_out, x, directions, references, mask, weights, sorted_values, token_rank, pooling,
+def aswp_pool_backward(grad_out, x, directions, references, mask, weights, sorted_values, sorted_tokens, pooling,
                        normalize_directions, temperature, need_x, need_directions):
     B, N, D = x.shape
     L, M = directions.shape[0], references.shape[0]
     block_n, block_m, block_l = _blocks(N, M, L)
     ds = torch.zeros(B, N, L, device=x.device, dtype=torch.float32)
-    dp = torch.empty(B, N, L, device=x.device, dtype=torch.float32)
+    dp = torch.zeros(B, N, L, device=x.device, dtype=torch.float32)
     dref = torch.empty(M, L, device=x.device, dtype=torch.float32)
     weighted = pooling == "weighted"
     dweight = torch.empty(M, L, device=x.device, dtype=torch.float32) if weighted else dref
     mask_arg = mask.to(torch.uint8).contiguous() if mask is not None else dref
     _aswp_bwd_kernel[(triton.cdiv(L, block_l),)](
         grad_out.float().contiguous(), _ranks(references), references.float().contiguous(),
-        weights.float().contiguous() if weighted else dref, mask_arg, sorted_values, token_rank.contiguous(),
+        weights.float().contiguous() if weighted else dref, mask_arg, sorted_values, sorted_tokens.contiguous(),
         ds, dp, dref, dweight, B, N, L, M, 1.0 / temperature,
         POOLING=POOLING_CODES[pooling], HAS_MASK=mask is not None,
         BLOCK_N=block_n, BLOCK_L=block_l, BLOCK_M=block_m,

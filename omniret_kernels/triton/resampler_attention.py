@@ -121,7 +121,7 @@ def forward(q, k, v, cu_seqlens, scale: float):
     B, H, Nq, d = q.shape
     Hk = k.shape[1]
     tl_compute, torch_compute = _compute(q.dtype)
-    out = torch.empty_like(q)
+    out = torch.empty_like(q)  # q is contiguous here
     lse = torch.empty(B, H, Nq, dtype=torch_compute, device=q.device)
     if out.numel() == 0:
         return out, lse

@@ -1,0 +1,32 @@
+// Launchers of the diversity-loss CUDA kernels (csrc/cuda/diversity_loss.cu): raw pointers and a stream, no torch
+// types. The keep mask comes from omniret/counter_rng.h and the pair math from omniret/diversity_loss_math.h, the
+// same functions the CPU kernel runs (and tests). Compiled on the development machine, never run there (no GPU).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace omniret {
+namespace cuda {
+
+// m (B, N, D) float32 contiguous; seed: device pointer to one int64. inv_norm: scratch of B * N floats.
+// Writes partial (B * N): the loss sum of the kept pairs of each row (the glue adds them and divides by B N^2).
+cudaError_t diversity_loss_forward(const float* m, const int64_t* seed, int B, int N, int D, uint32_t threshold,
+                                   float scale, float gamma, bool normalize, float* inv_norm, float* partial,
+                                   cudaStream_t stream);
+
+// grad_loss: device pointer to the scalar upstream gradient; inv_count = 1 / (B N^2). Writes grad_m (B, N, D).
+cudaError_t diversity_loss_backward(const float* grad_loss, const float* m, const int64_t* seed, int B, int N, int D,
+                                    uint32_t threshold, float scale, float gamma, bool normalize, float inv_count,
+                                    float* inv_norm, float* grad_m, cudaStream_t stream);
+
+// keep (B, N, N) as bytes (0/1).
+cudaError_t diversity_keep_mask(const int64_t* seed, int B, int N, uint32_t threshold, uint8_t* keep,
+                                cudaStream_t stream);
+
+// The largest N the backward's shared-memory coefficient row allows.
+constexpr int kDiversityMaxN = 12288;
+
+}  // namespace cuda
+}  // namespace omniret

