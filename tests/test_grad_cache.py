@@ -298,3 +298,27 @@ def test_two_process_gloo_matches_single_process(tmp_path):
             assert abs(stats["loss"] - float(terms.total.detach())) < 1e-6
             assert stats["queries"] == 9 and stats["candidates"] == 12
             _assert_grads_close(got, want, rtol=1e-6, atol=1e-8)
+
+
+class _FrozenTextTrainableImage(torch.nn.Module):
+    """Text items come from a frozen table, images through a trainable projection: a chunk of text-only items has
+    nothing to backpropagate into (stage 1 with EOS or mean pooling looks like this)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 8, dtype=torch.float64)
+        self.register_buffer("table", torch.randn(10, 8, dtype=torch.float64))
+
+    def forward(self, items):
+        rows = [self.proj(it["image"]) if isinstance(it, dict) else self.table[int(it)] for it in items]
+        return torch.stack(rows), {"diversity": torch.zeros((), dtype=torch.float64), "num_media": 0}
+
+
+def test_chunks_with_nothing_trainable_are_skipped():
+    model = _FrozenTextTrainableImage()
+    queries = [str(i) for i in range(6)]  # text only: no gradient path
+    candidates = [{"image": torch.randn(4, dtype=torch.float64)} for _ in range(6)]
+    want, _ = _plain_grads(model, queries, candidates)
+    model.zero_grad(set_to_none=True)
+    GradCache(model, chunk_size=2).step(queries, candidates)
+    _assert_grads_close(_grads(model), want, rtol=1e-10, atol=1e-12)

@@ -283,6 +283,10 @@ class GradCache:
                 div = aux.get("diversity") if isinstance(aux, dict) else None
                 if div is not None and ch.num_media > 0 and div_weight != 0.0 and div.requires_grad:
                     surrogate = surrogate + (div_weight * ch.num_media) * div.to(surrogate.dtype)
+                if not surrogate.requires_grad:
+                    # nothing trainable produced this chunk (e.g. text-only queries while the text path is
+                    # frozen): its cached gradient has nowhere to go
+                    continue
                 (surrogate * rank_scale).backward()
         rng_after.restore()  # the step consumed the randomness of one pass, as a plain step would
 
