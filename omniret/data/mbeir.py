@@ -67,7 +67,7 @@ class Candidate:
     media: dict
 
 
-def _read_jsonl(path: str, problems: list):
+def read_jsonl(path: str, problems: list):
     """Yield (line number, dict) for every well-formed line; malformed lines become Problems."""
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -117,7 +117,7 @@ def _text_field(obj: dict, key: str, modality: str, path: str, n: int, problems:
 def load_queries(path: str, root: str, problems: list | None = None, check_files: bool = True) -> list:
     problems = [] if problems is None else problems
     out, seen = [], set()
-    for n, obj in _read_jsonl(path, problems):
+    for n, obj in read_jsonl(path, problems):
         qid = obj.get("qid")
         if not isinstance(qid, str) or not qid:
             problems.append(Problem(path, n, "qid must be a non-empty string"))
@@ -158,7 +158,7 @@ def parse_candidate(obj: dict, root: str, path: str, n: int, problems: list, che
 def load_pool(path: str, root: str, problems: list | None = None, check_files: bool = True) -> list:
     problems = [] if problems is None else problems
     out, seen = [], set()
-    for n, obj in _read_jsonl(path, problems):
+    for n, obj in read_jsonl(path, problems):
         cand = parse_candidate(obj, root, path, n, problems, check_files)
         if cand is None:
             continue

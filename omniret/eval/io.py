@@ -1,7 +1,6 @@
 """What the `encode`, `index`, `search` and `eval` commands share: loading a model and reading item files."""
 from __future__ import annotations
 
-import json
 import os
 
 from omniret.data import mbeir
@@ -34,36 +33,28 @@ def read_items(path: str, root: str | None = None) -> tuple[list, list, list]:
     root = root or os.path.dirname(os.path.abspath(path))
     ids, items, meta = [], [], []
     problems: list = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    # malformed lines become problems, reported together with the others below
+    for n, obj in mbeir.read_jsonl(path, problems):
+        if "did" in obj and "modality" in obj:
+            cand = mbeir.parse_candidate(obj, root, path, n, problems)
+            if cand is None:
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{n}: a line must be a JSON object")
-            if "did" in obj and "modality" in obj:
-                cand = mbeir.parse_candidate(obj, root, path, n, problems)
-                if cand is None:
+            item = mbeir.candidate_item(cand)
+            ids.append(cand.did)
+        else:
+            item = {}
+            for key in ITEM_KEYS:
+                value = obj.get(key)
+                if value is None:
                     continue
-                item = mbeir.candidate_item(cand)
-                ids.append(cand.did)
-            else:
-                item = {}
-                for key in ITEM_KEYS:
-                    value = obj.get(key)
-                    if value is None:
-                        continue
-                    if key in ("image", "audio", "video") and isinstance(value, str) and not os.path.isabs(value):
-                        value = os.path.join(root, value)
-                    item[key] = value
-                if not any(k in item for k in ("text", "image", "audio", "video")):
-                    raise ValueError(f"{path}:{n}: an item needs text, image, audio or video")
-                ids.append(str(obj.get("id", len(ids))))
-            items.append(item)
-            meta.append({k: v for k, v in obj.items() if not isinstance(v, (dict, list)) or k == "pos_cand_list"})
+                if key in ("image", "audio", "video") and isinstance(value, str) and not os.path.isabs(value):
+                    value = os.path.join(root, value)
+                item[key] = value
+            if not any(k in item for k in ("text", "image", "audio", "video")):
+                raise ValueError(f"{path}:{n}: an item needs text, image, audio or video")
+            ids.append(str(obj.get("id", len(ids))))
+        items.append(item)
+        meta.append({k: v for k, v in obj.items() if not isinstance(v, (dict, list)) or k == "pos_cand_list"})
     if problems:
         raise ValueError(mbeir.format_report(problems))
     if not items:
