@@ -194,12 +194,45 @@ def full_state_dict(model: nn.Module, optimizer=None) -> tuple:
     return model_state, optim_state
 
 
+def _like(target: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """`full` laid out as `target`: this rank's shard when target is a DTensor (cut locally: every rank holds
+    the full tensor, so no collective), else `full` itself."""
+    full = full.to(device=target.device, dtype=target.dtype)
+    if _is_dtensor(target):
+        from torch.distributed.tensor import distribute_tensor
+        return distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
+    return full
+
+
 def load_full_state_dict(model: nn.Module, model_state: dict, optimizer=None, optim_state=None) -> None:
-    """Loads full (unsharded) states, as `full_state_dict` returns them, into a sharded model and its
-    optimizer; every rank passes the full states (each read the checkpoint) and keeps its shard."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-    options = StateDictOptions(full_state_dict=True, strict=False)
-    set_model_state_dict(model, model_state, options=options)
-    if optimizer is not None and optim_state is not None:
-        set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+    """Loads full states, as `full_state_dict` returns them (every rank read the checkpoint), into a sharded
+    model and its optimizer: each rank keeps its shard. Names missing from `model_state` keep their values."""
+    tensors = dict(model.named_parameters())
+    tensors.update(dict(model.named_buffers()))
+    unknown = set(model_state) - set(tensors)
+    if unknown:
+        raise ValueError(f"checkpoint: parameters the model does not have: {sorted(unknown)[:5]}")
+    with torch.no_grad():
+        for name, full in model_state.items():
+            tensors[name].copy_(_like(tensors[name], full))
+    if optimizer is None or optim_state is None:
+        return
+    # optim_state (get_optimizer_state_dict's full form) is keyed by parameter name; torch's optimizer wants
+    # indices in param_groups order and tensors laid out like their parameter
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    saved_groups = optim_state["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise ValueError("checkpoint: optimizer has another number of parameter groups")
+    state, groups, index = {}, [], 0
+    for group, saved in zip(optimizer.param_groups, saved_groups):
+        ids = []
+        for p in group["params"]:
+            name = name_of[id(p)]
+            entry = optim_state["state"].get(name)
+            if entry is not None:
+                state[index] = {k: _like(p, v) if torch.is_tensor(v) and v.dim() > 0 else v
+                                for k, v in entry.items()}
+            ids.append(index)
+            index += 1
+        groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": ids})
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
