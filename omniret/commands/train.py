@@ -8,7 +8,8 @@
       "save_to": DIR                                     # optional: model.save_pretrained(DIR) at the end
     }
 Relative paths in the config are relative to the config file. Under `torchrun` (WORLD_SIZE > 1) the process
-group is initialised here (nccl on GPUs, gloo on CPU) and rank 0 writes the checkpoints and metrics.
+group is initialised here (nccl on GPUs, gloo on CPU) and rank 0 writes the checkpoints and metrics;
+`--strategy fsdp` shards the model with FSDP2 instead of replicating it (DDP).
 """
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--time-budget", type=float, default=None, help="stop (with a checkpoint) after this "
                         "many seconds; rerun to resume")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--strategy", choices=("ddp", "fsdp"), default=None,
+                        help="under torchrun: ddp (replicated model, the default) or fsdp (FSDP2: parameters and "
+                        "optimizer states sharded over the ranks); overrides train.strategy")
 
 
 def load_config(path) -> dict:
@@ -92,14 +96,21 @@ def run(args) -> int:
         train["output_dir"] = str(base / train["output_dir"])
     if args.no_progress:
         train["progress_bar"] = False
+    if getattr(args, "strategy", None) is not None:
+        train["strategy"] = args.strategy
     train_cfg = TrainConfig.from_dict(train)
     _init_distributed()
     if "data" not in cfg:
         raise ValueError("--config: a 'data' section is required")
     dataset = _call_factory(cfg["data"], "data")
     model = build_model(cfg.get("model", {}), base)
-    result = Trainer(model, train_cfg).fit(dataset, time_budget_s=args.time_budget)
+    trainer = Trainer(model, train_cfg)
+    result = trainer.fit(dataset, time_budget_s=args.time_budget)
     rank = int(os.environ.get("RANK", "0"))
+    full_state = None
+    if trainer.sharded and cfg.get("save_to") and result.stopped == "done":
+        from omniret.train.distributed import full_state_dict
+        full_state, _ = full_state_dict(model)  # every rank takes part; rank 0 gets the tensors
     if rank == 0:
         last = result.history[-1] if result.history else {}
         print(json.dumps({"steps": result.steps, "samples": result.samples, "stopped": result.stopped,
@@ -107,6 +118,12 @@ def run(args) -> int:
         if cfg.get("save_to") and result.stopped == "done":
             if not hasattr(model, "save_pretrained"):
                 print("save_to: this model has no save_pretrained; skipped", file=sys.stderr)
+            elif full_state is not None:  # sharded: save a fresh replica holding the gathered weights
+                replica = build_model(cfg.get("model", {}), base)
+                if hasattr(replica, "setup_stage"):
+                    replica.setup_stage(train_cfg.stages[-1].stage)
+                replica.load_state_dict(full_state)
+                replica.save_pretrained(base / cfg["save_to"])
             else:
                 model.save_pretrained(base / cfg["save_to"])
     return 0

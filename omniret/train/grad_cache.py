@@ -15,9 +15,11 @@ the N media items, contributes mu2 * n_k / N * aux["diversity"]_k.
 
 Under torch.distributed the embeddings (and media counts) are all-gathered, so negatives span the global
 batch; each rank computes the same global loss but only its own rows carry gradient. The global loss's
-gradient is the sum over ranks of the local backward passes: a DistributedDataParallel model averages, so the
-local backward is scaled by the world size and all chunks but the last run under `no_sync()`; a plain model
-gets one all-reduce (sum) of all gradients, flattened into a single buffer, at the end of the step.
+gradient is the sum over ranks of the local backward passes. No chunk communicates (ranks may replay
+different numbers of chunks and skip different ones): the chunks run through the bare module (a DDP wrapper's
+inner module), the local backward is scaled by the world size, and after the last chunk every rank averages
+the gradients once (omniret.train.distributed); an FSDP2 root is unsharded for the step and each rank keeps
+its shard of the averaged gradient.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from omniret import losses
+from omniret.train.distributed import average_gradients, bare_module, fsdp_step, is_fsdp
 
 __all__ = ["GradCache", "RNGState", "full_batch_loss", "count_media"]
 
@@ -65,10 +68,6 @@ class RNGState:
             torch.cuda.set_rng_state(s, d)
         for g, s in self.generators:
             g.set_state(s)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def _num_media(aux: Dict[str, Any], items: Sequence[Any]) -> int:
@@ -138,6 +137,15 @@ class GradCache:
     def _distributed(self) -> bool:
         return dist.is_available() and dist.is_initialized()
 
+    def _forward_module(self) -> nn.Module:
+        return bare_module(self.model)
+
+    def _step_context(self, sync: bool):
+        """An FSDP2 root stays unsharded for the whole step and is reduced once when the step ends."""
+        if is_fsdp(self.model):
+            return fsdp_step(self.model, sync, self.process_group)
+        return contextlib.nullcontext()
+
     def _world(self):
         if not self._distributed():
             return 1, 0
@@ -150,10 +158,11 @@ class GradCache:
         chunks: List[_Chunk] = []
         embs = []
         start = 0
+        net = self._forward_module()
         for part in _chunks(items, self.chunk_size):
             rng = RNGState(devices, self.generators)
             with torch.no_grad(), self._autocast():
-                emb, aux = self.model(part)
+                emb, aux = net(part)
             chunks.append(_Chunk(part, rng, slice(start, start + len(part)), _num_media(aux, part)))
             embs.append(emb.detach())
             if emb.shape[0] != len(part):
@@ -227,6 +236,10 @@ class GradCache:
         if len(candidates) < len(queries):
             raise ValueError(f"candidates must hold one positive per query first: got {len(candidates)} "
                              f"candidates for {len(queries)} queries")
+        with self._step_context(sync):
+            return self._step(queries, candidates, positives, candidate_ids, loss_scale, sync)
+
+    def _step(self, queries, candidates, positives, candidate_ids, loss_scale, sync) -> Dict[str, float]:
         device = self._device()
         devices = [device] if device.type == "cuda" else []
         world, _ = self._world()
@@ -267,31 +280,34 @@ class GradCache:
         g_c_local = torch.cat([g_c[c_off:c_off + n_pos],
                                g_c[c_pos.shape[0] + n_off:c_pos.shape[0] + n_off + c_local.shape[0] - n_pos]])
 
-        # 3. replay each chunk with autograd and backpropagate the cached gradients
-        is_ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
-        rank_scale = float(world) if is_ddp else 1.0  # DDP averages gradients over ranks
+        # 3. replay each chunk with autograd and backpropagate the cached gradients. No chunk talks to other
+        # ranks: the forward goes to the bare module (a DDP wrapper's hooks would all-reduce on whichever chunk
+        # runs outside no_sync(), and ranks whose last chunk has nothing trainable would never join that
+        # reduction), and the gradients are reduced once, explicitly, after the last chunk of every rank.
+        net = self._forward_module()
+        # the reduction averages over ranks (which makes re-reducing already-synced gradients a no-op), so the
+        # local backward is scaled by the world size to make the result the gradient of the global loss
+        rank_scale = float(world)
         div_weight = self.mu2 * loss_scale / media_total if media_total > 0 else 0.0
         work = [(ch, g_q_local) for ch in q_chunks] + [(ch, g_c_local) for ch in c_chunks]
-        for k, (ch, g_emb) in enumerate(work):
-            last = k == len(work) - 1
-            no_sync = self.model.no_sync() if is_ddp and not (last and sync) else contextlib.nullcontext()
+        for ch, g_emb in work:
             ch.rng.restore()
-            with no_sync, torch.enable_grad():
+            with torch.enable_grad():
                 with self._autocast():
-                    emb, aux = self.model(ch.items)
+                    emb, aux = net(ch.items)
                 surrogate = (emb.to(g_emb.dtype) * g_emb[ch.rows]).sum()
                 div = aux.get("diversity") if isinstance(aux, dict) else None
                 if div is not None and ch.num_media > 0 and div_weight != 0.0 and div.requires_grad:
                     surrogate = surrogate + (div_weight * ch.num_media) * div.to(surrogate.dtype)
                 if not surrogate.requires_grad:
                     # nothing trainable produced this chunk (e.g. text-only queries while the text path is
-                    # frozen): its cached gradient has nowhere to go
+                    # frozen): its cached gradient has nowhere to go. Skipping it is safe under
+                    # torch.distributed too, since no chunk takes part in a collective.
                     continue
                 (surrogate * rank_scale).backward()
         rng_after.restore()  # the step consumed the randomness of one pass, as a plain step would
-
-        if world > 1 and not is_ddp and sync:
-            self.all_reduce_gradients()
+        if world > 1 and sync and not is_fsdp(self.model):
+            self.all_reduce_gradients()  # (an FSDP root is reduced when _step_context exits)
         return {
             "loss": float(terms.total.detach()),
             "contrastive": float(terms.contrastive.detach()),
@@ -303,18 +319,12 @@ class GradCache:
         }
 
     def all_reduce_gradients(self) -> None:
-        """Sum the gradients of every trainable model parameter over ranks in one call."""
-        params = [p for p in _unwrap(self.model).parameters() if p.requires_grad]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        dist.all_reduce(flat, group=self.process_group)
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-            offset += n
+        """Average the gradients of every trainable model parameter over ranks, once (what `step` does when
+        `sync`; call it yourself after steps with `sync=False`). Local backward passes are scaled by the world
+        size, so the average is the gradient of the global loss; gradients that are already synced (the same
+        on every rank) stay as they are. Not for an FSDP root: its steps reduce on their own."""
+        params = [p for p in bare_module(self.model).parameters() if p.requires_grad]
+        average_gradients(params, self.process_group)
 
 
 def full_batch_loss(model: nn.Module, queries: Sequence[Any], candidates: Sequence[Any],

@@ -14,8 +14,9 @@ pooling; stage 2: adds LoRA and initialises video latents from image latents); t
 gradient accumulation; optional bf16 autocast. Metrics go to `metrics.jsonl` and TensorBoard in
 `output_dir`; checkpoints (model, optimizer, scheduler, sampler, RNG) are written atomically, and a run
 restarted on the same `output_dir` resumes where the newest checkpoint left off, reproducing the unkilled
-run. Under `torchrun` (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel, every rank draws the
-same global batch and embeds its own shard, and GradCache all-gathers the embeddings.
+run. Under `torchrun` (WORLD_SIZE > 1) every rank draws the same global batch and embeds its own shard, and
+GradCache all-gathers the embeddings; `strategy="ddp"` replicates the model (a DistributedDataParallel wrapper),
+`strategy="fsdp"` shards its parameters and optimizer states with FSDP2 (omniret.train.distributed).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from omniret.losses import LearnableTemperature
+from omniret.train import distributed as tdist
 from omniret.train.checkpoint import CheckpointManager, atomic_write_bytes, capture_rng, restore_rng
 from omniret.train.grad_cache import GradCache
 from omniret.train.sampler import TaskBalancedSampler, groups_of
@@ -83,6 +85,7 @@ class TrainConfig:
     tensorboard: bool = True
     progress_bar: bool = True
     device: Optional[str] = None  # None: cuda:LOCAL_RANK when available, else cpu
+    strategy: str = "ddp"  # under torch.distributed: "ddp" (replicated) or "fsdp" (FSDP2, sharded parameters)
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
@@ -113,6 +116,8 @@ class TrainConfig:
                 raise ValueError(f"stages[{i}]: steps must be >= 0 and batch_size >= 1")
         if self.grad_accum < 1 or self.chunk_size < 1:
             raise ValueError("grad_accum and chunk_size must be >= 1")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {self.strategy!r}")
         return self
 
     def to_dict(self) -> Dict[str, Any]:
@@ -144,6 +149,7 @@ class _Metrics:
         self.path = directory / "metrics.jsonl" if directory is not None and enabled else None
         self.writer = None
         if self.path is not None:
+            directory.mkdir(parents=True, exist_ok=True)
             # a killed run may have logged steps past its last checkpoint: they are rerun, so drop them
             if self.path.exists():
                 kept = [line for line in self.path.read_text().splitlines()
@@ -225,11 +231,30 @@ class Trainer:
         if unexpected:
             raise ValueError(f"checkpoint: parameters the model does not have: {unexpected[:5]}")
 
+    @property
+    def sharded(self) -> bool:
+        return self.world > 1 and self.config.strategy == "fsdp"
+
     def _wrap(self) -> nn.Module:
-        if self.world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            return nn.parallel.DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True)
-        return self.model
+        """The module GradCache drives. DDP: a wrapper built per stage (its constructor broadcasts rank 0's
+        parameters; GradCache runs its inner module and reduces gradients itself, so its hooks never fire).
+        FSDP: the model itself, sharded in place at the first stage (FSDP2); parameters a later stage adds
+        (LoRA) stay replicated and are broadcast from rank 0 here."""
+        if self.world == 1:
+            return self.model
+        if self.sharded:
+            tdist.broadcast_replicated(self.model)
+            return tdist.shard_model_fsdp(self.model)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+
+    def _agree(self, flag: bool) -> bool:
+        """True on every rank if it is true on any."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
 
     # ------------------------------------------------------------------------------------------------------
     def _split_batch(self, dataset, indices: Sequence[int]):
@@ -282,20 +307,34 @@ class Trainer:
                 params = self._setup_stage(stage)
                 if not params:
                     raise ValueError(f"stage {stage.stage}: the model has no trainable parameter")
+                net = self._wrap()
+                params = [p for p in self.model.parameters() if p.requires_grad]  # FSDP replaced them
                 opt, sched = self._optimizer(params, stage)
                 stage_sampler = sampler or TaskBalancedSampler(
                     groups, stage.batch_size, cfg.tasks_per_batch, tuple(cfg.datasets_per_task), stage.tasks,
                     seed=cfg.seed + 1000 * stage_index)
                 if state is not None:  # resuming inside (or at the end of) this stage
-                    self._load_trainable_state(state["model"])
-                    opt.load_state_dict(state["optimizer"])
+                    if state.get("strategy", "ddp") != ("fsdp" if self.sharded else "ddp"):
+                        raise ValueError("checkpoint: written with another strategy (fsdp checkpoints hold "
+                                         "optimizer states by parameter name); resume with the same --strategy")
+                    if self.sharded:
+                        tdist.load_full_state_dict(self.model, state["model"], opt, state["optimizer"])
+                    else:
+                        self._load_trainable_state(state["model"])
+                        opt.load_state_dict(state["optimizer"])
                     sched.load_state_dict(state["scheduler"])
                     stage_sampler.load_state_dict(state["sampler"])
                     if self.temperature is not None and state.get("temperature") is not None:
                         self.temperature.load_state_dict(state["temperature"])
-                    restore_rng(state["rng"])
+                    rng = state["rng"]
+                    if "per_rank" in rng:
+                        saved = rng["per_rank"]
+                        if len(saved) != self.world:
+                            warnings.warn(f"checkpoint written by {len(saved)} ranks, resumed by {self.world}: "
+                                          "random streams are not continued exactly")
+                        rng = saved[self.rank % len(saved)]
+                    restore_rng(rng)
                     state = None
-                net = self._wrap()
                 gc = GradCache(net, cfg.chunk_size, cfg.tau, cfg.beta, cfg.mu1, cfg.mu2, margin=cfg.margin,
                                detach_weights=cfg.detach_weights, temperature=self.temperature,
                                loss_chunk_size=cfg.loss_chunk_size,
@@ -305,20 +344,38 @@ class Trainer:
                 def checkpoint():
                     nonlocal saved_step
                     saved_step = global_step
-                    if self.checkpoints is None or not is_main:
+                    if self.checkpoints is None:
                         return None
-                    return str(self.checkpoints.save({
-                        "version": 1, "stage_index": stage_index, "stage_step": stage_step,
-                        "global_step": global_step, "samples": samples,
-                        "model": self._trainable_state(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "sampler": stage_sampler.state_dict(),
-                        "temperature": self.temperature.state_dict() if self.temperature is not None else None,
-                        "rng": capture_rng(), "config": cfg.to_dict(),
-                    }, global_step))
+                    if self.sharded:  # every rank takes part in gathering the full states
+                        model_state, optim_state = tdist.full_state_dict(self.model, opt)
+                        keep = {n for n, p in self.model.named_parameters() if p.requires_grad}
+                        keep |= {n for n, _ in self.model.named_buffers()}
+                        model_state = {k: v for k, v in model_state.items() if k in keep}
+                    elif is_main:
+                        model_state, optim_state = self._trainable_state(), opt.state_dict()
+                    rng = capture_rng()
+                    if self.world > 1:  # each rank's own stream (dropout draws differ per rank)
+                        rngs: List[Any] = [None] * self.world
+                        dist.all_gather_object(rngs, rng)
+                        rng = {"per_rank": rngs}
+                    path = None
+                    if is_main:
+                        path = str(self.checkpoints.save({
+                            "version": 1, "stage_index": stage_index, "stage_step": stage_step,
+                            "global_step": global_step, "samples": samples,
+                            "strategy": "fsdp" if self.sharded else "ddp",
+                            "model": model_state, "optimizer": optim_state,
+                            "scheduler": sched.state_dict(), "sampler": stage_sampler.state_dict(),
+                            "temperature": self.temperature.state_dict() if self.temperature is not None else None,
+                            "rng": rng, "config": cfg.to_dict(),
+                        }, global_step))
+                    if self.world > 1:
+                        dist.barrier()  # every rank sees this checkpoint before going on (and may resume from it)
+                    return path
 
                 while stage_step < stage.steps:
-                    if time_budget_s is not None and time.monotonic() - t_start >= time_budget_s:
-                        stopped = "time_budget"
+                    if time_budget_s is not None and self._agree(time.monotonic() - t_start >= time_budget_s):
+                        stopped = "time_budget"  # (ranks agree: clocks differ, and a lone rank would hang)
                         break
                     if max_steps is not None and len(history) >= max_steps:
                         stopped = "max_steps"
@@ -338,7 +395,10 @@ class Trainer:
                     grad_norm = None
                     if cfg.max_grad_norm is not None:
                         clip = params + (list(self.temperature.parameters()) if self.temperature else [])
-                        grad_norm = float(torch.nn.utils.clip_grad_norm_(clip, cfg.max_grad_norm))
+                        if self.sharded:
+                            grad_norm = tdist.clip_grad_norm(clip, cfg.max_grad_norm)
+                        else:
+                            grad_norm = float(torch.nn.utils.clip_grad_norm_(clip, cfg.max_grad_norm))
                     lr = opt.param_groups[0]["lr"]
                     opt.step()
                     sched.step()
