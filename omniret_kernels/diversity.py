@@ -8,6 +8,10 @@ replays it, and torch.compile traces it without a graph break.
 Ops: omniret::diversity_loss_fwd / _bwd and omniret::diversity_keep_mask (C++, csrc/cpu/diversity_loss.cpp),
 omniret::diversity_loss_triton_fwd / _bwd and omniret::diversity_keep_mask_triton (Python custom ops around
 omniret_kernels/triton/diversity_loss.py). Fake kernels and the autograd formula are registered here, once.
+
+On CPU tensors that need a gradient (eager mode), the loss goes through omniret::diversity_loss_fwd_grad instead:
+one pass over m computes the loss and its gradient together (the mask drawn and m read once per step instead of
+twice), the gradient is kept on the autograd node and handed over in backward (`_CpuLossWithGrad`).
 """
 from __future__ import annotations
 
@@ -63,6 +67,49 @@ if _ext.cpu_extension_built() and _ext.has_kernel("diversity_loss_fwd", "CPU"):
         _make_backward(lambda *a: torch.ops.omniret.diversity_loss_bwd(*a)),
         setup_context=_setup_context,
     )
+
+
+_HAS_FUSED_CPU = _ext.cpu_extension_built() and _ext.has_kernel("diversity_loss_fwd_grad", "CPU")
+if _HAS_FUSED_CPU:
+    @torch.library.register_fake("omniret::diversity_loss_fwd_grad")
+    def _fwd_grad_fake(m, seed, p, gamma, normalize):
+        return m.new_empty(()), torch.empty_like(m)
+
+
+class _CpuLossWithGrad(torch.autograd.Function):
+    """The loss of omniret::diversity_loss_fwd_grad, whose gradient (grad_out = 1) was computed in the forward.
+
+    The node holds that gradient (the size of m) until backward hands it over: scaled in place by grad_out (a
+    no-op for the usual 1) and returned, so AccumulateGrad takes it as m.grad without a copy; peak memory is
+    the same as computing it in backward. A second backward through a retained graph recomputes it with
+    omniret::diversity_loss_bwd. Not twice differentiable (neither is the op pair)."""
+
+    @staticmethod
+    def forward(ctx, m, seed, p, gamma, normalize):
+        loss, grad_m = torch.ops.omniret.diversity_loss_fwd_grad(m, seed, p, gamma, normalize)
+        ctx.save_for_backward(m, seed)
+        ctx.args = (p, gamma, normalize)
+        ctx.grad_m = grad_m
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        grad_m = getattr(ctx, "grad_m", None)
+        ctx.grad_m = None  # the node lets go of it: m.grad becomes this very tensor
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        if grad_m is None:  # a second backward through a retained graph
+            m, seed = ctx.saved_tensors
+            return torch.ops.omniret.diversity_loss_bwd(grad, m, seed, *ctx.args), None, None, None, None
+        if grad.item() != 1.0:
+            grad_m.mul_(grad.to(grad_m.dtype))
+        return grad_m, None, None, None, None
+
+
+def _use_fused_cpu_gradient(m: torch.Tensor) -> bool:
+    return (m.requires_grad and torch.is_grad_enabled() and m.device.type == "cpu"
+            and not torch.compiler.is_compiling() and _HAS_FUSED_CPU)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -149,6 +196,9 @@ def diversity_loss(m: torch.Tensor, *, p: float = 0.9, gamma: float = 0.5, norma
     elif backend == "triton":
         loss = torch.ops.omniret.diversity_loss_triton_fwd(m, seed, p, gamma, normalize)
         keep_fn = torch.ops.omniret.diversity_keep_mask_triton
+    elif backend == "cpu" and _use_fused_cpu_gradient(m):
+        loss = _CpuLossWithGrad.apply(m, seed, p, gamma, normalize)
+        keep_fn = torch.ops.omniret.diversity_keep_mask
     else:  # cpu or cuda: the dispatcher picks the kernel from m's device
         loss = torch.ops.omniret.diversity_loss_fwd(m, seed, p, gamma, normalize)
         keep_fn = torch.ops.omniret.diversity_keep_mask
