@@ -24,7 +24,6 @@ its shard of the averaged gradient.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -224,8 +223,10 @@ class GradCache:
         """One contrastive step. `candidates[i]` is `queries[i]`'s positive; candidates beyond len(queries) are
         extra hard negatives. `positives` (Q, C) bool over the global batch marks further relevant candidates
         (masked out of the negatives); alternatively `candidate_ids` (one hashable per local candidate) masks
-        every candidate whose id equals query i's positive's id (duplicates in the batch). `loss_scale` multiplies the backpropagated loss (1 / accumulation
-        steps); `sync=False` skips the cross-rank gradient reduction (for all micro-steps but the last)."""
+        every candidate whose id equals query i's positive's id (duplicates in the batch). `loss_scale`
+        multiplies the backpropagated loss (1 / accumulation steps); `sync=False` skips the cross-rank gradient
+        reduction (for all micro-steps but the last); the reduction happens once, after the last chunk, on every
+        rank, whatever chunks each rank skipped."""
         if len(queries) == 0:
             raise ValueError("queries: empty batch")
         if positives is not None and candidate_ids is not None:
