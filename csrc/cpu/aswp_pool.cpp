@@ -3,17 +3,21 @@
 // Forward, per work item (a group of whole samples x a tile of slices): project the tile with ATen's GEMM
 // (MKL here, the same GEMM the floor is timed with), then per sample and per 32-column block: pack each
 // projection with its token index into a uint64 key, sort every column with the bitonic network of
-// aswp_pool_math.h (each comparator is an AVX-512 min/max over the 32 columns, in L1), then couple to the
-// reference quantiles and pool walking the references in rank order (row operations, no gathers). Written: the
-// (B, L) output, and for backward the sorted values (B, N, L) and the token at each sorted position (uint8
-// when N <= 256). The (B, N, L) projection itself is never materialised.
+// aswp_pool_math.h (each comparator is an AVX-512 min/max over 8 columns, in L1), then couple to the
+// reference quantiles and pool walking the references in rank order (row operations, no gathers). On CPUs with
+// AVX-512 the pack / sort / unpack of a full block is one vectorised function (pack_sort_unpack_avx512); the
+// portable path computes the same bits (OMNIRET_ASWP_NO_AVX512=1 selects it; the tests compare both).
+// Written: the (B, N, L) output, and for backward the sorted values (B, N, L) and the token at each sorted
+// position (uint8 when N <= 256), both in fresh zero pages of which a masked row never touches any (a ragged
+// batch's saved tensors take memory by its true lengths). The (B, N, L) projection is never materialised.
 //
 // Backward, per 32-column block (all samples, so the reference and weight gradients need no atomics):
-// recompute psi from the saved sorted values, take the pooling gradient, push it through the coupling and the
-// sort into dp (B * N, L), then two GEMMs give dx = dp d and d(d) = dp^T x. theta = d / ||d|| is never
-// materialised: the GEMMs use `directions` as is and the 1 / ||d|| scale is applied to the (L)-wide projection
-// rows in cache (forward) and to dp as it is written (backward). Storing the sorted values
-// (4 B per projection) instead of recomputing the projection saves a fourth GEMM.
+// recompute psi from the saved sorted values, take the pooling gradient (STM's softmax vectorised), push it
+// through the coupling and the sort (scattered in L1, then copied into dp row by row), then two GEMMs give
+// dx = dp d and d(d) = dp^T x. theta = d / ||d|| is never materialised: the GEMMs use `directions` as is and
+// the 1 / ||d|| scale is applied to the projection rows in cache (forward) and to dp as it is written
+// (backward). Storing the sorted values (4 B per projection) instead of recomputing the projection saves a
+// fourth GEMM.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -23,7 +27,11 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstdlib>
 #include <vector>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "omniret/aswp_pool_math.h"
 
@@ -36,6 +44,85 @@ constexpr int kSortWidth = 32;      // columns sorted together: 128 rows x 32 x 
 constexpr int64_t kSliceTile = 256;  // GEMM tile width; measured best of 64/128/256 for the paper shape
 constexpr int64_t kGemmRows = 1024;  // rows of x per GEMM tile (whole samples)
 constexpr int64_t kBackwardChunk = 1024;  // slices of dp alive at once in backward (multiple of kSortWidth)
+
+// sum_k v[k]^2 accumulated in float64 (as the reference's norm of a float32 row is accurate to float32), with
+// four independent vector accumulators: one sequential float64 add chain per row cost as much as the rest of
+// the preparation together.
+inline double squared_norm(const float* v, int64_t n) {
+  __m256d acc[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16)
+    for (int u = 0; u < 4; ++u) {
+      const __m256d x = _mm256_cvtps_pd(_mm_loadu_ps(v + k + 4 * u));
+      acc[u] = _mm256_fmadd_pd(x, x, acc[u]);
+    }
+  __m256d s = _mm256_add_pd(_mm256_add_pd(acc[0], acc[1]), _mm256_add_pd(acc[2], acc[3]));
+  __m128d h = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
+  double sq = _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+  for (; k < n; ++k) sq += double(v[k]) * double(v[k]);
+  return sq;
+}
+inline double squared_norm(const double* v, int64_t n) {
+  double part[4] = {0, 0, 0, 0};
+  int64_t k = 0;
+  for (; k + 4 <= n; k += 4)
+    for (int u = 0; u < 4; ++u) part[u] += v[k + u] * v[k + u];
+  double sq = (part[0] + part[1]) + (part[2] + part[3]);
+  for (; k < n; ++k) sq += v[k] * v[k];
+  return sq;
+}
+
+// <a, b> with 16 independent partial sums (vectorised by the compiler; one sequential add chain per row of
+// d(directions) cost ~10 ms at the paper shape).
+template <class T>
+T dot_product(const T* a, const T* b, int64_t n) {
+  T part[16] = {};
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16)
+    for (int u = 0; u < 16; ++u) part[u] += a[k + u] * b[k + u];
+  T sum = 0;
+  for (int u = 0; u < 16; ++u) sum += part[u];
+  for (; k < n; ++k) sum += a[k] * b[k];
+  return sum;
+}
+
+// stm_softmax_row of aswp_pool_math.h, eight columns per step with AVX2: the same operations in the same order
+// (separate multiply and add, as the header's scalar code compiles without FP contraction), so the result is
+// the header's bit for bit; g++ left the scalar loop unvectorised (floorf and the bit casts in exp_approx).
+inline __m256 exp_approx8(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), _mm256_min_ps(_mm256_set1_ps(88.0f), x));  // NaN stays NaN
+  const __m256 n = _mm256_floor_ps(
+      _mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
+  r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(y, r), r), r), _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+inline void stm_softmax_row_cpu(const float* psi, const float* best, float inv_t, float* e, float* z, float* num,
+                                int width) {
+  const __m256 t = _mm256_set1_ps(inv_t);
+  int c = 0;
+  for (; c + 8 <= width; c += 8) {
+    const __m256 p = _mm256_loadu_ps(psi + c);
+    const __m256 v = exp_approx8(_mm256_mul_ps(_mm256_sub_ps(p, _mm256_loadu_ps(best + c)), t));
+    _mm256_storeu_ps(e + c, v);
+    _mm256_storeu_ps(z + c, _mm256_add_ps(_mm256_loadu_ps(z + c), v));
+    _mm256_storeu_ps(num + c, _mm256_add_ps(_mm256_loadu_ps(num + c), _mm256_mul_ps(v, p)));
+  }
+  if (c < width) stm_softmax_row(psi + c, best + c, inv_t, e + c, z + c, num + c, width - c);
+}
+inline void stm_softmax_row_cpu(const double* psi, const double* best, double inv_t, double* e, double* z,
+                                double* num, int width) {
+  stm_softmax_row(psi, best, inv_t, e, z, num, width);
+}
 
 int pooling_code(c10::string_view pooling) {
   if (pooling == "stm") return kStm;
@@ -116,9 +203,10 @@ void sort_key_block_scalar(uint64_t* keys, int n_pow2) {
   for (int c = 0; c < kSortWidth; ++c) bitonic_sort(keys + c, n_pow2, kSortWidth);
 }
 
+bool use_avx512();
+
 void sort_key_block(uint64_t* keys, int n_pow2) {
-  static const bool has_avx512 = __builtin_cpu_supports("avx512f");
-  if (has_avx512)
+  if (use_avx512())
     sort_key_block_avx512(keys, n_pow2);
   else
     sort_key_block_scalar(keys, n_pow2);
@@ -146,6 +234,103 @@ struct KeyOf<double> {
   static double value(const KeyF64& k) { return k.value; }
   static int index(const KeyF64& k) { return k.index; }
 };
+
+// ---- one block: the 32 columns [l, l + width) of one sample ------------------------------------------------
+// Packs row i of the projection tile (times 1 / ||d||) with its token index into keys (masked and filler rows
+// get the pad key), sorts the columns, and unpacks: sorted values to s_dst (row stride L, kept for backward) and
+// to blk (row stride 32, for the coupling), the token at each sorted position to t_dst. Rows from n_valid on are
+// left as they are: the saved tensors start zeroed (fresh_zero_tensor) and a masked row is never touched.
+template <class scalar_t, class index_t>
+void pack_sort_unpack(const scalar_t* src, int64_t src_stride, const scalar_t* scale, const uint8_t* valid, int n,
+                      int n_valid, int n_pow2, int width, typename KeyOf<scalar_t>::type* keys, scalar_t* s_dst,
+                      index_t* t_dst, int64_t L, scalar_t* blk) {
+  using K = KeyOf<scalar_t>;
+  constexpr int W = kSortWidth;
+  for (int i = 0; i < n_pow2; ++i) {
+    auto* row = keys + size_t(i) * W;
+    int c = 0;
+    if (i < n && valid[i])
+      for (; c < width; ++c) row[c] = K::make(src[i * src_stride + c] * scale[c], i);
+    for (; c < W; ++c) row[c] = K::pad();
+  }
+  sort_key_block(keys, n_pow2);
+  for (int i = 0; i < n_valid; ++i) {
+    const auto* row = keys + size_t(i) * W;
+    for (int c = 0; c < width; ++c) s_dst[i * L + c] = blk[i * W + c] = K::value(row[c]);
+    for (int c = 0; c < width; ++c) t_dst[i * L + c] = index_t(K::index(row[c]));
+  }
+}
+
+// The same for a full block of float32 with AVX-512 (F): 16 projections packed per instruction group, the
+// network of sort_key_block_avx512, and unpacking by narrowing moves (vpmovqd / vpmovqb) instead of per-key
+// scalar code. Bit for bit the generic path's result (tests run both: OMNIRET_ASWP_NO_AVX512=1 forces the other).
+template <class index_t>
+__attribute__((target("avx512f"))) void pack_sort_unpack_avx512(const float* src, int64_t src_stride,
+                                                                const float* scale, const uint8_t* valid, int n,
+                                                                int n_valid, int n_pow2, uint64_t* keys,
+                                                                float* s_dst, index_t* t_dst, int64_t L,
+                                                                float* blk) {
+  constexpr int W = kSortWidth;
+  const __m512 scale0 = _mm512_loadu_ps(scale), scale1 = _mm512_loadu_ps(scale + 16), zero = _mm512_setzero_ps();
+  const __m512i sign = _mm512_set1_epi32(int(0x80000000u)), pad = _mm512_set1_epi64(-1);
+  for (int i = 0; i < n_pow2; ++i) {
+    uint64_t* row = keys + size_t(i) * W;
+    if (i < n && valid[i]) {
+      const __m512i index = _mm512_set1_epi64(i);
+      for (int h = 0; h < 2; ++h) {
+        // float_to_ordered: +0.0 folds -0 into +0; negative values flip every bit, the others the sign bit
+        const __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(src + i * src_stride + 16 * h),
+                                                     h == 0 ? scale0 : scale1), zero);
+        const __m512i b = _mm512_castps_si512(v);
+        const __m512i ordered = _mm512_xor_si512(b, _mm512_or_si512(_mm512_srai_epi32(b, 31), sign));
+        const __m512i lo = _mm512_cvtepu32_epi64(_mm512_castsi512_si256(ordered));
+        const __m512i hi = _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(ordered, 1));
+        _mm512_storeu_si512(row + 16 * h, _mm512_or_si512(_mm512_slli_epi64(lo, 32), index));
+        _mm512_storeu_si512(row + 16 * h + 8, _mm512_or_si512(_mm512_slli_epi64(hi, 32), index));
+      }
+    } else {
+      for (int q = 0; q < 4; ++q) _mm512_storeu_si512(row + 8 * q, pad);
+    }
+  }
+  sort_key_block_avx512(keys, n_pow2);
+  const __m256i sign8 = _mm256_set1_epi32(int(0x80000000u)), ones8 = _mm256_set1_epi32(-1);
+  for (int i = 0; i < n_valid; ++i) {
+    const uint64_t* row = keys + size_t(i) * W;
+    for (int q = 0; q < 4; ++q) {
+      const __m512i k = _mm512_loadu_si512(row + 8 * q);
+      // ordered_to_float: flip the sign bit of keys with it set, every bit of the others
+      const __m256i ordered = _mm512_cvtepi64_epi32(_mm512_srli_epi64(k, 32));
+      const __m256i flip = _mm256_or_si256(_mm256_xor_si256(_mm256_srai_epi32(ordered, 31), ones8), sign8);
+      const __m256 value = _mm256_castsi256_ps(_mm256_xor_si256(ordered, flip));
+      _mm256_storeu_ps(s_dst + i * L + 8 * q, value);
+      _mm256_storeu_ps(blk + i * W + 8 * q, value);
+      if constexpr (sizeof(index_t) == 1)
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(t_dst + i * L + 8 * q), _mm512_cvtepi64_epi8(k));
+      else
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(t_dst + i * L + 8 * q), _mm512_cvtepi64_epi32(k));
+    }
+  }
+}
+
+bool use_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && std::getenv("OMNIRET_ASWP_NO_AVX512") == nullptr;
+  return yes;
+}
+
+// The AVX-512 block when it applies (float32, a full block of 32 columns, the CPU has it); false otherwise.
+template <class index_t>
+bool pack_sort_unpack_fast(const float* src, int64_t src_stride, const float* scale, const uint8_t* valid, int n,
+                           int n_valid, int n_pow2, int width, uint64_t* keys, float* s_dst, index_t* t_dst,
+                           int64_t L, float* blk) {
+  if (width != kSortWidth || !use_avx512()) return false;
+  pack_sort_unpack_avx512<index_t>(src, src_stride, scale, valid, n, n_valid, n_pow2, keys, s_dst, t_dst, L, blk);
+  return true;
+}
+template <class index_t>
+bool pack_sort_unpack_fast(const double*, int64_t, const double*, const uint8_t*, int, int, int, int, KeyF64*,
+                           double*, index_t*, int64_t, double*) {
+  return false;
+}
 
 // Stable sort of every column of references (M, L) with the key network: the values in rank order and the
 // index j of each rank. (at::sort along dim 0 of a row-major matrix costs more than the kernel around it.)
@@ -182,6 +367,32 @@ void sort_references(const at::Tensor& references, at::Tensor& ref_sorted, at::T
   });
 }
 
+// out[r, l] = src[order[r, l], l] and its inverse (scatter), with the int32 rank table (an int64 copy for
+// at::gather/scatter would be the largest temporary of the backward after the gradients).
+template <class scalar_t>
+at::Tensor rank_order_gather(const at::Tensor& src, const at::Tensor& order) {
+  at::Tensor out = at::empty_like(src);
+  const int64_t M = src.size(0), L = src.size(1);
+  const scalar_t* s = src.data_ptr<scalar_t>();
+  const int* o = order.data_ptr<int>();
+  scalar_t* d = out.data_ptr<scalar_t>();
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t l = 0; l < L; ++l) d[r * L + l] = s[int64_t(o[r * L + l]) * L + l];
+  return out;
+}
+
+template <class scalar_t>
+at::Tensor rank_order_scatter(const at::Tensor& src, const at::Tensor& order) {
+  at::Tensor out = at::empty_like(src);
+  const int64_t M = src.size(0), L = src.size(1);
+  const scalar_t* s = src.data_ptr<scalar_t>();
+  const int* o = order.data_ptr<int>();
+  scalar_t* d = out.data_ptr<scalar_t>();
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t l = 0; l < L; ++l) d[int64_t(o[r * L + l]) * L + l] = s[r * L + l];
+  return out;
+}
+
 // What both directions need: x and the directions in the compute type, 1 / ||d|| per slice, the references sorted per column with the
 // index j of each rank (so the kernels walk references in rank order), and each sample's quantile table.
 template <class scalar_t>
@@ -191,8 +402,7 @@ struct Prepared {
   at::Tensor dir;           // (L, D) directions, not normalised
   std::vector<scalar_t> scale;  // (L): 1 / ||d_l|| when normalising, else 1
   at::Tensor ref_sorted;   // (M, L): ref_sorted[r, l] = references[order[r, l], l]
-  at::Tensor order;        // (M, L) int64: j of rank r in column l (stable)
-  at::Tensor order32;      // (M, L) int32
+  at::Tensor order32;      // (M, L) int32: j of rank r in column l (stable)
   at::Tensor weight_sorted;  // (M, L) or undefined
   std::vector<uint8_t> valid;  // (B, N)
   std::vector<int> n_valid;    // (B)
@@ -217,16 +427,11 @@ Prepared<scalar_t> prepare(const at::Tensor& x, const at::Tensor& directions, co
     const scalar_t* dp = d.data_ptr<scalar_t>();
     const int64_t D = P.D;
     at::parallel_for(0, P.L, 64, [&](int64_t l0, int64_t l1) {
-      for (int64_t l = l0; l < l1; ++l) {
-        double sq = 0;
-        for (int64_t k = 0; k < D; ++k) sq += double(dp[l * D + k]) * double(dp[l * D + k]);
-        P.scale[l] = scalar_t(1.0 / std::sqrt(sq));
-      }
+      for (int64_t l = l0; l < l1; ++l) P.scale[l] = scalar_t(1.0 / std::sqrt(squared_norm(dp + l * D, D)));
     });
   }
   sort_references<scalar_t>(references.to(dt).contiguous(), P.ref_sorted, P.order32);
-  P.order = P.order32.to(at::kLong);
-  if (weights.has_value()) P.weight_sorted = weights->to(dt).gather(0, P.order).contiguous();
+  if (weights.has_value()) P.weight_sorted = rank_order_gather<scalar_t>(weights->to(dt).contiguous(), P.order32);
   const int64_t M = P.M, B = P.B, N = P.N;
   P.valid.assign(B * N, 1);
   P.n_valid.assign(B, int(N));
@@ -291,31 +496,13 @@ void forward_kernel(const Prepared<scalar_t>& P, int pooling, at::Tensor& out, a
         for (int64_t c0 = 0; c0 < width_tile; c0 += W) {
           const int width = int(std::min<int64_t>(W, width_tile - c0));
           const int64_t l = l0 + c0;
-          for (int i = 0; i < n_pow2; ++i) {
-            Key* row = keys.data() + size_t(i) * W;
-            int c = 0;
-            if (i < N && valid[i]) {
-              const scalar_t* src = pj + (bl * N + i) * tile + c0;
-              const scalar_t* sc = P.scale.data() + l;  // the projection onto d / ||d||
-              for (; c < width; ++c) row[c] = K::make(src[c] * sc[c], i);
-            }
-            for (; c < W; ++c) row[c] = K::pad();
-          }
-          sort_key_block(keys.data(), n_pow2);
-          // Unpack, row by row (vectorised): sorted values and the token at each sorted position, both kept
-          // for backward; positions past the sample's valid tokens hold 0.
-          for (int64_t i = 0; i < N; ++i) {
-            const Key* row = keys.data() + size_t(i) * W;
-            scalar_t* s_dst = sorted_p + (b * N + i) * L + l;
-            index_t* t_dst = tokens_p + (b * N + i) * L + l;
-            scalar_t* blk = block.data() + size_t(i) * W;
-            if (i < n_b) {
-              for (int c = 0; c < width; ++c) s_dst[c] = blk[c] = K::value(row[c]);
-              for (int c = 0; c < width; ++c) t_dst[c] = index_t(K::index(row[c]));
-            } else {
-              for (int c = 0; c < width; ++c) s_dst[c] = scalar_t(0), t_dst[c] = index_t(0);
-            }
-          }
+          const scalar_t* src = pj + bl * N * tile + c0;
+          scalar_t* s_dst = sorted_p + b * N * L + l;
+          index_t* t_dst = tokens_p + b * N * L + l;
+          if (!pack_sort_unpack_fast(src, tile, P.scale.data() + l, valid, int(N), n_b, n_pow2, width, keys.data(),
+                                     s_dst, t_dst, L, block.data()))
+            pack_sort_unpack<scalar_t, index_t>(src, tile, P.scale.data() + l, valid, int(N), n_b, n_pow2, width,
+                                                keys.data(), s_dst, t_dst, L, block.data());
           // Couple and pool, walking the references in rank order (one row of 32 columns per rank).
           for (int c = 0; c < width; ++c) acc[c] = pool_initial<scalar_t>(pooling);
           for (int64_t r = 0; r < M; ++r) {
@@ -329,6 +516,29 @@ void forward_kernel(const Prepared<scalar_t>& P, int pooling, at::Tensor& out, a
       }
     }
   });
+}
+
+// A zero-filled tensor whose pages stay untouched until written: fresh anonymous memory reads as zero and is not
+// resident until first written, so the rows of masked tokens (never written) cost no memory: the saved
+// (B, N, L) tensors of a ragged batch take memory by the true lengths. `huge` asks for transparent huge pages
+// (a dense batch writes every row; 512x fewer page faults). Small tensors come from the allocator, zeroed.
+at::Tensor fresh_zero_tensor(at::IntArrayRef sizes, const at::TensorOptions& options, bool huge) {
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  const size_t bytes = size_t(numel) * options.dtype().itemsize();
+#if defined(__linux__) && defined(MAP_ANONYMOUS)
+  if (bytes >= (size_t(1) << 20)) {
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p != MAP_FAILED) {
+#if defined(MADV_HUGEPAGE)
+      if (huge) madvise(p, bytes, MADV_HUGEPAGE);
+#endif
+      return at::from_blob(p, sizes, [bytes](void* q) { munmap(q, bytes); }, options);
+    }
+  }
+#endif
+  (void)huge;
+  return at::zeros(sizes, options);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> aswp_pool_fwd_cpu(
@@ -350,8 +560,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aswp_pool_fwd_cpu(
   const auto compute = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto index_dtype = N <= 256 ? at::kByte : at::kInt;
   at::Tensor out = at::empty({B, L}, x.options().dtype(compute));
-  at::Tensor sorted = at::empty({B, N, L}, x.options().dtype(compute));
-  at::Tensor sorted_tokens = at::empty({B, N, L}, x.options().dtype(index_dtype));
+  // Rows past a sample's valid tokens stay zero (and, with a mask, never resident: see fresh_zero_tensor).
+  const bool dense = !mask.has_value();
+  at::Tensor sorted = fresh_zero_tensor({B, N, L}, x.options().dtype(compute), dense);
+  at::Tensor sorted_tokens = fresh_zero_tensor({B, N, L}, x.options().dtype(index_dtype), dense);
   std::optional<at::Tensor> wopt = code == kWeighted ? weights : std::nullopt;
   AT_DISPATCH_FLOATING_TYPES(compute, "aswp_pool_fwd_cpu", [&] {
     auto P = prepare<scalar_t>(x, directions, references, mask, wopt, normalize_directions, true);
@@ -385,7 +597,8 @@ void backward_kernel(const Prepared<scalar_t>& P, int pooling, scalar_t temperat
   const bool needs_argmax = pooling == kStm || pooling == kMax;
 
   at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> block(size_t(N) * W), ds(size_t(N) * W), psi(size_t(M) * W), e(size_t(M) * W);
+    std::vector<scalar_t> block(size_t(N) * W), ds(size_t(N) * W), psi(size_t(M) * W), e(size_t(M) * W),
+        scattered(size_t(N) * W);
     scalar_t best[W], z[W], num[W], dpsi[W];
     int best_j[W], best_r[W];
     for (int64_t blk_i = begin; blk_i < end; ++blk_i) {
@@ -418,7 +631,7 @@ void backward_kernel(const Prepared<scalar_t>& P, int pooling, scalar_t temperat
           std::fill_n(z, W, scalar_t(0));
           std::fill_n(num, W, scalar_t(0));
           for (int64_t r = 0; r < M; ++r)
-            stm_softmax_row(psi.data() + r * W, best, inv_t, e.data() + r * W, z, num, width);
+            stm_softmax_row_cpu(psi.data() + r * W, best, inv_t, e.data() + r * W, z, num, width);
           stm_normalize(z, num, width);
         }
         std::fill_n(ds.data(), size_t(n_b) * W, scalar_t(0));
@@ -434,19 +647,18 @@ void backward_kernel(const Prepared<scalar_t>& P, int pooling, scalar_t temperat
           }
           couple_row_backward(dpsi, qw[r], ds.data() + size_t(lo[r]) * W, ds.data() + size_t(hi[r]) * W, width);
         }
-        // Through the sort: the token at sorted position i receives ds[i]; masked tokens receive 0.
-        if (n_b < N) {
-          const uint8_t* valid = P.valid.data() + b * N;
-          for (int64_t n = 0; n < N; ++n)
-            if (!valid[n]) std::fill_n(dp_p + (b * N + n) * ld + l, width, scalar_t(0));
-        }
+        // Through the sort: the token at sorted position i receives ds[i]; masked tokens receive 0. The
+        // scatter goes to a token-ordered block in L1 first, then whole rows of it to dp: scattering straight
+        // into dp (row stride `ld`) missed cache on nearly every element.
+        if (n_b < N) std::fill_n(scattered.data(), size_t(N) * W, scalar_t(0));
+        const scalar_t* sc = P.scale.data() + l;  // chain rule through p = (x . d) / ||d||
         for (int i = 0; i < n_b; ++i) {
           const index_t* tok = tokens_p + (b * N + i) * L + l;
           const scalar_t* d = ds.data() + size_t(i) * W;
-          const scalar_t* sc = P.scale.data() + l;  // chain rule through p = (x . d) / ||d||
-          scalar_t* dst = dp_p + b * N * ld + l;
-          for (int c = 0; c < width; ++c) dst[int64_t(tok[c]) * ld + c] = d[c] * sc[c];
+          for (int c = 0; c < width; ++c) scattered[size_t(tok[c]) * W + c] = d[c] * sc[c];
         }
+        for (int64_t n = 0; n < N; ++n)
+          std::copy_n(scattered.data() + n * W, width, dp_p + (b * N + n) * ld + l);
       }
     }
   });
@@ -463,8 +675,7 @@ void normalize_backward(at::Tensor& grad, const at::Tensor& dir, const std::vect
     for (int64_t l = l0; l < l1; ++l) {
       scalar_t* gr = g + l * D;
       const scalar_t* dr = d + l * D;
-      scalar_t dot = 0;
-      for (int64_t k = 0; k < D; ++k) dot += gr[k] * dr[k];
+      const scalar_t dot = dot_product(gr, dr, D);
       const scalar_t f = scale[l] * scale[l] * dot;
       for (int64_t k = 0; k < D; ++k) gr[k] -= f * dr[k];
     }
@@ -488,7 +699,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aswp_pool_bwd_cpu(
   at::Tensor grad_x, grad_dir;
   at::Tensor grad_ref_s = at::empty({M, L}, sorted.options());  // in rank order, unpermuted at the end
   at::Tensor grad_w_s = code == kWeighted ? at::empty({M, L}, sorted.options()) : at::Tensor();
-  at::Tensor order;
+  at::Tensor grad_ref, grad_w;
   std::optional<at::Tensor> wopt = code == kWeighted ? weights : std::nullopt;
   AT_DISPATCH_FLOATING_TYPES(compute, "aswp_pool_bwd_cpu", [&] {
     auto P = prepare<scalar_t>(x, directions, references, mask, wopt, normalize_directions, need_directions);
@@ -515,7 +726,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aswp_pool_bwd_cpu(
         at::mm_out(rows, dq_view.t(), P.x2d);
       }
     }
-    order = P.order;
+    grad_ref = rank_order_scatter<scalar_t>(grad_ref_s, P.order32).to(references.scalar_type());
+    if (code == kWeighted) grad_w = rank_order_scatter<scalar_t>(grad_w_s, P.order32).to(weights->scalar_type());
     if (need_x) grad_x = dx.view({B, N, x.size(2)}).to(x.scalar_type());
     if (need_directions) {
       if (normalize_directions) normalize_backward<scalar_t>(dtheta, P.dir, P.scale);
@@ -524,10 +736,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aswp_pool_bwd_cpu(
   });
   if (!grad_x.defined()) grad_x = at::empty({0}, x.options());
   if (!grad_dir.defined()) grad_dir = at::empty({0}, directions.options());
-  at::Tensor grad_ref = at::empty_like(grad_ref_s).scatter_(0, order, grad_ref_s).to(references.scalar_type());
-  at::Tensor grad_w = code == kWeighted
-                          ? at::empty_like(grad_w_s).scatter_(0, order, grad_w_s).to(weights->scalar_type())
-                          : at::empty({0}, references.options());
+  if (!grad_w.defined()) grad_w = at::empty({0}, references.options());
   return {grad_x, grad_dir, grad_ref, grad_w};
 }
 
