@@ -5,6 +5,15 @@ import importlib.util
 import sys
 
 
+def _default(name: str):
+    """The demo's defaults live in one place, DemoOptions; the flags quote them."""
+    import dataclasses
+
+    from omniret.eval.digits_demo import DemoOptions
+
+    return next(f.default for f in dataclasses.fields(DemoOptions) if f.name == name)
+
+
 def add_arguments(p) -> None:
     p.add_argument("--output", required=True, help="directory for results.json, results.md, the plot, model, index")
     p.add_argument("--pooling", default="aswp", choices=("aswp", "eos", "mean"),
@@ -14,8 +23,14 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=None, help="train a fixed number of steps instead of a time budget")
     p.add_argument("--per-task", type=int, default=4, help="training pairs per task per step (6 tasks)")
     p.add_argument("--chunk-size", type=int, default=24, help="gradient-caching chunk size")
-    p.add_argument("--lr", type=float, default=1e-3, help="towers, projectors, resamplers, pooling head")
-    p.add_argument("--lora-lr", type=float, default=3e-4)
+    p.add_argument("--lr", type=float, default=_default("lr"), help="towers, projectors, resamplers, pooling head")
+    p.add_argument("--lora-lr", type=float, default=_default("lora_lr"))
+    p.add_argument("--tower-warmup-epochs", type=int, default=_default("tower_warmup_epochs"),
+                   help="supervised warm-up of the CNN towers on the training labels before contrastive training "
+                        "(a stand-in for pretrained encoders; counts against --time-budget); 0 = none")
+    p.add_argument("--negatives", default=_default("negatives"), choices=("modality", "all"),
+                   help="in-batch negatives: the candidates of the query's target modality (as in evaluation), "
+                        "or all other candidates")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--triplet", default="mean", choices=("mean", "sum"),
                    help="weight the triplet term as a mean over negatives (default) or SPEC's plain sum")
@@ -61,6 +76,7 @@ def run(args) -> int:
                             flite_renderings=2, max_images_per_class=20)
     opts = DemoOptions(output=args.output, pooling=args.pooling, time_budget=args.time_budget, steps=args.steps,
                        per_task=args.per_task, chunk_size=args.chunk_size, lr=args.lr, lora_lr=args.lora_lr, triplet=args.triplet,
+                       tower_warmup_epochs=args.tower_warmup_epochs, negatives=args.negatives,
                        seed=args.seed, data=data, cache_dir=args.data_cache, max_eval_queries=args.max_eval_queries,
                        build_index=not args.no_index, threads=args.threads)
     out = run_demo(opts)

@@ -29,8 +29,11 @@ class DemoOptions:
     time_budget: float = 360.0  # seconds of training
     steps: int | None = None  # a fixed number of steps instead (reproducible schedule)
     per_task: int = 4  # training pairs per task per step (6 tasks): small steps, many updates
+    # pairs per step of each composed task instead of `per_task` (None = `per_task`): the single-modality tasks
+    # are learned within ~80 steps, the composed ones (arithmetic on the query's digit) need many more examples
+    per_composed_task: int | None = None
     chunk_size: int = 24  # gradient-caching chunk
-    lr: float = 1e-3
+    lr: float = 3e-4  # 1e-3 collapses the ASWP head within a few steps (docs/demo.md)
     lora_lr: float = 3e-4
     warmup: float = 0.05  # share of the schedule
     seed: int = 0
@@ -51,6 +54,14 @@ class DemoOptions:
     # over negatives); "sum" keeps mu1 = 1 on the sum.
     triplet: str = "mean"
     warmup_steps: int = 5  # at least this many warm-up steps, whatever the budget
+    # Supervised warm-up of the two CNN towers (omniret/train/tower_warmup.py) before contrastive training: the
+    # stand-in for the paper's pretrained encoders. Its seconds count against `time_budget`. 0 = none.
+    tower_warmup_epochs: int = 10
+    # "modality": a query's in-batch negatives are the candidates of its target modality only, as in evaluation,
+    # where every task searches a pool of one modality. "all": every other candidate (SPEC's in-batch negatives).
+    # With "all", separating images from recordings is the cheapest loss reduction, and the towers' content is
+    # squeezed out on the way (docs/demo.md).
+    negatives: str = "modality"
 
 
 def _lr_factor(progress: float, warmup: float) -> float:
@@ -70,10 +81,40 @@ def build_model(pooling: str, seed: int):
     return model
 
 
-def train(model, bench: dict, opts: DemoOptions, log=print, log_path: str | None = None) -> list:
-    """Train until the time budget (or `opts.steps`) is spent; returns one record per step, also appended to
-    `log_path` (JSON lines) as it goes."""
+def task_counts(opts: DemoOptions) -> dict:
+    """Training pairs per step for each task."""
+    composed = opts.per_task if opts.per_composed_task is None else opts.per_composed_task
+    return {t: composed if t in digits.COMPOSED_TASKS else opts.per_task for t in digits.TASKS}
+
+
+def restrict_negatives(candidates: list, positives: torch.Tensor) -> torch.Tensor:
+    """Exclude the candidates of another modality than query i's positive from query i's negatives (they join
+    the `positives` mask, which only removes candidates from the negatives)."""
+    kind = torch.tensor([("image" in c) for c in candidates])
+    return positives | (kind[:, None] != kind[None, :])
+
+
+def warm_up(model, split, opts: DemoOptions, log=print) -> dict:
+    """The towers' supervised warm-up on the training split's images and clips (digit labels)."""
+    from omniret.train.tower_warmup import warm_up_towers
+
+    images = [split.image_item(i)["image"] for i in range(len(split.image_labels))]
+    clips = [split.audio_item(j)["audio"] for j in range(len(split.audio_labels))]
+    return warm_up_towers(model, {"image": (images, split.image_labels), "audio": (clips, split.audio_labels)},
+                          epochs=opts.tower_warmup_epochs, seed=opts.seed, log=log, progress=opts.progress)
+
+
+def train(model, bench: dict, opts: DemoOptions, log=print, log_path: str | None = None) -> tuple[list, dict]:
+    """Warm the towers up, then train until the time budget (or `opts.steps`) is spent. Returns one record per
+    step (also appended to `log_path`, JSON lines, as it goes) and the towers' warm-up report."""
     from omniret.train.grad_cache import GradCache
+
+    if opts.negatives not in ("modality", "all"):
+        raise ValueError(f"negatives must be 'modality' or 'all', got {opts.negatives!r}")
+    budget_start = time.perf_counter()
+    torch.manual_seed(opts.seed)
+    warmup_report = warm_up(model, bench["train"], opts, log) if opts.tower_warmup_epochs > 0 else {}
+    budget = opts.time_budget - (time.perf_counter() - budget_start)
 
     lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
     rest = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
@@ -81,7 +122,7 @@ def train(model, bench: dict, opts: DemoOptions, log=print, log_path: str | None
     if lora:
         groups.append({"params": lora, "lr": opts.lora_lr, "base_lr": opts.lora_lr})
     opt = torch.optim.AdamW(groups, weight_decay=0.01)
-    per_task = {t: opts.per_task for t in digits.TASKS}
+    per_task = task_counts(opts)
     batch = sum(per_task.values())
     if opts.triplet not in ("mean", "sum"):
         raise ValueError(f"triplet must be 'mean' or 'sum', got {opts.triplet!r}")
@@ -97,13 +138,13 @@ def train(model, bench: dict, opts: DemoOptions, log=print, log_path: str | None
     if opts.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=opts.steps or int(opts.time_budget), unit="step" if opts.steps else "s",
+        bar = tqdm(total=opts.steps or max(0, int(budget)), unit="step" if opts.steps else "s",
                    desc="train", dynamic_ncols=True)
     start = time.perf_counter()
     step = 0
     while True:
         elapsed = time.perf_counter() - start
-        progress = step / opts.steps if opts.steps else elapsed / opts.time_budget
+        progress = step / opts.steps if opts.steps else elapsed / max(budget, 1e-9)
         if progress >= 1.0:
             break
         factor = _lr_factor(progress, opts.warmup)
@@ -112,6 +153,8 @@ def train(model, bench: dict, opts: DemoOptions, log=print, log_path: str | None
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * factor
         queries, cands, positives = sampler.sample(per_task)
+        if opts.negatives == "modality":
+            positives = restrict_negatives(cands, positives)
         opt.zero_grad(set_to_none=True)
         stats = gc.step(queries, cands, positives=positives)
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 5.0)
@@ -130,7 +173,7 @@ def train(model, bench: dict, opts: DemoOptions, log=print, log_path: str | None
         bar.close()
     model.eval()
     log(f"trained {step} steps ({step * sum(per_task.values())} pairs) in {time.perf_counter() - start:.0f}s")
-    return history
+    return history, warmup_report
 
 
 def eval_tasks(split, opts: DemoOptions) -> tuple[list, dict]:
@@ -272,7 +315,7 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
     log_path = os.path.join(opts.output, "train_log.jsonl")
     if os.path.exists(log_path):
         os.remove(log_path)
-    history = train(model, bench, opts, log, log_path)
+    history, warmup_report = train(model, bench, opts, log, log_path)
     t_train = time.perf_counter() - t0 - t_data
     model_dir = os.path.join(opts.output, "model")
     model.save_pretrained(model_dir)
@@ -284,8 +327,8 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
     index_report = build_gallery_index(results, bench["test"], opts, model_dir, log) if opts.build_index else None
     info = {
         "pooling": opts.pooling, "steps": len(history),
-        "pairs_seen": len(history) * opts.per_task * len(digits.TASKS),
-        "final_loss": history[-1]["loss"] if history else None,
+        "pairs_seen": len(history) * sum(task_counts(opts).values()),
+        "final_loss": history[-1]["loss"] if history else None, "tower_warmup": warmup_report,
         "trainable_parameters": n_train, "threads": torch.get_num_threads(),
         "seconds": {"data": round(t_data, 1), "train": round(t_train, 1), "eval": round(t_eval, 1),
                     "total": round(time.perf_counter() - t0, 1)},

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from omniret.config import OmniRetConfig
@@ -214,11 +215,11 @@ class Composer(nn.Module):
                              f"{self.cfg.media_latents} per media item), more than the LLM's {limit} positions; "
                              "use fewer media or shorter text")
         T = max(lengths)
-        embeds = torch.zeros(len(rows), T, self.hidden_size, dtype=dtype, device=device)
-        mask = torch.zeros(len(rows), T, dtype=torch.bool, device=device)
-        for i, r in enumerate(rows):  # right padding: causal LLMs see no padding before a valid token
-            embeds[i, : r.shape[0]] = r
-            mask[i, : r.shape[0]] = True
+        # Right padding (causal LLMs see no padding before a valid token), one stack of padded rows: writing
+        # rows into a zero (B, T, D) tensor makes one autograd node per row, each copying the whole (B, T, D)
+        # gradient in backward, which made a step quadratic in the batch (measured in docs/training.md).
+        embeds = torch.stack([F.pad(r, (0, 0, 0, T - r.shape[0])) for r in rows])
+        mask = torch.arange(T, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
         return embeds, mask
 
     def forward(self, inputs_embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

