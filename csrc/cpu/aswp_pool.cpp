@@ -395,29 +395,24 @@ void sort_references(const at::Tensor& references, at::Tensor& ref_sorted, at::T
   });
 }
 
-// out[r, l] = src[order[r, l], l] and its inverse (scatter), with the int32 rank table (an int64 copy for
-// at::gather/scatter would be the largest temporary of the backward after the gradients).
+// Between column-wise rank order and reference order with the int32 rank table (an int64 copy for
+// at::gather/scatter would be the largest temporary of the backward after the gradients):
+// to_rank_order: out[r, l] = src[order[r, l], l]; otherwise the inverse, out[order[r, l], l] = src[r, l].
 template <class scalar_t>
-at::Tensor rank_order_gather(const at::Tensor& src, const at::Tensor& order) {
+at::Tensor permute_ranks(const at::Tensor& src, const at::Tensor& order, bool to_rank_order) {
   at::Tensor out = at::empty_like(src);
   const int64_t M = src.size(0), L = src.size(1);
   const scalar_t* s = src.data_ptr<scalar_t>();
   const int* o = order.data_ptr<int>();
   scalar_t* d = out.data_ptr<scalar_t>();
   for (int64_t r = 0; r < M; ++r)
-    for (int64_t l = 0; l < L; ++l) d[r * L + l] = s[int64_t(o[r * L + l]) * L + l];
-  return out;
-}
-
-template <class scalar_t>
-at::Tensor rank_order_scatter(const at::Tensor& src, const at::Tensor& order) {
-  at::Tensor out = at::empty_like(src);
-  const int64_t M = src.size(0), L = src.size(1);
-  const scalar_t* s = src.data_ptr<scalar_t>();
-  const int* o = order.data_ptr<int>();
-  scalar_t* d = out.data_ptr<scalar_t>();
-  for (int64_t r = 0; r < M; ++r)
-    for (int64_t l = 0; l < L; ++l) d[int64_t(o[r * L + l]) * L + l] = s[r * L + l];
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t ranked = r * L + l, original = int64_t(o[ranked]) * L + l;
+      if (to_rank_order)
+        d[ranked] = s[original];
+      else
+        d[original] = s[ranked];
+    }
   return out;
 }
 
@@ -459,7 +454,7 @@ Prepared<scalar_t> prepare(const at::Tensor& x, const at::Tensor& directions, co
     });
   }
   sort_references<scalar_t>(references.to(dt).contiguous(), P.ref_sorted, P.order32);
-  if (weights.has_value()) P.weight_sorted = rank_order_gather<scalar_t>(weights->to(dt).contiguous(), P.order32);
+  if (weights.has_value()) P.weight_sorted = permute_ranks<scalar_t>(weights->to(dt).contiguous(), P.order32, true);
   const int64_t M = P.M, B = P.B, N = P.N;
   P.valid.assign(B * N, 1);
   P.n_valid.assign(B, int(N));
@@ -754,8 +749,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aswp_pool_bwd_cpu(
         at::mm_out(rows, dq_view.t(), P.x2d);
       }
     }
-    grad_ref = rank_order_scatter<scalar_t>(grad_ref_s, P.order32).to(references.scalar_type());
-    if (code == kWeighted) grad_w = rank_order_scatter<scalar_t>(grad_w_s, P.order32).to(weights->scalar_type());
+    grad_ref = permute_ranks<scalar_t>(grad_ref_s, P.order32, false).to(references.scalar_type());
+    if (code == kWeighted) grad_w = permute_ranks<scalar_t>(grad_w_s, P.order32, false).to(weights->scalar_type());
     if (need_x) grad_x = dx.view({B, N, x.size(2)}).to(x.scalar_type());
     if (need_directions) {
       if (normalize_directions) normalize_backward<scalar_t>(dtheta, P.dir, P.scale);
