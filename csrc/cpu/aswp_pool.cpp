@@ -28,6 +28,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdlib>
+#include <utility>
 #include <vector>
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -41,7 +42,9 @@ namespace {
 using namespace omniret::aswp;
 
 constexpr int kSortWidth = 32;      // columns sorted together: 128 rows x 32 x 8 B = 32 KiB, inside L1
-constexpr int64_t kSliceTile = 256;  // GEMM tile width; measured best of 64/128/256 for the paper shape
+constexpr int64_t kSliceTile = 1024;  // GEMM tile width: MKL's (1024 x 1536) x (1536 x w) ran ~12% slower at
+                                      // w = 256 than untiled, ~5% at 512; end to end 1024 was fastest (the 4 MiB
+                                      // tile is read from L2/L3 by the packing, which costs less than the GEMM loss)
 constexpr int64_t kGemmRows = 1024;  // rows of x per GEMM tile (whole samples)
 constexpr int64_t kBackwardChunk = 1024;  // slices of dp alive at once in backward (multiple of kSortWidth)
 
@@ -181,7 +184,26 @@ __attribute__((target("avx512f"))) void sort_key_block_avx512(uint64_t* keys, in
       for (int i = 0; i < 16; ++i) _mm512_storeu_si512(col + (g0 + i) * W, r[i]);
     }
     for (int size = 32, log_size = 5; size <= n_pow2; size <<= 1, ++log_size) {
-      for (int log_step = log_size - 1; log_step >= 4; --log_step)
+      int log_step = log_size - 1;
+      // Two steps per pass through L1 while both strides are >= 16: steps s and h = s / 2 only mix the four
+      // rows i, i + h, i + s, i + s + h (i with bits s and h clear), which share one direction (bit `size`).
+      for (; log_step >= 5; log_step -= 2) {
+        const int step = 1 << log_step, half = step >> 1;
+        for (int i = 0; i < n_pow2; ++i) {
+          if (i & (step | half)) continue;
+          const bool ascending = (i & size) == 0;
+          uint64_t* rows[4] = {col + i * W, col + (i + half) * W, col + (i + step) * W, col + (i + step + half) * W};
+          __m512i v[4];
+          for (int k = 0; k < 4; ++k) v[k] = _mm512_loadu_si512(rows[k]);
+          for (const auto [a, b] : {std::pair{0, 2}, std::pair{1, 3}, std::pair{0, 1}, std::pair{2, 3}}) {
+            const __m512i lo = _mm512_min_epu64(v[a], v[b]), hi = _mm512_max_epu64(v[a], v[b]);
+            v[a] = ascending ? lo : hi;
+            v[b] = ascending ? hi : lo;
+          }
+          for (int k = 0; k < 4; ++k) _mm512_storeu_si512(rows[k], v[k]);
+        }
+      }
+      for (; log_step >= 4; --log_step)
         for (int p = 0; p < n_pow2 / 2; ++p) {
           int a, b;
           bitonic_comparator(size, log_step, p, a, b);
@@ -294,6 +316,9 @@ __attribute__((target("avx512f"))) void pack_sort_unpack_avx512(const float* src
   }
   sort_key_block_avx512(keys, n_pow2);
   const __m256i sign8 = _mm256_set1_epi32(int(0x80000000u)), ones8 = _mm256_set1_epi32(-1);
+  // The saved values are read again only in backward: streamed (non-temporal) stores skip reading their lines
+  // first (~5 ms of the paper-shape forward, single thread). The tokens are a quarter line per row: plain stores.
+  const bool stream = reinterpret_cast<uintptr_t>(s_dst) % 32 == 0 && L % 8 == 0;
   for (int i = 0; i < n_valid; ++i) {
     const uint64_t* row = keys + size_t(i) * W;
     for (int q = 0; q < 4; ++q) {
@@ -302,7 +327,10 @@ __attribute__((target("avx512f"))) void pack_sort_unpack_avx512(const float* src
       const __m256i ordered = _mm512_cvtepi64_epi32(_mm512_srli_epi64(k, 32));
       const __m256i flip = _mm256_or_si256(_mm256_xor_si256(_mm256_srai_epi32(ordered, 31), ones8), sign8);
       const __m256 value = _mm256_castsi256_ps(_mm256_xor_si256(ordered, flip));
-      _mm256_storeu_ps(s_dst + i * L + 8 * q, value);
+      if (stream)
+        _mm256_stream_ps(s_dst + i * L + 8 * q, value);
+      else
+        _mm256_storeu_ps(s_dst + i * L + 8 * q, value);
       _mm256_storeu_ps(blk + i * W + 8 * q, value);
       if constexpr (sizeof(index_t) == 1)
         _mm_storel_epi64(reinterpret_cast<__m128i*>(t_dst + i * L + 8 * q), _mm512_cvtepi64_epi8(k));
@@ -310,6 +338,7 @@ __attribute__((target("avx512f"))) void pack_sort_unpack_avx512(const float* src
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(t_dst + i * L + 8 * q), _mm512_cvtepi64_epi32(k));
     }
   }
+  if (stream) _mm_sfence();  // the streamed stores are ordered before anything this thread does next
 }
 
 bool use_avx512() {
@@ -348,9 +377,15 @@ void sort_references(const at::Tensor& references, at::Tensor& ref_sorted, at::T
   int* ord = order.data_ptr<int>();
   at::parallel_for(0, (L + W - 1) / W, 4, [&](int64_t begin, int64_t end) {
     std::vector<Key> keys(size_t(m_pow2) * W);
+    const std::vector<scalar_t> ones(W, scalar_t(1));  // the fast block scales by 1 / ||d||: x * 1 is exact
+    const std::vector<uint8_t> all_valid(M, 1);
+    std::vector<scalar_t> unused_block(size_t(M) * W);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t l = blk * W;
       const int width = int(std::min<int64_t>(W, L - l));
+      if (pack_sort_unpack_fast(src + l, L, ones.data(), all_valid.data(), int(M), int(M), m_pow2, width,
+                                keys.data(), dst + l, ord + l, L, unused_block.data()))
+        continue;
       for (int i = 0; i < m_pow2; ++i) {
         Key* row = keys.data() + size_t(i) * W;
         int c = 0;
@@ -367,29 +402,24 @@ void sort_references(const at::Tensor& references, at::Tensor& ref_sorted, at::T
   });
 }
 
-// out[r, l] = src[order[r, l], l] and its inverse (scatter), with the int32 rank table (an int64 copy for
-// at::gather/scatter would be the largest temporary of the backward after the gradients).
+// Between column-wise rank order and reference order with the int32 rank table (an int64 copy for
+// at::gather/scatter would be the largest temporary of the backward after the gradients):
+// to_rank_order: out[r, l] = src[order[r, l], l]; otherwise the inverse, out[order[r, l], l] = src[r, l].
 template <class scalar_t>
-at::Tensor rank_order_gather(const at::Tensor& src, const at::Tensor& order) {
+at::Tensor permute_ranks(const at::Tensor& src, const at::Tensor& order, bool to_rank_order) {
   at::Tensor out = at::empty_like(src);
   const int64_t M = src.size(0), L = src.size(1);
   const scalar_t* s = src.data_ptr<scalar_t>();
   const int* o = order.data_ptr<int>();
   scalar_t* d = out.data_ptr<scalar_t>();
   for (int64_t r = 0; r < M; ++r)
-    for (int64_t l = 0; l < L; ++l) d[r * L + l] = s[int64_t(o[r * L + l]) * L + l];
-  return out;
-}
-
-template <class scalar_t>
-at::Tensor rank_order_scatter(const at::Tensor& src, const at::Tensor& order) {
-  at::Tensor out = at::empty_like(src);
-  const int64_t M = src.size(0), L = src.size(1);
-  const scalar_t* s = src.data_ptr<scalar_t>();
-  const int* o = order.data_ptr<int>();
-  scalar_t* d = out.data_ptr<scalar_t>();
-  for (int64_t r = 0; r < M; ++r)
-    for (int64_t l = 0; l < L; ++l) d[int64_t(o[r * L + l]) * L + l] = s[r * L + l];
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t ranked = r * L + l, original = int64_t(o[ranked]) * L + l;
+      if (to_rank_order)
+        d[ranked] = s[original];
+      else
+        d[original] = s[ranked];
+    }
   return out;
 }
 
@@ -431,7 +461,7 @@ Prepared<scalar_t> prepare(const at::Tensor& x, const at::Tensor& directions, co
     });
   }
   sort_references<scalar_t>(references.to(dt).contiguous(), P.ref_sorted, P.order32);
-  if (weights.has_value()) P.weight_sorted = rank_order_gather<scalar_t>(weights->to(dt).contiguous(), P.order32);
+  if (weights.has_value()) P.weight_sorted = permute_ranks<scalar_t>(weights->to(dt).contiguous(), P.order32, true);
   const int64_t M = P.M, B = P.B, N = P.N;
   P.valid.assign(B * N, 1);
   P.n_valid.assign(B, int(N));
@@ -726,8 +756,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aswp_pool_bwd_cpu(
         at::mm_out(rows, dq_view.t(), P.x2d);
       }
     }
-    grad_ref = rank_order_scatter<scalar_t>(grad_ref_s, P.order32).to(references.scalar_type());
-    if (code == kWeighted) grad_w = rank_order_scatter<scalar_t>(grad_w_s, P.order32).to(weights->scalar_type());
+    grad_ref = permute_ranks<scalar_t>(grad_ref_s, P.order32, false).to(references.scalar_type());
+    if (code == kWeighted) grad_w = permute_ranks<scalar_t>(grad_w_s, P.order32, false).to(weights->scalar_type());
     if (need_x) grad_x = dx.view({B, N, x.size(2)}).to(x.scalar_type());
     if (need_directions) {
       if (normalize_directions) normalize_backward<scalar_t>(dtheta, P.dir, P.scale);
