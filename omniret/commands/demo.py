@@ -18,11 +18,14 @@ def add_arguments(p) -> None:
     p.add_argument("--output", required=True, help="directory for results.json, results.md, the plot, model, index")
     p.add_argument("--pooling", default="aswp", choices=("aswp", "eos", "mean"),
                    help="embedding pooling: ASWP (default) or the Table 5(a) ablations: last token or mean")
-    p.add_argument("--time-budget", type=float, default=360.0,
-                   help="seconds of training (default 360: the whole demo stays under 10 minutes on 2 cores)")
+    p.add_argument("--time-budget", type=float, default=_default("time_budget"),
+                   help="seconds of training, the towers' warm-up included (default 540: under 10 minutes)")
     p.add_argument("--steps", type=int, default=None, help="train a fixed number of steps instead of a time budget")
-    p.add_argument("--per-task", type=int, default=4, help="training pairs per task per step (6 tasks)")
-    p.add_argument("--chunk-size", type=int, default=24, help="gradient-caching chunk size")
+    p.add_argument("--per-task", type=int, default=_default("per_task"),
+                   help="training pairs per step of each single-modality task")
+    p.add_argument("--per-composed-task", type=int, default=_default("per_composed_task"),
+                   help="training pairs per step of each composed task (they need more examples)")
+    p.add_argument("--chunk-size", type=int, default=_default("chunk_size"), help="gradient-caching chunk size")
     p.add_argument("--lr", type=float, default=_default("lr"), help="towers, projectors, resamplers, pooling head")
     p.add_argument("--lora-lr", type=float, default=_default("lora_lr"))
     p.add_argument("--tower-warmup-epochs", type=int, default=_default("tower_warmup_epochs"),
@@ -75,7 +78,7 @@ def run(args) -> int:
         data = DigitsConfig(seed=args.seed, max_voices=8, espeak_renderings={"train": 2, "test": 1},
                             flite_renderings=2, max_images_per_class=20)
     opts = DemoOptions(output=args.output, pooling=args.pooling, time_budget=args.time_budget, steps=args.steps,
-                       per_task=args.per_task, chunk_size=args.chunk_size, lr=args.lr, lora_lr=args.lora_lr, triplet=args.triplet,
+                       per_task=args.per_task, per_composed_task=args.per_composed_task, chunk_size=args.chunk_size, lr=args.lr, lora_lr=args.lora_lr, triplet=args.triplet,
                        tower_warmup_epochs=args.tower_warmup_epochs, negatives=args.negatives,
                        seed=args.seed, data=data, cache_dir=args.data_cache, max_eval_queries=args.max_eval_queries,
                        build_index=not args.no_index, threads=args.threads)
