@@ -47,13 +47,14 @@ def gemm_flops_per_second(*, size: int = 1024, dtype=torch.float32) -> float:
     return 2.0 * size**3 / gemm_seconds(size, size, size, dtype=dtype)
 
 
-def peak_rss_growth(setup: str, run: str) -> int:
-    """Peak resident-memory growth in bytes of `run` after `setup` (both Python source) in a fresh interpreter.
+def timed_rss_probe(setup: str, run: str, limit_s: float | None = None):
+    """(peak resident-memory growth in bytes, wall seconds) of `run` after `setup` (both Python source) in a fresh
+    interpreter, or (None, None) when it does not finish within `limit_s` seconds (the process is killed).
 
     The peak (VmHWM) is reset after setup through /proc/self/clear_refs, so only what `run` adds counts: its
     temporaries, what autograd saves, and the gradients it allocates."""
     code = "\n".join([
-        "import gc, json, torch",
+        "import gc, json, time, torch",
         f"torch.set_num_threads({torch.get_num_threads()})",
         textwrap.dedent(setup).strip(),
         "def _rss(field):",
@@ -64,15 +65,27 @@ def peak_rss_growth(setup: str, run: str) -> int:
         "_before = _rss('VmRSS:')",
         "with open('/proc/self/clear_refs', 'w') as _f:",
         "    _f.write('5')",
+        "_t0 = time.perf_counter()",
         textwrap.dedent(run).strip(),
-        "print(json.dumps({'growth': _rss('VmHWM:') - _before}))",
+        "_dt = time.perf_counter() - _t0",
+        "print(json.dumps({'growth': _rss('VmHWM:') - _before, 'seconds': _dt}))",
     ])
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                             timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        return None, None
     if out.returncode != 0:
         raise RuntimeError(f"memory probe failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])["growth"]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return result["growth"], result["seconds"]
+
+
+def peak_rss_growth(setup: str, run: str) -> int:
+    """Peak resident-memory growth in bytes of `run` after `setup` (see `timed_rss_probe`)."""
+    return timed_rss_probe(setup, run)[0]
 
 
 def record(table: str, **row) -> None:

@@ -10,18 +10,14 @@
 - throughput: samples (query-candidate pairs) per second of a demo-preset training step, printed.
 `OMNIRET_BENCH_BATCH` shrinks the 3072 batch for a quick look (the goal is stated for 3072).
 """
-import json
 import os
-import subprocess
-import sys
 import textwrap
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import median_time, record
+from conftest import median_time, record, timed_rss_probe
 
 pytestmark = pytest.mark.skipif(os.environ.get("OMNIRET_BENCH_TRAIN") != "1",
                                 reason="slow: set OMNIRET_BENCH_TRAIN=1 to run the training benchmarks")
@@ -54,40 +50,6 @@ BATCH_SRC = textwrap.dedent("""
 """)
 
 
-def _timed_rss_probe(setup: str, run: str, limit_s=None):
-    """(peak RSS growth in bytes, wall seconds) of `run` after `setup` in a fresh interpreter, or (None, None)
-    when it does not finish within `limit_s` seconds (the process is killed). Same measurement as
-    conftest.peak_rss_growth (VmHWM reset after setup), plus the run's wall time and a time limit."""
-    code = "\n".join([
-        "import gc, json, time, torch",
-        f"torch.set_num_threads({torch.get_num_threads()})",
-        textwrap.dedent(setup).strip(),
-        "def _rss(field):",
-        "    for line in open('/proc/self/status'):",
-        "        if line.startswith(field):",
-        "            return int(line.split()[1]) * 1024",
-        "gc.collect()",
-        "_before = _rss('VmRSS:')",
-        "with open('/proc/self/clear_refs', 'w') as _f:",
-        "    _f.write('5')",
-        "_t0 = time.perf_counter()",
-        textwrap.dedent(run).strip(),
-        "_dt = time.perf_counter() - _t0",
-        "print(json.dumps({'growth': _rss('VmHWM:') - _before, 'seconds': _dt}))",
-    ])
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                             timeout=limit_s)
-    except subprocess.TimeoutExpired:
-        return None, None
-    if out.returncode != 0:
-        raise RuntimeError(f"memory probe failed:\n{out.stderr[-3000:]}")
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    return result["growth"], result["seconds"]
-
-
 def _plain_step(n, limit_s=None):
     setup = BATCH_SRC + textwrap.dedent(f"""
         model = make_model()
@@ -96,7 +58,7 @@ def _plain_step(n, limit_s=None):
         model.zero_grad(set_to_none=True)
         q, c = make_batch({n})
     """)
-    return _timed_rss_probe(setup, "full_batch_loss(model, q, c).total.backward()", limit_s)
+    return timed_rss_probe(setup, "full_batch_loss(model, q, c).total.backward()", limit_s)
 
 
 def _gc_step(n):
@@ -108,7 +70,7 @@ def _gc_step(n):
         model.zero_grad(set_to_none=True)
         q, c = make_batch({n})
     """)
-    return _timed_rss_probe(setup, "cache.step(q, c)")
+    return timed_rss_probe(setup, "cache.step(q, c)")
 
 
 def test_grad_cache_memory_at_batch_3072(monkeypatch):
