@@ -9,9 +9,10 @@ TORCH_LIBRARY(omniret, m) {
   // ---- aswp_pool (omniret_kernels/aswp.py) ----
   // Forward returns (out (B, L) in x's dtype, sorted (B, N, L) float32/float64 = each column's sorted valid
   // projections, sorted_tokens (B, N, L) uint8 if N <= 256 else int32 = the token at each sorted position).
+  // With save_for_backward=False (no gradient will be needed) the last two are empty (shape (0,)).
   m.def(
       "aswp_pool_fwd(Tensor x, Tensor directions, Tensor references, Tensor? mask, Tensor? weights, str pooling, "
-      "bool normalize_directions, float temperature) -> (Tensor, Tensor, Tensor)");
+      "bool normalize_directions, float temperature, bool save_for_backward=True) -> (Tensor, Tensor, Tensor)");
   // Backward returns (grad_x, grad_directions, grad_references, grad_weights); a gradient that is not asked for
   // (need_x / need_directions false, or no weights) comes back as an empty tensor.
   m.def(

@@ -55,11 +55,13 @@ def _saved_dtypes(x: torch.Tensor, n: int):
     return compute, (torch.uint8 if n <= 256 else torch.int32)
 
 
-def _fwd_fake(x, directions, references, mask, weights, pooling, normalize_directions, temperature):
+def _fwd_fake(x, directions, references, mask, weights, pooling, normalize_directions, temperature,
+              save_for_backward=True):
     B, N, _ = x.shape
     L = directions.shape[0]
     compute, index = _saved_dtypes(x, N)
-    return (x.new_empty((B, L)), x.new_empty((B, N, L), dtype=compute), x.new_empty((B, N, L), dtype=index))
+    saved = (B, N, L) if save_for_backward else (0,)
+    return (x.new_empty((B, L)), x.new_empty(saved, dtype=compute), x.new_empty(saved, dtype=index))
 
 
 def _bwd_fake(grad_out, x, directions, references, mask, weights, sorted_values, sorted_tokens, pooling,
@@ -74,15 +76,23 @@ def _bwd_fake(grad_out, x, directions, references, mask, weights, sorted_values,
 
 
 def _setup_context(ctx, inputs, output):
-    x, directions, references, mask, weights, pooling, normalize_directions, temperature = inputs
+    x, directions, references, mask, weights, pooling, normalize_directions, temperature, *rest = inputs
+    save_for_backward = rest[0] if rest else True
     _, sorted_values, sorted_tokens = output
     ctx.mark_non_differentiable(sorted_values, sorted_tokens)
-    ctx.save_for_backward(x, directions, references, mask, weights, sorted_values, sorted_tokens)
+    if save_for_backward:
+        ctx.save_for_backward(x, directions, references, mask, weights, sorted_values, sorted_tokens)
+    ctx.saved_for_backward = save_for_backward
     ctx.attrs = (pooling, normalize_directions, temperature)
 
 
 def _make_backward(bwd_op):
     def backward(ctx, grad_out, _grad_sorted, _grad_sorted_tokens):
+        if not ctx.saved_for_backward:
+            raise RuntimeError(
+                "aswp_pool: backward reached through a forward run with save_for_backward=False, which kept nothing "
+                "for backward; aswp_pool() saves when grad is enabled and x, directions, references or weights "
+                "requires grad (call the op with save_for_backward=True to differentiate it)")
         x, directions, references, mask, weights, sorted_values, sorted_tokens = ctx.saved_tensors
         pooling, normalize_directions, temperature = ctx.attrs
         need_x, need_directions = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -90,7 +100,7 @@ def _make_backward(bwd_op):
                                 pooling, normalize_directions, temperature, need_x, need_directions)
         return (gx if need_x else None, gd if need_directions else None,
                 gr if ctx.needs_input_grad[2] else None, None,
-                gw if pooling == "weighted" and ctx.needs_input_grad[4] else None, None, None, None)
+                gw if pooling == "weighted" and ctx.needs_input_grad[4] else None, None, None, None, None)
     return backward
 
 
@@ -104,9 +114,13 @@ if _ext.cpu_extension_built() and hasattr(torch.ops.omniret, "aswp_pool_fwd"):
 @torch.library.custom_op("omniret::aswp_pool_triton_fwd", mutates_args=())
 def _triton_fwd(x: torch.Tensor, directions: torch.Tensor, references: torch.Tensor, mask: Optional[torch.Tensor],
                 weights: Optional[torch.Tensor], pooling: str, normalize_directions: bool,
-                temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                temperature: float, save_for_backward: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from omniret_kernels.triton.aswp_pool import aswp_pool_forward
-    return aswp_pool_forward(x, directions, references, mask, weights, pooling, normalize_directions, temperature)
+    out, sorted_values, sorted_tokens = aswp_pool_forward(x, directions, references, mask, weights, pooling,
+                                                          normalize_directions, temperature)
+    if not save_for_backward:  # the Triton kernel always writes them; the contract is empty saved slots
+        sorted_values, sorted_tokens = sorted_values.new_empty((0,)), sorted_tokens.new_empty((0,))
+    return out, sorted_values, sorted_tokens
 
 
 @torch.library.custom_op("omniret::aswp_pool_triton_bwd", mutates_args=())
@@ -129,6 +143,13 @@ def _resolve_backend(device: torch.device, backend: Optional[str]) -> str:
     """The backend rule, evaluated once at trace time under torch.compile (it asks the dispatcher which kernels
     exist, which Dynamo cannot trace)."""
     return resolve_backend("aswp_pool", device, backend)
+
+
+def _needs_backward(*inputs: Optional[torch.Tensor]) -> bool:
+    """Whether autograd will record the op: grad mode on and a differentiable input requires grad. Only then does
+    the forward write the (B, N, L) tensors backward needs. Under torch.compile this runs at trace time (both
+    conditions are guarded), so each compiled graph has it as a constant."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
 
 
 def aswp_pool(
@@ -157,7 +178,8 @@ def aswp_pool(
     if pooling != "weighted":
         weights = None
     op = torch.ops.omniret.aswp_pool_triton_fwd if backend == "triton" else torch.ops.omniret.aswp_pool_fwd
-    return op(x, directions, references, mask, weights, pooling, normalize_directions, float(temperature))[0]
+    return op(x, directions, references, mask, weights, pooling, normalize_directions, float(temperature),
+              _needs_backward(x, directions, references, weights))[0]
 
 
 class ASWPPool(nn.Module):

@@ -176,6 +176,89 @@ def test_opcheck_dispatcher_ops():
         bwd_args = (torch.randn_like(out), x.detach(), d.detach(), r.detach(), mask,
                     None if weights is None else weights.detach(), s, tr, pooling, True, 0.8, True, True)
         torch.library.opcheck(torch.ops.omniret.aswp_pool_bwd.default, bwd_args)
+        lean_args = tuple(a.detach() if torch.is_tensor(a) else a for a in args) + (False,)
+        torch.library.opcheck(torch.ops.omniret.aswp_pool_fwd.default, lean_args)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# save_for_backward=False: the forward without the (B, N, L) tensors backward needs (grad off or no input needs grad)
+# ---------------------------------------------------------------------------------------------------------
+@needs_cpu
+@pytest.mark.parametrize("pooling", POOLINGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(3, 37, 7, 70, 20, True), (2, 5, 3, 64, 9, False), (2, 1, 4, 33, 3, False),
+                                   (1, 300, 4, 40, 16, True)], ids=lambda s: "B{}N{}D{}L{}M{}{}".format(*s[:5], "m" * s[5]))
+def test_no_save_forward_equals_saving_forward(pooling, dtype, shape):
+    """Bit for bit the same output (float32 sorts value-only keys, float64 the keyed block), saved slots empty."""
+    B, N, D, L, M, masked = shape
+    x, d, r, w, mask = make_inputs(B, N, D, L, M, dtype=dtype, masked=masked, requires_grad=False)
+    x[:, 1::4] = x[:, 0:1]  # tied projections
+    weights = w if pooling == "weighted" else None
+    saving = torch.ops.omniret.aswp_pool_fwd(x, d, r, mask, weights, pooling, True, 0.7, True)
+    lean = torch.ops.omniret.aswp_pool_fwd(x, d, r, mask, weights, pooling, True, 0.7, False)
+    assert torch.equal(lean[0], saving[0])
+    assert lean[1].numel() == 0 and lean[2].numel() == 0
+    assert (lean[1].dtype, lean[2].dtype) == (saving[1].dtype, saving[2].dtype)
+    with torch.no_grad():  # the wrapper picks the lean forward here
+        assert torch.equal(aswp_pool(x, d, r, mask, pooling=pooling, weights=weights, temperature=0.7,
+                                     backend="cpu"), saving[0])
+
+
+@needs_cpu
+def test_wrapper_saves_only_when_backward_can_be_needed(monkeypatch):
+    from omniret_kernels import aswp as aswp_module
+    seen = []
+    monkeypatch.setattr(aswp_module, "_needs_backward",
+                        lambda *t, _f=aswp_module._needs_backward: seen.append(_f(*t)) or seen[-1])
+    x, d, r, w, _ = make_inputs(2, 6, 4, 40, 5, requires_grad=False)
+    aswp_pool(x, d, r, backend="cpu")
+    aswp_pool(x, d.requires_grad_(), r, backend="cpu")
+    with torch.no_grad():
+        aswp_pool(x, d, r, backend="cpu")
+    with torch.inference_mode():
+        aswp_pool(x, d, r, backend="cpu")
+    out = aswp_pool(x, d.detach(), r, pooling="weighted", weights=w.requires_grad_(), backend="cpu")
+    assert seen == [False, True, False, False, True]
+    assert out.requires_grad
+
+
+@needs_cpu
+def test_backward_after_a_no_save_forward_raises():
+    x, d, r, _, mask = make_inputs(2, 6, 4, 40, 5, masked=True)
+    out, sorted_values, _ = torch.ops.omniret.aswp_pool_fwd(x, d, r, mask, None, "stm", True, 1.0, False)
+    assert sorted_values.numel() == 0
+    with pytest.raises(RuntimeError, match="save_for_backward=False"):
+        out.sum().backward()
+    with torch.no_grad():
+        lean = aswp_pool(x, d, r, mask, backend="cpu")
+    assert not lean.requires_grad  # nothing recorded: no backward to reach
+
+
+@needs_cpu
+@pytest.mark.parametrize("pooling", ["max", "weighted"])
+def test_gradcheck_after_no_grad_forward(pooling):
+    """A no-grad forward first (the lean path) does not disturb a later forward with grad: gradcheck in float64."""
+    x, d, r, w, mask = make_inputs(2, 5, 3, 7, 4, masked=True, seed=11)
+    weights = w if pooling == "weighted" else None
+    with torch.no_grad():
+        lean = aswp_pool(x, d, r, mask, pooling=pooling, weights=weights, backend="cpu")
+    f = lambda *a: aswp_pool(*a[:3], mask, pooling=pooling, weights=a[3] if len(a) > 3 else None,  # noqa: E731
+                             backend="cpu")
+    inputs = (x, d, r) + ((w,) if pooling == "weighted" else ())
+    assert torch.equal(f(*inputs).detach(), lean)
+    assert torch.autograd.gradcheck(f, inputs, atol=1e-6)
+
+
+@needs_cpu
+def test_torch_compile_fullgraph_no_grad_matches_eager():
+    torch.manual_seed(2)
+    pool = ASWPPool(12, num_slices=40, num_references=9)
+    x = torch.randn(3, 9, 12)
+    compiled = torch.compile(pool, fullgraph=True)
+    with torch.no_grad():
+        eager, got = pool(x), compiled(x)
+    assert not got.requires_grad
+    torch.testing.assert_close(got, eager)
 
 
 @needs_cpu

@@ -39,7 +39,9 @@ RUN_CASES = textwrap.dedent("""
         out = aswp_pool(x, d, r, mask, pooling="stm", temperature=0.3, backend="cpu")
         grads = torch.autograd.grad(out, leaves, torch.randn(out.shape, generator=g))
         saved = torch.ops.omniret.aswp_pool_fwd(x.detach(), d.detach(), r.detach(), mask, None, "stm", True, 0.3)
-        results.append((out.detach(), *grads, saved[1], saved[2]))
+        with torch.no_grad():  # the value-only sort (nothing saved)
+            lean = aswp_pool(x, d, r, mask, pooling="stm", temperature=0.3, backend="cpu")
+        results.append((out.detach(), *grads, saved[1], saved[2], lean))
     torch.save(results, path)
 """)
 
@@ -60,8 +62,9 @@ def test_avx512_and_portable_paths_agree_bit_for_bit(tmp_path):
     fast = _run_cases(tmp_path, "default", {})
     portable = _run_cases(tmp_path, "portable", {"OMNIRET_ASWP_NO_AVX512": "1"})
     for case, a, b in zip(CASES, fast, portable):
-        for name, u, v in zip(("out", "dx", "dd", "dr", "sorted", "tokens"), a, b):
+        for name, u, v in zip(("out", "dx", "dd", "dr", "sorted", "tokens", "out_no_save"), a, b):
             assert torch.equal(u, v), (case, name)
+        assert torch.equal(a[-1], a[0]), case  # the value-only sort gives the keyed sort's output
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}N{}D{}L{}M{}{}".format(*c[:5], "m" if c[5] else ""))

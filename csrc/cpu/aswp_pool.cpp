@@ -7,9 +7,11 @@
 // reference quantiles and pool walking the references in rank order (row operations, no gathers). On CPUs with
 // AVX-512 the pack / sort / unpack of a full block is one vectorised function (pack_sort_unpack_avx512); the
 // portable path computes the same bits (OMNIRET_ASWP_NO_AVX512=1 selects it; the tests compare both).
-// Written: the (B, N, L) output, and for backward the sorted values (B, N, L) and the token at each sorted
-// position (uint8 when N <= 256), both in fresh zero pages of which a masked row never touches any (a ragged
-// batch's saved tensors take memory by its true lengths). The (B, N, L) projection is never materialised.
+// Written: the (B, L) output, and for backward (save_for_backward) the sorted values (B, N, L) and the token at
+// each sorted position (uint8 when N <= 256), both in fresh zero pages of which a masked row never touches any (a
+// ragged batch's saved tensors take memory by its true lengths). The (B, N, L) projection is never materialised.
+// Without save_for_backward (the Python wrapper passes it when grad is on and an input requires grad) nothing
+// else is written and the float32 sort keys are the values alone (uint32, half the sort's work).
 //
 // Backward, per 32-column block (all samples, so the reference and weight gradients need no atomics):
 // recompute psi from the saved sorted values, take the pooling gradient (STM's softmax vectorised), push it
@@ -28,6 +30,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdlib>
+#include <type_traits>
 #include <utility>
 #include <vector>
 #if defined(__linux__)
@@ -136,100 +139,126 @@ int pooling_code(c10::string_view pooling) {
   return kStm;
 }
 
-// One step (size, STEP <= 8) of the bitonic network on a group of 16 rows held in registers (8 columns each);
-// the comparator rule is the shared one (bitonic_comparator): the pair (i, i + STEP) ascends when row i has
-// bit `size` clear.
-template <int STEP>
-__attribute__((target("avx512f"), always_inline)) inline void register_step(__m512i* r, int g0, int size) {
+// ---- the AVX-512 column sort ---------------------------------------------------------------------------------
+// Sorts every column of a (n_pow2 x kSortWidth) row-major block of unsigned keys, ascending; unused columns and
+// rows hold the all-ones pad key. The network is the bitonic sorter in its one-direction form: merging runs of
+// `size` rows starts with a "flip" step (row base + j against row base + size - 1 - j, which turns two sorted
+// halves into a bitonic sequence without reversing one of them), then half-cleaner steps of stride size/4 .. 1,
+// every comparator putting the minimum in the lower row. No comparator needs a direction select (the two-
+// direction form cost a branch or blend per comparator). It is a different network from the header's
+// bitonic_sort (the portable path), but every valid key is distinct (the token index is part of the key) or, for
+// value-only keys, equal keys are equal values: the sorted block is the same bits either way.
+// Steps of stride <= 8 run on groups of 16 rows held in registers, each register one row of V columns;
+// the flip steps of runs >= 32 rows and the half-cleaners of stride >= 16 go row pair by row pair through L1.
+// (The all-ones zero-masked forms compile to the plain instructions; the unmasked intrinsics' undefined source
+// operand makes g++ 12 warn -Wmaybe-uninitialized at every inlined use.)
+template <class Key>
+struct Avx512Keys;
+template <>
+struct Avx512Keys<uint64_t> {
+  static constexpr int V = 8;  // keys per register
+  __attribute__((target("avx512f"), always_inline)) static __m512i min(__m512i a, __m512i b) {
+    return _mm512_maskz_min_epu64(__mmask8(0xff), a, b);
+  }
+  __attribute__((target("avx512f"), always_inline)) static __m512i max(__m512i a, __m512i b) {
+    return _mm512_maskz_max_epu64(__mmask8(0xff), a, b);
+  }
+};
+template <>
+struct Avx512Keys<uint32_t> {
+  static constexpr int V = 16;
+  __attribute__((target("avx512f"), always_inline)) static __m512i min(__m512i a, __m512i b) {
+    return _mm512_maskz_min_epu32(__mmask16(0xffff), a, b);
+  }
+  __attribute__((target("avx512f"), always_inline)) static __m512i max(__m512i a, __m512i b) {
+    return _mm512_maskz_max_epu32(__mmask16(0xffff), a, b);
+  }
+};
+
+template <class Ops>
+__attribute__((target("avx512f"), always_inline)) inline void order_pair(__m512i& a, __m512i& b) {
+  const __m512i lo = Ops::min(a, b);
+  b = Ops::max(a, b);
+  a = lo;
+}
+
+template <class Ops>
+__attribute__((target("avx512f"), always_inline)) inline void order_rows(void* a, void* b) {
+  __m512i x = _mm512_loadu_si512(a), y = _mm512_loadu_si512(b);
+  order_pair<Ops>(x, y);
+  _mm512_storeu_si512(a, x);
+  _mm512_storeu_si512(b, y);
+}
+
+// Half-cleaner of stride STEP inside a group of 16 registers.
+template <class Ops, int STEP>
+__attribute__((target("avx512f"), always_inline)) inline void register_half_cleaner(__m512i* r) {
 #pragma GCC unroll 16
-  for (int i = 0; i < 16; ++i) {
-    if ((i & STEP) == 0) {
-      const __m512i lo = _mm512_min_epu64(r[i], r[i + STEP]), hi = _mm512_max_epu64(r[i], r[i + STEP]);
-      const bool ascending = ((g0 + i) & size) == 0;
-      r[i] = ascending ? lo : hi;
-      r[i + STEP] = ascending ? hi : lo;
-    }
-  }
+  for (int i = 0; i < 16; ++i)
+    if ((i & STEP) == 0) order_pair<Ops>(r[i], r[i + STEP]);
 }
 
-// Sorts the 32 columns of a (n_pow2 x kSortWidth) row-major key block with the shared bitonic network; unused
-// columns hold kPadKey. Steps of stride >= 16 run row pair by row pair through L1; the (many more) steps of
-// stride <= 8 stay inside aligned groups of 16 rows, which are loaded into 16 registers once per merge.
-__attribute__((target("avx512f"))) void sort_key_block_avx512(uint64_t* keys, int n_pow2) {
-  constexpr int W = kSortWidth;
-  if (n_pow2 < 16) {
-    for (int size = 2, log_size = 1; size <= n_pow2; size <<= 1, ++log_size)
-      for (int log_step = log_size - 1; log_step >= 0; --log_step)
-        for (int p = 0; p < n_pow2 / 2; ++p) {
-          int a, b;
-          bitonic_comparator(size, log_step, p, a, b);
-          for (int v = 0; v < W; v += 8) {
-            const __m512i x = _mm512_loadu_si512(keys + a * W + v), y = _mm512_loadu_si512(keys + b * W + v);
-            _mm512_storeu_si512(keys + a * W + v, _mm512_min_epu64(x, y));
-            _mm512_storeu_si512(keys + b * W + v, _mm512_max_epu64(x, y));
-          }
-        }
-    return;
-  }
-  __m512i r[16];
-  for (int v = 0; v < W; v += 8) {  // column groups are independent: finish one before the next (8 KiB)
-    uint64_t* col = keys + v;
-    for (int g0 = 0; g0 < n_pow2; g0 += 16) {  // sizes 2..16 entirely in registers
-      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(col + (g0 + i) * W);
-      register_step<1>(r, g0, 2);
-      register_step<2>(r, g0, 4), register_step<1>(r, g0, 4);
-      register_step<4>(r, g0, 8), register_step<2>(r, g0, 8), register_step<1>(r, g0, 8);
-      register_step<8>(r, g0, 16), register_step<4>(r, g0, 16), register_step<2>(r, g0, 16);
-      register_step<1>(r, g0, 16);
-      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(col + (g0 + i) * W, r[i]);
-    }
-    for (int size = 32, log_size = 5; size <= n_pow2; size <<= 1, ++log_size) {
-      int log_step = log_size - 1;
-      // Two steps per pass through L1 while both strides are >= 16: steps s and h = s / 2 only mix the four
-      // rows i, i + h, i + s, i + s + h (i with bits s and h clear), which share one direction (bit `size`).
-      for (; log_step >= 5; log_step -= 2) {
-        const int step = 1 << log_step, half = step >> 1;
-        for (int i = 0; i < n_pow2; ++i) {
-          if (i & (step | half)) continue;
-          const bool ascending = (i & size) == 0;
-          uint64_t* rows[4] = {col + i * W, col + (i + half) * W, col + (i + step) * W, col + (i + step + half) * W};
-          __m512i v[4];
-          for (int k = 0; k < 4; ++k) v[k] = _mm512_loadu_si512(rows[k]);
-          for (const auto [a, b] : {std::pair{0, 2}, std::pair{1, 3}, std::pair{0, 1}, std::pair{2, 3}}) {
-            const __m512i lo = _mm512_min_epu64(v[a], v[b]), hi = _mm512_max_epu64(v[a], v[b]);
-            v[a] = ascending ? lo : hi;
-            v[b] = ascending ? hi : lo;
-          }
-          for (int k = 0; k < 4; ++k) _mm512_storeu_si512(rows[k], v[k]);
-        }
+// Flip step of runs of SIZE <= 16 rows inside a group of 16 registers.
+template <class Ops, int SIZE>
+__attribute__((target("avx512f"), always_inline)) inline void register_flip(__m512i* r) {
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i)
+    if ((i & (SIZE - 1)) < SIZE / 2) order_pair<Ops>(r[i], r[(i & ~(SIZE - 1)) + SIZE - 1 - (i & (SIZE - 1))]);
+}
+
+template <class Key>
+__attribute__((target("avx512f"))) void sort_columns_avx512(Key* keys, int n_pow2) {
+  using Ops = Avx512Keys<Key>;
+  constexpr int W = kSortWidth, V = Ops::V;
+  for (int v = 0; v < W; v += V) {  // column groups are independent: finish one before the next
+    Key* col = keys + v;
+    auto row = [&](int i) { return col + size_t(i) * W; };
+    if (n_pow2 < 16) {  // at most 8 rows: every step through L1
+      for (int size = 2; size <= n_pow2; size <<= 1) {
+        for (int base = 0; base < n_pow2; base += size)
+          for (int j = 0; j < size / 2; ++j) order_rows<Ops>(row(base + j), row(base + size - 1 - j));
+        for (int step = size / 4; step >= 1; step >>= 1)
+          for (int i = 0; i < n_pow2; ++i)
+            if ((i & step) == 0) order_rows<Ops>(row(i), row(i + step));
       }
-      for (; log_step >= 4; --log_step)
-        for (int p = 0; p < n_pow2 / 2; ++p) {
-          int a, b;
-          bitonic_comparator(size, log_step, p, a, b);
-          const __m512i x = _mm512_loadu_si512(col + a * W), y = _mm512_loadu_si512(col + b * W);
-          _mm512_storeu_si512(col + a * W, _mm512_min_epu64(x, y));
-          _mm512_storeu_si512(col + b * W, _mm512_max_epu64(x, y));
-        }
+      continue;
+    }
+    __m512i r[16];
+    for (int g0 = 0; g0 < n_pow2; g0 += 16) {  // runs of 2 .. 16 rows entirely in registers
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(row(g0 + i));
+      register_flip<Ops, 2>(r);
+      register_flip<Ops, 4>(r), register_half_cleaner<Ops, 1>(r);
+      register_flip<Ops, 8>(r), register_half_cleaner<Ops, 2>(r), register_half_cleaner<Ops, 1>(r);
+      register_flip<Ops, 16>(r), register_half_cleaner<Ops, 4>(r), register_half_cleaner<Ops, 2>(r);
+      register_half_cleaner<Ops, 1>(r);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(row(g0 + i), r[i]);
+    }
+    for (int size = 32; size <= n_pow2; size <<= 1) {
+      for (int base = 0; base < n_pow2; base += size)
+        for (int j = 0; j < size / 2; ++j) order_rows<Ops>(row(base + j), row(base + size - 1 - j));
+      for (int step = size / 4; step >= 16; step >>= 1)
+        for (int i = 0; i < n_pow2; ++i)
+          if ((i & step) == 0) order_rows<Ops>(row(i), row(i + step));
       for (int g0 = 0; g0 < n_pow2; g0 += 16) {
-        for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(col + (g0 + i) * W);
-        register_step<8>(r, g0, size), register_step<4>(r, g0, size), register_step<2>(r, g0, size);
-        register_step<1>(r, g0, size);
-        for (int i = 0; i < 16; ++i) _mm512_storeu_si512(col + (g0 + i) * W, r[i]);
+        for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(row(g0 + i));
+        register_half_cleaner<Ops, 8>(r), register_half_cleaner<Ops, 4>(r), register_half_cleaner<Ops, 2>(r);
+        register_half_cleaner<Ops, 1>(r);
+        for (int i = 0; i < 16; ++i) _mm512_storeu_si512(row(g0 + i), r[i]);
       }
     }
   }
 }
 
-void sort_key_block_scalar(uint64_t* keys, int n_pow2) {
+template <class Key>
+void sort_key_block_scalar(Key* keys, int n_pow2) {
   for (int c = 0; c < kSortWidth; ++c) bitonic_sort(keys + c, n_pow2, kSortWidth);
 }
-
 bool use_avx512();
 
-void sort_key_block(uint64_t* keys, int n_pow2) {
+template <class Key>
+void sort_key_block(Key* keys, int n_pow2) {
   if (use_avx512())
-    sort_key_block_avx512(keys, n_pow2);
+    sort_columns_avx512(keys, n_pow2);
   else
     sort_key_block_scalar(keys, n_pow2);
 }
@@ -262,6 +291,7 @@ struct KeyOf<double> {
 // get the pad key), sorts the columns, and unpacks: sorted values to s_dst (row stride L, kept for backward) and
 // to blk (row stride 32, for the coupling), the token at each sorted position to t_dst. Rows from n_valid on are
 // left as they are: the saved tensors start zeroed (fresh_zero_tensor) and a masked row is never touched.
+// s_dst and t_dst are both null when nothing is saved for backward (only blk is written then).
 template <class scalar_t, class index_t>
 void pack_sort_unpack(const scalar_t* src, int64_t src_stride, const scalar_t* scale, const uint8_t* valid, int n,
                       int n_valid, int n_pow2, int width, typename KeyOf<scalar_t>::type* keys, scalar_t* s_dst,
@@ -278,15 +308,18 @@ void pack_sort_unpack(const scalar_t* src, int64_t src_stride, const scalar_t* s
   sort_key_block(keys, n_pow2);
   for (int i = 0; i < n_valid; ++i) {
     const auto* row = keys + size_t(i) * W;
-    for (int c = 0; c < width; ++c) s_dst[i * L + c] = blk[i * W + c] = K::value(row[c]);
+    for (int c = 0; c < width; ++c) blk[i * W + c] = K::value(row[c]);
+    if (s_dst == nullptr) continue;
+    for (int c = 0; c < width; ++c) s_dst[i * L + c] = blk[i * W + c];
     for (int c = 0; c < width; ++c) t_dst[i * L + c] = index_t(K::index(row[c]));
   }
 }
 
 // The same for a full block of float32 with AVX-512 (F): 16 projections packed per instruction group, the
-// network of sort_key_block_avx512, and unpacking by narrowing moves (vpmovqd / vpmovqb) instead of per-key
+// network of sort_columns_avx512, and unpacking by narrowing moves (vpmovqd / vpmovqb) instead of per-key
 // scalar code. Bit for bit the generic path's result (tests run both: OMNIRET_ASWP_NO_AVX512=1 forces the other).
-template <class index_t>
+// kSave = false: nothing is saved for backward (s_dst / t_dst unused), only blk is written.
+template <class index_t, bool kSave>
 __attribute__((target("avx512f"))) void pack_sort_unpack_avx512(const float* src, int64_t src_stride,
                                                                 const float* scale, const uint8_t* valid, int n,
                                                                 int n_valid, int n_pow2, uint64_t* keys,
@@ -314,11 +347,11 @@ __attribute__((target("avx512f"))) void pack_sort_unpack_avx512(const float* src
       for (int q = 0; q < 4; ++q) _mm512_storeu_si512(row + 8 * q, pad);
     }
   }
-  sort_key_block_avx512(keys, n_pow2);
+  sort_columns_avx512(keys, n_pow2);
   const __m256i sign8 = _mm256_set1_epi32(int(0x80000000u)), ones8 = _mm256_set1_epi32(-1);
   // The saved values are read again only in backward: streamed (non-temporal) stores skip reading their lines
   // first (~5 ms of the paper-shape forward, single thread). The tokens are a quarter line per row: plain stores.
-  const bool stream = reinterpret_cast<uintptr_t>(s_dst) % 32 == 0 && L % 8 == 0;
+  const bool stream = kSave && reinterpret_cast<uintptr_t>(s_dst) % 32 == 0 && L % 8 == 0;
   for (int i = 0; i < n_valid; ++i) {
     const uint64_t* row = keys + size_t(i) * W;
     for (int q = 0; q < 4; ++q) {
@@ -327,11 +360,12 @@ __attribute__((target("avx512f"))) void pack_sort_unpack_avx512(const float* src
       const __m256i ordered = _mm512_cvtepi64_epi32(_mm512_srli_epi64(k, 32));
       const __m256i flip = _mm256_or_si256(_mm256_xor_si256(_mm256_srai_epi32(ordered, 31), ones8), sign8);
       const __m256 value = _mm256_castsi256_ps(_mm256_xor_si256(ordered, flip));
+      _mm256_storeu_ps(blk + i * W + 8 * q, value);
+      if constexpr (!kSave) continue;
       if (stream)
         _mm256_stream_ps(s_dst + i * L + 8 * q, value);
       else
         _mm256_storeu_ps(s_dst + i * L + 8 * q, value);
-      _mm256_storeu_ps(blk + i * W + 8 * q, value);
       if constexpr (sizeof(index_t) == 1)
         _mm_storel_epi64(reinterpret_cast<__m128i*>(t_dst + i * L + 8 * q), _mm512_cvtepi64_epi8(k));
       else
@@ -352,13 +386,82 @@ bool pack_sort_unpack_fast(const float* src, int64_t src_stride, const float* sc
                            int n_valid, int n_pow2, int width, uint64_t* keys, float* s_dst, index_t* t_dst,
                            int64_t L, float* blk) {
   if (width != kSortWidth || !use_avx512()) return false;
-  pack_sort_unpack_avx512<index_t>(src, src_stride, scale, valid, n, n_valid, n_pow2, keys, s_dst, t_dst, L, blk);
+  if (s_dst != nullptr)
+    pack_sort_unpack_avx512<index_t, true>(src, src_stride, scale, valid, n, n_valid, n_pow2, keys, s_dst, t_dst, L,
+                                           blk);
+  else
+    pack_sort_unpack_avx512<index_t, false>(src, src_stride, scale, valid, n, n_valid, n_pow2, keys, nullptr,
+                                            nullptr, L, blk);
   return true;
 }
 template <class index_t>
 bool pack_sort_unpack_fast(const double*, int64_t, const double*, const uint8_t*, int, int, int, int, KeyF64*,
                            double*, index_t*, int64_t, double*) {
   return false;
+}
+
+// ---- value-only block (nothing saved for backward) --------------------------------------------------------------
+// The forward alone needs each column's sorted values, not which token sits where: the keys are the uint32
+// order-preserving bits of the values (half the width of the (value, index) keys: 16 columns per comparator, half
+// the sort's work and L1 footprint), sorted, then decoded into blk. Same bits as the keyed block's values.
+template <class scalar_t>
+void pack_sort_values(const scalar_t* src, int64_t src_stride, const scalar_t* scale, const uint8_t* valid, int n,
+                      int n_valid, int n_pow2, int width, uint32_t* keys, scalar_t* blk) {
+  static_assert(std::is_same_v<scalar_t, float>, "value-only keys are float32 keys");
+  constexpr int W = kSortWidth;
+  for (int i = 0; i < n_pow2; ++i) {
+    uint32_t* row = keys + size_t(i) * W;
+    int c = 0;
+    if (i < n && valid[i])
+      for (; c < width; ++c) row[c] = float_to_ordered(src[i * src_stride + c] * scale[c]);
+    for (; c < W; ++c) row[c] = kPadValueKey;
+  }
+  sort_key_block(keys, n_pow2);
+  for (int i = 0; i < n_valid; ++i)
+    for (int c = 0; c < width; ++c) blk[i * W + c] = ordered_to_float(keys[size_t(i) * W + c]);
+}
+
+// The same for a full block with AVX-512; decodes in place (the sorted block is `keys` read as float afterwards).
+__attribute__((target("avx512f"))) void pack_sort_values_avx512(const float* src, int64_t src_stride,
+                                                                const float* scale, const uint8_t* valid, int n,
+                                                                int n_valid, int n_pow2, uint32_t* keys) {
+  constexpr int W = kSortWidth;
+  const __m512 scale0 = _mm512_loadu_ps(scale), scale1 = _mm512_loadu_ps(scale + 16), zero = _mm512_setzero_ps();
+  const __m512i sign = _mm512_set1_epi32(int(0x80000000u)), pad = _mm512_set1_epi32(-1);
+  for (int i = 0; i < n_pow2; ++i) {
+    uint32_t* row = keys + size_t(i) * W;
+    if (i < n && valid[i]) {
+      for (int h = 0; h < 2; ++h) {  // float_to_ordered, as in pack_sort_unpack_avx512
+        const __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(src + i * src_stride + 16 * h),
+                                                     h == 0 ? scale0 : scale1), zero);
+        const __m512i b = _mm512_castps_si512(v);
+        _mm512_storeu_si512(row + 16 * h, _mm512_xor_si512(b, _mm512_or_si512(_mm512_srai_epi32(b, 31), sign)));
+      }
+    } else {
+      _mm512_storeu_si512(row, pad);
+      _mm512_storeu_si512(row + 16, pad);
+    }
+  }
+  sort_columns_avx512(keys, n_pow2);
+  const __m512i ones = _mm512_set1_epi32(-1);
+  for (int i = 0; i < n_valid; ++i)
+    for (int h = 0; h < 2; ++h) {  // ordered_to_float
+      uint32_t* p = keys + size_t(i) * W + 16 * h;
+      const __m512i k = _mm512_loadu_si512(p);
+      _mm512_storeu_si512(p, _mm512_xor_si512(k, _mm512_or_si512(_mm512_xor_si512(_mm512_srai_epi32(k, 31), ones),
+                                                                 sign)));
+    }
+}
+
+// The sorted values of one block (row stride kSortWidth): `keys` itself on the AVX-512 path, else `blk`.
+inline const float* sort_values_block(const float* src, int64_t src_stride, const float* scale, const uint8_t* valid,
+                                      int n, int n_valid, int n_pow2, int width, uint32_t* keys, float* blk) {
+  if (width == kSortWidth && use_avx512()) {
+    pack_sort_values_avx512(src, src_stride, scale, valid, n, n_valid, n_pow2, keys);
+    return reinterpret_cast<const float*>(keys);
+  }
+  pack_sort_values(src, src_stride, scale, valid, n, n_valid, n_pow2, width, keys, blk);
+  return blk;
 }
 
 // Stable sort of every column of references (M, L) with the key network: the values in rank order and the
@@ -488,60 +591,107 @@ Prepared<scalar_t> prepare(const at::Tensor& x, const at::Tensor& directions, co
   return P;
 }
 
+// Couple one block's sorted values (row stride kSortWidth) to the references and pool, walking the references in
+// rank order (one row of columns per rank). POOLING and WIDTH (0 = runtime `width`) are compile-time constants on
+// the hot path so the header's row functions fold into one vector loop over registers.
+template <class scalar_t, int POOLING, int WIDTH>
+inline void couple_and_pool(const scalar_t* blk, const int* lo, const int* hi, const scalar_t* qw,
+                            const scalar_t* ref, const scalar_t* weight, int64_t M, scalar_t* acc, int width) {
+  constexpr int W = kSortWidth;
+  if constexpr (WIDTH != 0) width = WIDTH;
+  scalar_t psi[W];
+  for (int c = 0; c < width; ++c) acc[c] = pool_initial<scalar_t>(POOLING);
+  for (int64_t r = 0; r < M; ++r) {
+    couple_row(blk + size_t(lo[r]) * W, blk + size_t(hi[r]) * W, qw[r], ref + r * W, psi, width);
+    pool_accumulate_row(POOLING, psi, POOLING == kWeighted ? weight + r * W : nullptr, acc, width);
+  }
+  pool_finish_row(POOLING, int(M), acc, width);
+}
+
+template <class scalar_t, int POOLING>
+inline void couple_and_pool(const scalar_t* blk, const int* lo, const int* hi, const scalar_t* qw,
+                            const scalar_t* ref, const scalar_t* weight, int64_t M, scalar_t* acc, int width) {
+  if (width == kSortWidth)
+    couple_and_pool<scalar_t, POOLING, kSortWidth>(blk, lo, hi, qw, ref, weight, M, acc, width);
+  else
+    couple_and_pool<scalar_t, POOLING, 0>(blk, lo, hi, qw, ref, weight, M, acc, width);
+}
+
+template <class scalar_t>
+void couple_and_pool(int pooling, const scalar_t* blk, const int* lo, const int* hi, const scalar_t* qw,
+                     const scalar_t* ref, const scalar_t* weight, int64_t M, scalar_t* acc, int width) {
+  switch (pooling) {
+    case kStm: return couple_and_pool<scalar_t, kStm>(blk, lo, hi, qw, ref, weight, M, acc, width);
+    case kMax: return couple_and_pool<scalar_t, kMax>(blk, lo, hi, qw, ref, weight, M, acc, width);
+    case kMean: return couple_and_pool<scalar_t, kMean>(blk, lo, hi, qw, ref, weight, M, acc, width);
+    default: return couple_and_pool<scalar_t, kWeighted>(blk, lo, hi, qw, ref, weight, M, acc, width);
+  }
+}
+
+// With save = false the saved tensors are not written and, for float32, the sort is value-only
+// (sort_values_block).
 template <class scalar_t, class index_t>
 void forward_kernel(const Prepared<scalar_t>& P, int pooling, at::Tensor& out, at::Tensor& sorted,
-                    at::Tensor& sorted_tokens) {
+                    at::Tensor& sorted_tokens, bool save) {
   using K = KeyOf<scalar_t>;
   using Key = typename K::type;
   constexpr int W = kSortWidth;
+  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
   const int64_t B = P.B, N = P.N, L = P.L, M = P.M;
   const int n_pow2 = next_pow2(int(N));
   const int64_t group = std::max<int64_t>(1, std::min<int64_t>(B, kGemmRows / N));
   const int64_t tile = std::min<int64_t>(kSliceTile, L);
   const int64_t n_groups = (B + group - 1) / group, n_tiles = (L + tile - 1) / tile;
+  const bool values_only = kFloat && !save;
   scalar_t* out_p = out.data_ptr<scalar_t>();
-  scalar_t* sorted_p = sorted.data_ptr<scalar_t>();
-  index_t* tokens_p = sorted_tokens.data_ptr<index_t>();
+  scalar_t* sorted_p = save ? sorted.data_ptr<scalar_t>() : nullptr;
+  index_t* tokens_p = save ? sorted_tokens.data_ptr<index_t>() : nullptr;
   const scalar_t* ref_s = P.ref_sorted.template data_ptr<scalar_t>();
   const scalar_t* w_s = P.weight_sorted.defined() ? P.weight_sorted.template data_ptr<scalar_t>() : nullptr;
 
   at::parallel_for(0, n_groups * n_tiles, 1, [&](int64_t begin, int64_t end) {
     at::Tensor proj = at::empty({group * N, tile}, P.x2d.options());
-    std::vector<Key> keys(size_t(n_pow2) * W);
-    std::vector<scalar_t> block(size_t(N) * W);
-    scalar_t psi[W], acc[W];
+    std::vector<Key> keys(values_only ? 0 : size_t(n_pow2) * W);
+    std::vector<uint32_t> value_keys(values_only ? size_t(n_pow2) * W : 0);
+    // The references (and weights) of one column block, compact: in (M, L) their rows are L apart, which for
+    // L = 4096 puts all of them in the same L1 sets (they were re-read from L2 for every sample).
+    std::vector<scalar_t> block(size_t(N) * W), ref_block(size_t(M) * W), weight_block(w_s ? size_t(M) * W : 0);
+    scalar_t acc[W];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t g = item / n_tiles, l0 = (item % n_tiles) * tile;
       const int64_t b0 = g * group, nb = std::min(group, B - b0), width_tile = std::min(tile, L - l0);
       at::Tensor proj_view = proj.narrow(0, 0, nb * N).narrow(1, 0, width_tile);
       at::mm_out(proj_view, P.x2d.narrow(0, b0 * N, nb * N), P.dir.narrow(0, l0, width_tile).t());
       const scalar_t* pj = proj.data_ptr<scalar_t>();
-      for (int64_t bl = 0; bl < nb; ++bl) {
-        const int64_t b = b0 + bl;
-        const int n_b = P.n_valid[b];
-        const uint8_t* valid = P.valid.data() + b * N;
-        const int* lo = P.q_lo.data() + b * M;
-        const int* hi = P.q_hi.data() + b * M;
-        const scalar_t* qw = P.q_w.data() + b * M;
-        for (int64_t c0 = 0; c0 < width_tile; c0 += W) {
-          const int width = int(std::min<int64_t>(W, width_tile - c0));
-          const int64_t l = l0 + c0;
+      for (int64_t c0 = 0; c0 < width_tile; c0 += W) {
+        const int width = int(std::min<int64_t>(W, width_tile - c0));
+        const int64_t l = l0 + c0;
+        for (int64_t r = 0; r < M; ++r) {
+          std::copy_n(ref_s + r * L + l, width, ref_block.data() + r * W);
+          if (w_s) std::copy_n(w_s + r * L + l, width, weight_block.data() + r * W);
+        }
+        for (int64_t bl = 0; bl < nb; ++bl) {
+          const int64_t b = b0 + bl;
+          const int n_b = P.n_valid[b];
+          const uint8_t* valid = P.valid.data() + b * N;
           const scalar_t* src = pj + bl * N * tile + c0;
-          scalar_t* s_dst = sorted_p + b * N * L + l;
-          index_t* t_dst = tokens_p + b * N * L + l;
-          if (!pack_sort_unpack_fast(src, tile, P.scale.data() + l, valid, int(N), n_b, n_pow2, width, keys.data(),
-                                     s_dst, t_dst, L, block.data()))
-            pack_sort_unpack<scalar_t, index_t>(src, tile, P.scale.data() + l, valid, int(N), n_b, n_pow2, width,
-                                                keys.data(), s_dst, t_dst, L, block.data());
-          // Couple and pool, walking the references in rank order (one row of 32 columns per rank).
-          for (int c = 0; c < width; ++c) acc[c] = pool_initial<scalar_t>(pooling);
-          for (int64_t r = 0; r < M; ++r) {
-            couple_row(block.data() + size_t(lo[r]) * W, block.data() + size_t(hi[r]) * W, qw[r],
-                       ref_s + r * L + l, psi, width);
-            pool_accumulate_row(pooling, psi, w_s ? w_s + r * L + l : nullptr, acc, width);
+          const scalar_t* sorted_block = block.data();
+          if constexpr (kFloat) {
+            if (values_only)
+              sorted_block = sort_values_block(src, tile, P.scale.data() + l, valid, int(N), n_b, n_pow2, width,
+                                               value_keys.data(), block.data());
           }
-          pool_finish_row(pooling, int(M), acc, width);
-          for (int c = 0; c < width; ++c) out_p[b * L + l + c] = acc[c];
+          if (!values_only) {
+            scalar_t* s_dst = save ? sorted_p + b * N * L + l : nullptr;
+            index_t* t_dst = save ? tokens_p + b * N * L + l : nullptr;
+            if (!pack_sort_unpack_fast(src, tile, P.scale.data() + l, valid, int(N), n_b, n_pow2, width,
+                                       keys.data(), s_dst, t_dst, L, block.data()))
+              pack_sort_unpack<scalar_t, index_t>(src, tile, P.scale.data() + l, valid, int(N), n_b, n_pow2, width,
+                                                  keys.data(), s_dst, t_dst, L, block.data());
+          }
+          couple_and_pool(pooling, sorted_block, P.q_lo.data() + b * M, P.q_hi.data() + b * M,
+                          P.q_w.data() + b * M, ref_block.data(), weight_block.data(), M, acc, width);
+          std::copy_n(acc, width, out_p + b * L + l);
         }
       }
     }
@@ -574,7 +724,7 @@ at::Tensor fresh_zero_tensor(at::IntArrayRef sizes, const at::TensorOptions& opt
 std::tuple<at::Tensor, at::Tensor, at::Tensor> aswp_pool_fwd_cpu(
     const at::Tensor& x, const at::Tensor& directions, const at::Tensor& references,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& weights, c10::string_view pooling,
-    bool normalize_directions, double temperature) {
+    bool normalize_directions, double temperature, bool save_for_backward) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen calls inside are not part of the graph
   TORCH_CHECK_VALUE(x.dim() == 3, "x must be (B, N, D), got ", x.sizes());
   TORCH_CHECK_VALUE(directions.dim() == 2 && directions.size(1) == x.size(2), "directions must be (L, D), got ",
@@ -591,16 +741,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aswp_pool_fwd_cpu(
   const auto index_dtype = N <= 256 ? at::kByte : at::kInt;
   at::Tensor out = at::empty({B, L}, x.options().dtype(compute));
   // Rows past a sample's valid tokens stay zero (and, with a mask, never resident: see fresh_zero_tensor).
+  // Without save_for_backward (no gradient will be asked for) the saved slots are empty and never written: the
+  // 20 MiB of saved tensors at the paper shape were ~8% of the forward.
   const bool dense = !mask.has_value();
-  at::Tensor sorted = fresh_zero_tensor({B, N, L}, x.options().dtype(compute), dense);
-  at::Tensor sorted_tokens = fresh_zero_tensor({B, N, L}, x.options().dtype(index_dtype), dense);
+  at::Tensor sorted = save_for_backward ? fresh_zero_tensor({B, N, L}, x.options().dtype(compute), dense)
+                                        : at::empty({0}, x.options().dtype(compute));
+  at::Tensor sorted_tokens = save_for_backward ? fresh_zero_tensor({B, N, L}, x.options().dtype(index_dtype), dense)
+                                               : at::empty({0}, x.options().dtype(index_dtype));
   std::optional<at::Tensor> wopt = code == kWeighted ? weights : std::nullopt;
   AT_DISPATCH_FLOATING_TYPES(compute, "aswp_pool_fwd_cpu", [&] {
     auto P = prepare<scalar_t>(x, directions, references, mask, wopt, normalize_directions, true);
     if (index_dtype == at::kByte)
-      forward_kernel<scalar_t, uint8_t>(P, code, out, sorted, sorted_tokens);
+      forward_kernel<scalar_t, uint8_t>(P, code, out, sorted, sorted_tokens, save_for_backward);
     else
-      forward_kernel<scalar_t, int32_t>(P, code, out, sorted, sorted_tokens);
+      forward_kernel<scalar_t, int32_t>(P, code, out, sorted, sorted_tokens, save_for_backward);
   });
   return {out.to(x.scalar_type()), sorted, sorted_tokens};
 }
@@ -722,6 +876,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aswp_pool_bwd_cpu(
   const int64_t B = x.size(0), N = x.size(1), L = directions.size(0), M = references.size(0);
   TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == B && grad_out.size(1) == L,
                     "grad_out must be (B, L)");
+  TORCH_CHECK(sorted.numel() > 0 || B * N * L == 0,
+              "aswp_pool backward: the forward ran with save_for_backward=False and kept nothing for backward; "
+              "run it with save_for_backward=True (aswp_pool() does when grad is enabled and an input requires grad)");
   TORCH_CHECK_VALUE(sorted.sizes() == sorted_tokens.sizes() && sorted.dim() == 3 && sorted.size(0) == B &&
                         sorted.size(1) == N && sorted.size(2) == L,
                     "sorted/sorted_tokens must be (B, N, L)");

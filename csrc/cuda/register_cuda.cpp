@@ -59,7 +59,7 @@ AswpPrepared aswp_prepare(const at::Tensor& x, const at::Tensor& directions, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor> aswp_pool_fwd_cuda(
     const at::Tensor& x, const at::Tensor& directions, const at::Tensor& references,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& weights, c10::string_view pooling,
-    bool normalize_directions, double temperature) {
+    bool normalize_directions, double temperature, bool save_for_backward) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const c10::cuda::CUDAGuard guard(x.device());
   const int code = aswp_pooling_code(pooling);
@@ -76,6 +76,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aswp_pool_fwd_cuda(
       P.ref_sorted.data_ptr<float>(), code == 3 ? P.weight_sorted.data_ptr<float>() : nullptr, int(B), int(N),
       int(L), int(M), code, out.data_ptr<float>(), sorted.data_ptr<float>(), sorted_tokens.data_ptr(), rank_u8,
       c10::cuda::getCurrentCUDAStream()));
+  // The kernel always writes the saved tensors; without save_for_backward they are dropped here (the schema's
+  // contract: empty saved slots).
+  if (!save_for_backward) return {out.to(x.scalar_type()), sorted.new_empty({0}), sorted_tokens.new_empty({0})};
   return {out.to(x.scalar_type()), sorted, sorted_tokens};
 }
 

@@ -65,6 +65,18 @@ OMNIRET_HD void compare_exchange(uint64_t& a, uint64_t& b) {
   a = lo;
 }
 
+// Value-only keys: float_to_ordered(v) alone, for a sort whose caller needs the sorted values but not which token
+// each came from (the forward when nothing is saved for backward). Equal keys are equal values, so the sorted
+// values are those of the (value, index) sort bit for bit. Padding is all ones, which sorts last (a NaN whose key
+// is all ones ties with it and decodes to the same bits).
+constexpr uint32_t kPadValueKey = ~uint32_t(0);
+
+OMNIRET_HD void compare_exchange(uint32_t& a, uint32_t& b) {
+  const uint32_t lo = a < b ? a : b;
+  b = a < b ? b : a;
+  a = lo;
+}
+
 // float64 has no room for an index in 64 bits: its key is a (value, index) pair with the same lexicographic order.
 struct KeyF64 {
   double value;
