@@ -187,7 +187,7 @@ def test_opcheck_dispatcher_ops():
 @pytest.mark.parametrize("pooling", POOLINGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(3, 37, 7, 70, 20, True), (2, 5, 3, 64, 9, False), (2, 1, 4, 33, 3, False),
-                                   (1, 300, 4, 40, 16, True)], ids=lambda s: "B{}N{}D{}L{}M{}{}".format(*s[:5], "m" * s[5]))
+                                   (1, 300, 4, 40, 16, True), (2, 20, 6, 300, 40, True)], ids=lambda s: "B{}N{}D{}L{}M{}{}".format(*s[:5], "m" * s[5]))
 def test_no_save_forward_equals_saving_forward(pooling, dtype, shape):
     """Bit for bit the same output (float32 sorts value-only keys, float64 the keyed block), saved slots empty."""
     B, N, D, L, M, masked = shape

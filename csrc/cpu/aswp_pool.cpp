@@ -464,43 +464,80 @@ inline const float* sort_values_block(const float* src, int64_t src_stride, cons
   return blk;
 }
 
-// Stable sort of every column of references (M, L) with the key network: the values in rank order and the
-// index j of each rank. (at::sort along dim 0 of a row-major matrix costs more than the kernel around it.)
-template <class scalar_t>
-void sort_references(const at::Tensor& references, at::Tensor& ref_sorted, at::Tensor& order) {
-  using K = KeyOf<scalar_t>;
+// Value-only keys (see pack_sort_values) in the KeyOf interface.
+struct ValueKeyOf {
+  using type = uint32_t;
+  static uint32_t make(float v, int) { return float_to_ordered(v); }
+  static uint32_t pad() { return kPadValueKey; }
+  static float value(uint32_t k) { return ordered_to_float(k); }
+  static int index(uint32_t) { return -1; }
+};
+
+// One panel of the references: up to kReferencePanel blocks of 32 columns, packed row by row (each row of the
+// panel is one contiguous run), sorted block by block, unpacked row by row. Block by block, the 128 rows of a
+// block are 128 separate pages and miss streams: that cost ~2.5x the sort itself.
+constexpr int kReferencePanel = 8;
+template <class K, class scalar_t>
+void sort_reference_panel(const scalar_t* src, int64_t M, int m_pow2, int64_t L, int64_t width,
+                          typename K::type* keys, scalar_t* dst, int* ord) {
+  constexpr int W = kSortWidth;
   using Key = typename K::type;
+  const int n_blocks = int((width + W - 1) / W);
+  auto row_of = [&](int k, int64_t i) { return keys + (size_t(k) * m_pow2 + size_t(i)) * W; };
+  for (int64_t i = 0; i < m_pow2; ++i)
+    for (int k = 0; k < n_blocks; ++k) {
+      Key* row = row_of(k, i);
+      const int w = int(std::min<int64_t>(W, width - k * W));
+      if (i < M && w == W) {
+        for (int c = 0; c < W; ++c) row[c] = K::make(src[i * L + k * W + c], int(i));
+      } else {
+        int c = 0;
+        if (i < M)
+          for (; c < w; ++c) row[c] = K::make(src[i * L + k * W + c], int(i));
+        for (; c < W; ++c) row[c] = K::pad();
+      }
+    }
+  for (int k = 0; k < n_blocks; ++k) sort_key_block(row_of(k, 0), m_pow2);
+  for (int64_t r = 0; r < M; ++r)
+    for (int k = 0; k < n_blocks; ++k) {
+      const Key* row = row_of(k, r);
+      const int w = int(std::min<int64_t>(W, width - k * W));
+      for (int c = 0; c < w; ++c) dst[r * L + k * W + c] = K::value(row[c]);
+      if (ord != nullptr)
+        for (int c = 0; c < w; ++c) ord[r * L + k * W + c] = K::index(row[c]);
+    }
+}
+
+// Stable sort of every column of references (M, L) with the key network: the values in rank order and, when
+// need_order, the index j of each rank. (at::sort along dim 0 of a row-major matrix costs more than the kernel
+// around it.) Without need_order (a forward that saves nothing, without weights) float32 sorts value-only keys.
+template <class scalar_t>
+void sort_references(const at::Tensor& references, bool need_order, at::Tensor& ref_sorted, at::Tensor& order) {
   constexpr int W = kSortWidth;
   const int64_t M = references.size(0), L = references.size(1);
   const int m_pow2 = next_pow2(int(M));
   ref_sorted = at::empty({M, L}, references.options());
-  order = at::empty({M, L}, references.options().dtype(at::kInt));
+  if (need_order) order = at::empty({M, L}, references.options().dtype(at::kInt));
   const scalar_t* src = references.data_ptr<scalar_t>();
   scalar_t* dst = ref_sorted.data_ptr<scalar_t>();
-  int* ord = order.data_ptr<int>();
-  at::parallel_for(0, (L + W - 1) / W, 4, [&](int64_t begin, int64_t end) {
-    std::vector<Key> keys(size_t(m_pow2) * W);
-    const std::vector<scalar_t> ones(W, scalar_t(1));  // the fast block scales by 1 / ||d||: x * 1 is exact
-    const std::vector<uint8_t> all_valid(M, 1);
-    std::vector<scalar_t> unused_block(size_t(M) * W);
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t l = blk * W;
-      const int width = int(std::min<int64_t>(W, L - l));
-      if (pack_sort_unpack_fast(src + l, L, ones.data(), all_valid.data(), int(M), int(M), m_pow2, width,
-                                keys.data(), dst + l, ord + l, L, unused_block.data()))
-        continue;
-      for (int i = 0; i < m_pow2; ++i) {
-        Key* row = keys.data() + size_t(i) * W;
-        int c = 0;
-        if (i < M)
-          for (; c < width; ++c) row[c] = K::make(src[i * L + l + c], i);
-        for (; c < W; ++c) row[c] = K::pad();
+  int* ord = need_order ? order.data_ptr<int>() : nullptr;
+  constexpr int64_t panel = kReferencePanel * W;
+  const bool values_only = !need_order && std::is_same_v<scalar_t, float>;
+  at::parallel_for(0, (L + panel - 1) / panel, 1, [&](int64_t begin, int64_t end) {
+    using Key = typename KeyOf<scalar_t>::type;
+    const size_t n_keys = size_t(kReferencePanel) * m_pow2 * W;
+    std::vector<Key> keys(values_only ? 0 : n_keys);
+    std::vector<uint32_t> value_keys(values_only ? n_keys : 0);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t l0 = p * panel, width = std::min(panel, L - l0);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (values_only) {
+          sort_reference_panel<ValueKeyOf>(src + l0, M, m_pow2, L, width, value_keys.data(), dst + l0, nullptr);
+          continue;
+        }
       }
-      sort_key_block(keys.data(), m_pow2);
-      for (int64_t r = 0; r < M; ++r) {
-        const Key* row = keys.data() + size_t(r) * W;
-        for (int c = 0; c < width; ++c) dst[r * L + l + c] = K::value(row[c]), ord[r * L + l + c] = K::index(row[c]);
-      }
+      sort_reference_panel<KeyOf<scalar_t>>(src + l0, M, m_pow2, L, width, keys.data(), dst + l0,
+                                            ord ? ord + l0 : nullptr);
     }
   });
 }
@@ -535,7 +572,7 @@ struct Prepared {
   at::Tensor dir;           // (L, D) directions, not normalised
   std::vector<scalar_t> scale;  // (L): 1 / ||d_l|| when normalising, else 1
   at::Tensor ref_sorted;   // (M, L): ref_sorted[r, l] = references[order[r, l], l]
-  at::Tensor order32;      // (M, L) int32: j of rank r in column l (stable)
+  at::Tensor order32;      // (M, L) int32: j of rank r in column l (stable); undefined if not asked for
   at::Tensor weight_sorted;  // (M, L) or undefined
   std::vector<uint8_t> valid;  // (B, N)
   std::vector<int> n_valid;    // (B)
@@ -546,7 +583,7 @@ struct Prepared {
 template <class scalar_t>
 Prepared<scalar_t> prepare(const at::Tensor& x, const at::Tensor& directions, const at::Tensor& references,
                            const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& weights,
-                           bool normalize_directions, bool need_x) {
+                           bool normalize_directions, bool need_x, bool need_order) {
   Prepared<scalar_t> P;
   const auto dt = c10::CppTypeToScalarType<scalar_t>::value;
   P.B = x.size(0), P.N = x.size(1), P.D = x.size(2), P.L = directions.size(0), P.M = references.size(0);
@@ -563,7 +600,8 @@ Prepared<scalar_t> prepare(const at::Tensor& x, const at::Tensor& directions, co
       for (int64_t l = l0; l < l1; ++l) P.scale[l] = scalar_t(1.0 / std::sqrt(squared_norm(dp + l * D, D)));
     });
   }
-  sort_references<scalar_t>(references.to(dt).contiguous(), P.ref_sorted, P.order32);
+  sort_references<scalar_t>(references.to(dt).contiguous(), need_order || weights.has_value(), P.ref_sorted,
+                            P.order32);
   if (weights.has_value()) P.weight_sorted = permute_ranks<scalar_t>(weights->to(dt).contiguous(), P.order32, true);
   const int64_t M = P.M, B = P.B, N = P.N;
   P.valid.assign(B * N, 1);
@@ -675,6 +713,13 @@ void forward_kernel(const Prepared<scalar_t>& P, int pooling, at::Tensor& out, a
           const int n_b = P.n_valid[b];
           const uint8_t* valid = P.valid.data() + b * N;
           const scalar_t* src = pj + bl * N * tile + c0;
+          // The next block's projection rows (next sample, or the next columns of the first): 4 KiB apart,
+          // which the hardware prefetchers do not follow; the tile is larger than L2.
+          const scalar_t* next = bl + 1 < nb ? src + N * tile : c0 + W < width_tile ? pj + c0 + W : nullptr;
+          if (next != nullptr)
+            for (int64_t i = 0; i < N; ++i)
+              for (size_t byte = 0; byte < W * sizeof(scalar_t); byte += 64)
+                _mm_prefetch(reinterpret_cast<const char*>(next + i * tile) + byte, _MM_HINT_T1);
           const scalar_t* sorted_block = block.data();
           if constexpr (kFloat) {
             if (values_only)
@@ -750,7 +795,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aswp_pool_fwd_cpu(
                                                : at::empty({0}, x.options().dtype(index_dtype));
   std::optional<at::Tensor> wopt = code == kWeighted ? weights : std::nullopt;
   AT_DISPATCH_FLOATING_TYPES(compute, "aswp_pool_fwd_cpu", [&] {
-    auto P = prepare<scalar_t>(x, directions, references, mask, wopt, normalize_directions, true);
+    auto P = prepare<scalar_t>(x, directions, references, mask, wopt, normalize_directions, true, save_for_backward);
     if (index_dtype == at::kByte)
       forward_kernel<scalar_t, uint8_t>(P, code, out, sorted, sorted_tokens, save_for_backward);
     else
@@ -889,7 +934,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aswp_pool_bwd_cpu(
   at::Tensor grad_ref, grad_w;
   std::optional<at::Tensor> wopt = code == kWeighted ? weights : std::nullopt;
   AT_DISPATCH_FLOATING_TYPES(compute, "aswp_pool_bwd_cpu", [&] {
-    auto P = prepare<scalar_t>(x, directions, references, mask, wopt, normalize_directions, need_directions);
+    auto P = prepare<scalar_t>(x, directions, references, mask, wopt, normalize_directions, need_directions, true);
     at::Tensor g = grad_out.to(compute).contiguous();
     at::Tensor s = sorted.contiguous(), pm = sorted_tokens.contiguous();
     // dp (B * N, L) is produced and consumed in chunks of slices (a quarter of the paper shape's 16 MiB at a
