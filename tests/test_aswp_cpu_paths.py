@@ -1,5 +1,6 @@
-"""aswp_pool CPU kernel paths: the AVX-512 block (pack, sort, unpack) against the portable path it replaces on CPUs
-without AVX-512 (OMNIRET_ASWP_NO_AVX512=1 forces that path; both run here and must agree bit for bit), both
+"""aswp_pool CPU kernel paths: the AVX-512 block (pack, sort, unpack) against the paths CPUs without AVX-512 take
+(OMNIRET_ASWP_NO_AVX512=1: the AVX2 sort network; with OMNIRET_ASWP_NO_AVX2=1 too: scalar code; all run here and
+must agree bit for bit, with and without saving for backward), all
 against the reference at odd N (1, 3, 127, 129, 255), ties and masks, float32 with full and partial 32-column
 blocks; the vectorised STM softmax of the backward; the saved tensors of masked rows staying zero."""
 import os
@@ -50,8 +51,9 @@ def _run_cases(tmp_path, name, env_extra):
     path = tmp_path / f"{name}.pt"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            **env_extra}
-    if not env_extra:  # the default path: whatever the CPU supports
-        env.pop("OMNIRET_ASWP_NO_AVX512", None)
+    for flag in ("OMNIRET_ASWP_NO_AVX512", "OMNIRET_ASWP_NO_AVX2"):  # only what the case asks for
+        if flag not in env_extra:
+            env.pop(flag, None)
     proc = subprocess.run([sys.executable, "-c", RUN_CASES, repr(CASES), str(path)], capture_output=True,
                           text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -60,10 +62,13 @@ def _run_cases(tmp_path, name, env_extra):
 
 def test_avx512_and_portable_paths_agree_bit_for_bit(tmp_path):
     fast = _run_cases(tmp_path, "default", {})
-    portable = _run_cases(tmp_path, "portable", {"OMNIRET_ASWP_NO_AVX512": "1"})
-    for case, a, b in zip(CASES, fast, portable):
-        for name, u, v in zip(("out", "dx", "dd", "dr", "sorted", "tokens", "out_no_save"), a, b):
-            assert torch.equal(u, v), (case, name)
+    avx2 = _run_cases(tmp_path, "avx2", {"OMNIRET_ASWP_NO_AVX512": "1"})  # AVX2 network, portable pack/unpack
+    portable = _run_cases(tmp_path, "portable", {"OMNIRET_ASWP_NO_AVX512": "1", "OMNIRET_ASWP_NO_AVX2": "1"})
+    for other_name, other in (("avx2", avx2), ("portable", portable)):
+        for case, a, b in zip(CASES, fast, other):
+            for name, u, v in zip(("out", "dx", "dd", "dr", "sorted", "tokens", "out_no_save"), a, b):
+                assert torch.equal(u, v), (other_name, case, name)
+    for case, a in zip(CASES, fast):
         assert torch.equal(a[-1], a[0]), case  # the value-only sort gives the keyed sort's output
 
 
