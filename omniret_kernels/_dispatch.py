@@ -35,7 +35,8 @@ def _why_not(op: str, backend: str, device: torch.device) -> Optional[str]:
                 f"({_ext.cpu_extension_error()}); reinstall with `pip install -e . --no-build-isolation`"
             )
         if not _ext.has_kernel(f"{op}_fwd", "CPU"):
-            return f"omniret::{op}_fwd has no CPU kernel in this build"
+            return (f"omniret::{op}_fwd has no CPU kernel in this build (is omniret_kernels._C older than the "
+                    "Python sources? rebuild with `pip install -e . --no-build-isolation`)")
         return None
     if backend == "cuda":
         if device.type != "cuda":
@@ -46,7 +47,8 @@ def _why_not(op: str, backend: str, device: torch.device) -> Optional[str]:
                 "nvcc at build time; OMNIRET_BUILD_CUDA=1 forces it)"
             )
         if not _ext.has_kernel(f"{op}_fwd", "CUDA"):
-            return f"omniret::{op}_fwd has no CUDA kernel in this build"
+            return (f"omniret::{op}_fwd has no CUDA kernel in this build (is omniret_kernels._C_cuda older than "
+                    "the Python sources? rebuild with `pip install -e . --no-build-isolation`)")
         return None
     if backend == "triton":
         if not _ext.triton_importable():

@@ -69,16 +69,16 @@ def _assert_grads_close_scaled(a, b, tol):
         assert err <= tol * scale + 1e-12, f"{name}: max error {err:.3g}, gradient scale {scale:.3g}"
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 4, 64])
+@pytest.mark.parametrize("chunk, keep", [(1, 1), (3, 0), (3, 1), (3, 5), (4, 2), (64, 1), (64, 0)])
 @pytest.mark.parametrize("n_neg", [0, 3])
-def test_matches_plain_full_batch_backward_float64(chunk, n_neg):
+def test_matches_plain_full_batch_backward_float64(chunk, keep, n_neg):
     model = toy_model(dropout=0.0, diversity_p=0.0, dtype=torch.float64)
     model.train()
     queries, candidates, ids = _batch(10, n_neg)
     kw = dict(tau=0.07, beta=0.5, mu1=1.0, mu2=0.1)
     want, terms = _plain_grads(model, queries, candidates, candidate_ids=ids, **kw)
     model.zero_grad(set_to_none=True)
-    gc = GradCache(model, chunk_size=chunk, loss_chunk_size=5, **kw)
+    gc = GradCache(model, chunk_size=chunk, loss_chunk_size=5, keep_graphs=keep, **kw)
     stats = gc.step(queries, candidates, candidate_ids=ids)
     got = _grads(model)
     # the interim diversity op computes in float32, hence 1e-6 on its share; the rest is float64
@@ -123,6 +123,41 @@ def test_dropout_replay_is_deterministic_and_matches_single_chunk_plain_step():
     assert torch.equal(torch.rand(3), after_plain)
 
 
+@pytest.mark.parametrize("keep", [2, 3, 100])
+def test_kept_graphs_replay_the_same_randomness(keep):
+    """Chunks kept from step 1 (their graphs backpropagated without a re-run) see the dropout and diversity
+    masks a replayed chunk would: the gradients equal those of a step that replays every chunk."""
+    model = toy_model(dropout=0.3, diversity_p=0.5, dtype=torch.float64)
+    model.train()
+    queries, candidates, _ = _batch(9, 2)
+    runs = []
+    for k in (0, keep):
+        torch.manual_seed(11)
+        model.zero_grad(set_to_none=True)
+        stats = GradCache(model, chunk_size=4, keep_graphs=k).step(queries, candidates)
+        runs.append((_grads(model), stats["loss"], torch.rand(3)))
+    _assert_grads_close(runs[0][0], runs[1][0], rtol=1e-12, atol=1e-14)
+    assert runs[0][1] == runs[1][1]
+    assert torch.equal(runs[0][2], runs[1][2])
+    # and the masks are really random: another seed changes the gradients
+    torch.manual_seed(12)
+    model.zero_grad(set_to_none=True)
+    GradCache(model, chunk_size=4, keep_graphs=keep).step(queries, candidates)
+    assert any(not torch.equal(g, runs[0][0][n]) for n, g in _grads(model).items())
+
+
+def test_kept_graphs_save_forwards():
+    """keep_graphs=k re-runs k chunks fewer; a batch inside k chunks runs as many forwards as a plain step."""
+    model = toy_model(dropout=0.0, diversity_p=0.0, dtype=torch.float64)
+    queries, candidates, _ = _batch(8)
+    calls = []
+    model.register_forward_pre_hook(lambda mod, args: calls.append(len(args[0])))
+    for keep, forwards in [(0, 8), (1, 7), (3, 5), (4, 4), (9, 4)]:
+        calls.clear()
+        GradCache(model, chunk_size=4, keep_graphs=keep).step(queries, candidates)
+        assert len(calls) == forwards, (keep, calls)
+
+
 def test_learnable_temperature_gets_gradient():
     from omniret.losses import LearnableTemperature
     model = toy_model(dropout=0.0, diversity_p=0.0, dtype=torch.float64)
@@ -146,6 +181,8 @@ def test_bad_arguments():
     queries, candidates, ids = _batch(4)
     with pytest.raises(ValueError, match="chunk_size"):
         GradCache(model, chunk_size=0)
+    with pytest.raises(ValueError, match="keep_graphs"):
+        GradCache(model, chunk_size=2, keep_graphs=-1)
     gc = GradCache(model, chunk_size=2)
     with pytest.raises(ValueError, match="queries"):
         gc.step([], candidates)

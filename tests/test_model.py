@@ -390,6 +390,47 @@ def _inputs(m, items):
     return batch.sequences, batch.media_offsets, resampled
 
 
+def _build_inputs_row_by_row(composer, sequences, media_offsets, resampled):
+    """The obvious per-item construction build_inputs must equal (it gathers from one table instead)."""
+    embed = composer.llm.get_input_embeddings()
+    rows = []
+    for seq, offsets in zip(sequences, media_offsets):
+        parts = [embed(torch.tensor(v)) if k == "ids" else resampled[k][offsets[k] + v] for k, v in seq]
+        rows.append(torch.cat(parts))
+    T = max(r.shape[0] for r in rows)
+    out = torch.zeros(len(rows), T, rows[0].shape[1])
+    mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r
+        mask[i, : r.shape[0]] = True
+    return out, mask
+
+
+@pytest.mark.parametrize("kind", ["shared_no_latents", "none"])
+def test_build_inputs_matches_row_by_row(kind):
+    m = OmniRet.from_config(preset("tiny", media_resampler=kind))
+    items = _items(_media())[::-1]  # the longest item first, text-only last: padding on several rows
+    sequences, offsets, resampled = _inputs(m, items)
+    leaves = {}
+    for mod, x in resampled.items():  # fresh leaves, so the gradients of both constructions can be compared
+        if isinstance(x, torch.Tensor):
+            leaves[mod] = torch.randn_like(x).requires_grad_()
+        else:
+            leaves[mod] = [torch.randn_like(t).requires_grad_() for t in x]
+    got, got_mask = m.composer.build_inputs(sequences, offsets, leaves)
+    want, want_mask = _build_inputs_row_by_row(m.composer, sequences, offsets, leaves)
+    assert torch.equal(got_mask, want_mask) and not got_mask.all()
+    assert torch.equal(got, want)
+    weight = torch.randn_like(want)
+    flat = lambda v: [v] if isinstance(v, torch.Tensor) else list(v)
+    params = [t for v in leaves.values() for t in flat(v)]
+    g_got = torch.autograd.grad((got * weight).sum(), params)
+    g_want = torch.autograd.grad((want * weight).sum(), params)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        assert a.abs().sum() > 0
+
+
 def test_bf16_frozen_backbones():
     """Frozen backbones in bfloat16 (how the paper-size model fits a GPU) with fp32 trainable parts."""
     cfg = preset("tiny")

@@ -1,6 +1,7 @@
 """`omniret demo`: the offline tri-modal digits demo (see omniret/eval/digits_demo.py and docs/demo.md)."""
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import sys
 
@@ -26,6 +27,10 @@ def add_arguments(p) -> None:
     p.add_argument("--per-composed-task", type=int, default=_default("per_composed_task"),
                    help="training pairs per step of each composed task (they need more examples)")
     p.add_argument("--chunk-size", type=int, default=_default("chunk_size"), help="gradient-caching chunk size")
+    p.add_argument("--source-negatives", action=argparse.BooleanOptionalAction, default=_default("source_negatives"),
+                   help="a composed query's unchanged digit joins the batch as its hard negative")
+    p.add_argument("--keep-graphs", type=int, default=_default("keep_graphs"),
+                   help="gradient-caching chunks backpropagated from the embedding pass, without a re-run")
     p.add_argument("--lr", type=float, default=_default("lr"), help="towers, projectors, resamplers, pooling head")
     p.add_argument("--lora-lr", type=float, default=_default("lora_lr"))
     p.add_argument("--tower-warmup-epochs", type=int, default=_default("tower_warmup_epochs"),
@@ -78,7 +83,8 @@ def run(args) -> int:
         data = DigitsConfig(seed=args.seed, max_voices=8, espeak_renderings={"train": 2, "test": 1},
                             flite_renderings=2, max_images_per_class=20)
     opts = DemoOptions(output=args.output, pooling=args.pooling, time_budget=args.time_budget, steps=args.steps,
-                       per_task=args.per_task, per_composed_task=args.per_composed_task, chunk_size=args.chunk_size, lr=args.lr, lora_lr=args.lora_lr, triplet=args.triplet,
+                       per_task=args.per_task, per_composed_task=args.per_composed_task, chunk_size=args.chunk_size,
+                       keep_graphs=args.keep_graphs, source_negatives=args.source_negatives, lr=args.lr, lora_lr=args.lora_lr, triplet=args.triplet,
                        tower_warmup_epochs=args.tower_warmup_epochs, negatives=args.negatives,
                        seed=args.seed, data=data, cache_dir=args.data_cache, max_eval_queries=args.max_eval_queries,
                        build_index=not args.no_index, threads=args.threads)

@@ -358,18 +358,27 @@ class PairSampler:
         pool = self.by_digit[modality][digit]
         return pool[int(self.rng.integers(len(pool)))]
 
-    def sample(self, per_task: dict) -> tuple[list, list, torch.Tensor]:
-        """per_task: {task: count}. Returns (queries, candidates, positives (Q, Q) bool)."""
-        queries, cands, keys = [], [], []
+    def sample(self, per_task: dict, source_negatives: bool = False) -> tuple[list, list, torch.Tensor]:
+        """per_task: {task: count}. Returns (queries, candidates, positives (Q, C) bool): candidate i is query i's
+        positive; positives[i, j] marks every candidate of query i's target modality and digit. With
+        `source_negatives`, each composed query also brings a hard negative, appended after the Q positives: a
+        candidate of its *unchanged* digit (what a model that ignores the change text would retrieve)."""
+        queries, cands, keys, extra, extra_keys = [], [], [], [], []
         for task, count in per_task.items():
             mods, cand_mod = task_modalities(task)
             for _ in range(count):
                 digit = int(self.rng.integers(10))
                 source = None if mods == ("text",) else self._pick(mods[0], digit)
                 item, target = _query(task, self.split, source, digit, self.rng)
-                c = self._pick(cand_mod, target)
                 queries.append(item)
-                cands.append(self.split.image_item(c) if cand_mod == "image" else self.split.audio_item(c))
+                cands.append(self._item(cand_mod, self._pick(cand_mod, target)))
                 keys.append((cand_mod, target))
-        positives = torch.tensor([[a == b for b in keys] for a in keys], dtype=torch.bool)
-        return queries, cands, positives
+                if source_negatives and "text" in mods and len(mods) > 1:
+                    extra.append(self._item(cand_mod, self._pick(cand_mod, digit)))
+                    extra_keys.append((cand_mod, digit))
+        all_keys = keys + extra_keys
+        positives = torch.tensor([[a == b for b in all_keys] for a in keys], dtype=torch.bool)
+        return queries, cands + extra, positives
+
+    def _item(self, modality: str, index: int) -> dict:
+        return self.split.image_item(index) if modality == "image" else self.split.audio_item(index)

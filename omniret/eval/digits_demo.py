@@ -33,6 +33,13 @@ class DemoOptions:
     # are learned within ~80 steps, the composed ones (arithmetic on the query's digit) need many more examples
     per_composed_task: int | None = 8
     chunk_size: int = 32  # gradient-caching chunk: one chunk holds a step's queries (4 x 4 + 2 x 8)
+    # GradCache keeps the graphs of the last chunks of its embedding pass instead of re-running them: 2 keeps a
+    # step's query and candidate chunks, so no forward runs twice (~26% less time per step at this size; a
+    # demo-size graph is small, the memory reasoning of GradCache is for batches of thousands)
+    keep_graphs: int = 2
+    # each composed query also brings a candidate of its unchanged digit as a hard negative (PairSampler), so
+    # ignoring the change text costs loss
+    source_negatives: bool = False
     lr: float = 1e-4  # 1e-3 collapses the ASWP head within a few steps; 1e-4 beat 2e-4 and 3e-4 (docs/demo.md)
     lora_lr: float = 3e-4
     warmup: float = 0.05  # share of the schedule
@@ -91,7 +98,7 @@ def restrict_negatives(candidates: list, positives: torch.Tensor) -> torch.Tenso
     """Exclude the candidates of another modality than query i's positive from query i's negatives (they join
     the `positives` mask, which only removes candidates from the negatives)."""
     kind = torch.tensor([("image" in c) for c in candidates])
-    return positives | (kind[:, None] != kind[None, :])
+    return positives | (kind[: positives.shape[0], None] != kind[None, :])
 
 
 def warm_up(model, split, opts: DemoOptions, log=print) -> dict:
@@ -128,7 +135,7 @@ def train(model, bench: dict, opts: DemoOptions, log=print, log_path: str | None
         raise ValueError(f"triplet must be 'mean' or 'sum', got {opts.triplet!r}")
     mu1 = 1.0 / max(1, batch - 1) if opts.triplet == "mean" else 1.0
     # the full loss of SPEC section 4: HN-InfoNCE (beta 0.5) + mu1 triplet + 0.1 diversity, tau 0.07
-    gc = GradCache(model, chunk_size=opts.chunk_size, mu1=mu1)
+    gc = GradCache(model, chunk_size=opts.chunk_size, mu1=mu1, keep_graphs=opts.keep_graphs)
     sampler = digits.PairSampler(bench["train"], seed=opts.seed)
     history = []
     model.train()
@@ -152,7 +159,7 @@ def train(model, bench: dict, opts: DemoOptions, log=print, log_path: str | None
             factor = min(factor, (step + 1) / opts.warmup_steps)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * factor
-        queries, cands, positives = sampler.sample(per_task)
+        queries, cands, positives = sampler.sample(per_task, source_negatives=opts.source_negatives)
         if opts.negatives == "modality":
             positives = restrict_negatives(cands, positives)
         opt.zero_grad(set_to_none=True)

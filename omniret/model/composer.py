@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from omniret.config import OmniRetConfig
@@ -194,20 +193,45 @@ class Composer(nn.Module):
 
     def build_inputs(self, sequences: list, media_offsets: list, resampled: dict):
         """sequences: per item, the output of `tokenize`; media_offsets[i][modality]: index of item i's first
-        media of that modality in resampled[modality] (n, Nq, D). -> inputs_embeds (B, T, D), mask (B, T)."""
+        media of that modality in resampled[modality] ((n, Nq, D), or a list of (N_k, D) without a resampler).
+        -> inputs_embeds (B, T, D), mask (B, T)."""
         embed = self.llm.get_input_embeddings()
         dtype = embed.weight.dtype
         device = embed.weight.device
-        rows = []
+        # One gather from one table (every text token's embedding, then every media latent, then a zero row for
+        # padding) instead of a few small ops per item: per-item ops cost more than the LLM on small batches,
+        # and selecting rows one by one makes backward write a full-size gradient per row.
+        media_rows, media_start, media_len = [], {}, {}
+        for kind, x in resampled.items():
+            if isinstance(x, torch.Tensor):
+                media_rows.append(x.reshape(-1, x.shape[-1]))
+                lengths = [x.shape[1]] * x.shape[0]
+            else:
+                media_rows.append(torch.cat(list(x)))
+                lengths = [t.shape[0] for t in x]
+            starts = [0]
+            for n in lengths[:-1]:
+                starts.append(starts[-1] + n)
+            media_start[kind], media_len[kind] = starts, lengths
+        ids = [i for seq in sequences for kind, value in seq if kind == "ids" for i in value]
+        base, offset = {}, len(ids)
+        for kind, rows in zip(resampled, media_rows):
+            base[kind] = offset
+            offset += rows.shape[0]
+        pad_row = offset
+        index, lengths, next_id = [], [], 0
         for seq, offsets in zip(sequences, media_offsets):
-            parts = []
+            row = []
             for kind, value in seq:
                 if kind == "ids":
-                    parts.append(embed(torch.tensor(value, dtype=torch.long, device=device)))
+                    row.extend(range(next_id, next_id + len(value)))
+                    next_id += len(value)
                 else:
-                    parts.append(resampled[kind][offsets[kind] + value].to(dtype))
-            rows.append(torch.cat(parts, dim=0))
-        lengths = [r.shape[0] for r in rows]
+                    k = offsets[kind] + value
+                    first = base[kind] + media_start[kind][k]
+                    row.extend(range(first, first + media_len[kind][k]))
+            index.append(row)
+            lengths.append(len(row))
         limit = getattr(self.llm.config, "max_position_embeddings", None)
         if limit is not None and max(lengths) > limit:
             i = max(range(len(lengths)), key=lengths.__getitem__)
@@ -215,10 +239,12 @@ class Composer(nn.Module):
                              f"{self.cfg.media_latents} per media item), more than the LLM's {limit} positions; "
                              "use fewer media or shorter text")
         T = max(lengths)
-        # Right padding (causal LLMs see no padding before a valid token), one stack of padded rows: writing
-        # rows into a zero (B, T, D) tensor makes one autograd node per row, each copying the whole (B, T, D)
-        # gradient in backward, which made a step quadratic in the batch (measured in docs/training.md).
-        embeds = torch.stack([F.pad(r, (0, 0, 0, T - r.shape[0])) for r in rows])
+        # right padding: causal LLMs then see no padding before a valid token
+        flat = [i for row in index for i in row + [pad_row] * (T - len(row))]
+        table = torch.cat([embed(torch.tensor(ids, dtype=torch.long, device=device))]
+                          + [rows.to(dtype) for rows in media_rows]
+                          + [torch.zeros(1, embed.weight.shape[1], dtype=dtype, device=device)])
+        embeds = table[torch.tensor(flat, dtype=torch.long, device=device)].view(len(index), T, -1)
         mask = torch.arange(T, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
         return embeds, mask
 

@@ -10,6 +10,11 @@ a contrastive step over a batch of thousands with the activation memory of one c
 3. every chunk is re-run with autograd from its saved RNG state (dropout and the diversity mask replay
    exactly) and backpropagates the cached embedding gradient plus its share of the diversity loss.
 
+The last `keep_graphs` chunks of step 1 (default 1) run with autograd instead, and step 3 backpropagates
+their graphs first, without a re-run: one kept graph costs no memory (no chunk runs after the last one, and it
+is freed before the first replay), and it saves one chunk's forward. A batch that fits in `keep_graphs`
+chunks runs no extra forward at all, as a plain step.
+
 The diversity term of the total loss is the mean over all media items of the batch: chunk k, holding n_k of
 the N media items, contributes mu2 * n_k / N * aux["diversity"]_k.
 
@@ -85,6 +90,8 @@ class _Chunk:
     rng: RNGState
     rows: slice  # rows of the local embedding matrix
     num_media: int
+    diversity: float = 0.0
+    graph: Optional[tuple] = None  # (embeddings, aux) with autograd, for a chunk kept from step 1
 
 
 class GradCache:
@@ -105,11 +112,14 @@ class GradCache:
         temperature: Optional[losses.LearnableTemperature] = None,
         loss_chunk_size: int = losses.DEFAULT_CHUNK,
         autocast_dtype: Optional[torch.dtype] = None,
+        keep_graphs: int = 1,
         generators: Sequence[torch.Generator] = (),
         process_group=None,
     ):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if keep_graphs < 0:
+            raise ValueError(f"keep_graphs must be >= 0, got {keep_graphs}")
         if not tau > 0:
             raise ValueError(f"tau must be > 0, got {tau}")
         self.model = model
@@ -119,6 +129,7 @@ class GradCache:
         self.temperature = temperature  # learnable tau (its .grad is filled too); None keeps tau fixed
         self.loss_chunk_size = loss_chunk_size
         self.autocast_dtype = autocast_dtype
+        self.keep_graphs = int(keep_graphs)
         self.generators = list(generators)
         self.process_group = process_group
 
@@ -153,23 +164,28 @@ class GradCache:
     def _tau(self):
         return self.temperature() if self.temperature is not None else self.tau
 
-    def _embed_without_grad(self, items, devices) -> tuple:
+    def _embed_chunks(self, items, devices, keep: int) -> tuple:
+        """Step 1 for one side: every chunk without autograd, except the last `keep`, whose graphs are kept."""
         chunks: List[_Chunk] = []
         embs = []
-        start = 0
         net = self._forward_module()
-        for part in _chunks(items, self.chunk_size):
+        parts = list(_chunks(items, self.chunk_size))
+        first_kept = len(parts) - keep
+        start = 0
+        for k, part in enumerate(parts):
             rng = RNGState(devices, self.generators)
-            with torch.no_grad(), self._autocast():
+            kept = k >= first_kept
+            with torch.set_grad_enabled(kept), self._autocast():
                 emb, aux = net(part)
-            chunks.append(_Chunk(part, rng, slice(start, start + len(part)), _num_media(aux, part)))
-            embs.append(emb.detach())
             if emb.shape[0] != len(part):
                 raise ValueError(f"model returned {emb.shape[0]} embeddings for {len(part)} items")
+            chunk = _Chunk(part, rng, slice(start, start + len(part)), _num_media(aux, part))
             if isinstance(aux, dict) and "diversity" in aux:
-                chunks[-1].diversity = float(aux["diversity"])
-            else:
-                chunks[-1].diversity = 0.0
+                chunk.diversity = float(aux["diversity"].detach())
+            if kept:
+                chunk.graph = (emb, aux)
+            chunks.append(chunk)
+            embs.append(emb.detach())
             start += len(part)
         return chunks, torch.cat(embs)
 
@@ -246,8 +262,10 @@ class GradCache:
         world, _ = self._world()
 
         # 1. embed without autograd, remembering each chunk's RNG state
-        q_chunks, q_local = self._embed_without_grad(queries, devices)
-        c_chunks, c_local = self._embed_without_grad(candidates, devices)
+        n_c_chunks = -(-len(candidates) // self.chunk_size)
+        keep_c = min(self.keep_graphs, n_c_chunks)
+        q_chunks, q_local = self._embed_chunks(queries, devices, self.keep_graphs - keep_c)
+        c_chunks, c_local = self._embed_chunks(candidates, devices, keep_c)
         rng_after = RNGState(devices, self.generators)
         n_pos = len(queries)
 
@@ -291,11 +309,15 @@ class GradCache:
         rank_scale = float(world)
         div_weight = self.mu2 * loss_scale / media_total if media_total > 0 else 0.0
         work = [(ch, g_q_local) for ch in q_chunks] + [(ch, g_c_local) for ch in c_chunks]
+        work.sort(key=lambda w: w[0].graph is None)  # kept graphs first: each is freed before the next replay
         for ch, g_emb in work:
-            ch.rng.restore()
             with torch.enable_grad():
-                with self._autocast():
-                    emb, aux = net(ch.items)
+                if ch.graph is not None:
+                    (emb, aux), ch.graph = ch.graph, None
+                else:
+                    ch.rng.restore()
+                    with self._autocast():
+                        emb, aux = net(ch.items)
                 surrogate = (emb.to(g_emb.dtype) * g_emb[ch.rows]).sum()
                 div = aux.get("diversity") if isinstance(aux, dict) else None
                 if div is not None and ch.num_media > 0 and div_weight != 0.0 and div.requires_grad:
