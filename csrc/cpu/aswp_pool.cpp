@@ -569,6 +569,36 @@ inline const float* sort_values_block(const float* src, int64_t src_stride, cons
   return blk;
 }
 
+// A zero-filled tensor whose pages stay untouched until written: fresh anonymous memory reads as zero and is not
+// resident until first written, so the rows of masked tokens (never written) cost no memory: the saved
+// (B, N, L) tensors of a ragged batch take memory by the true lengths. `huge` asks for transparent huge pages
+// (a dense batch writes every row; 512x fewer page faults), with the mapping aligned to 2 MiB so that all of it
+// can be. Small tensors come from the allocator, zeroed.
+at::Tensor fresh_zero_tensor(at::IntArrayRef sizes, const at::TensorOptions& options, bool huge) {
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  const size_t bytes = size_t(numel) * options.dtype().itemsize();
+#if defined(__linux__) && defined(MAP_ANONYMOUS)
+  if (bytes >= (size_t(1) << 20)) {
+    constexpr size_t kHuge = size_t(2) << 20;
+    const size_t mapped = huge ? bytes + kHuge : bytes;
+    void* p = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p != MAP_FAILED) {
+      void* data = p;
+#if defined(MADV_HUGEPAGE)
+      if (huge) {
+        data = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1));
+        madvise(data, bytes, MADV_HUGEPAGE);
+      }
+#endif
+      return at::from_blob(data, sizes, [p, mapped](void*) { munmap(p, mapped); }, options);
+    }
+  }
+#endif
+  (void)huge;
+  return at::zeros(sizes, options);
+}
+
 // Value-only keys (see pack_sort_values) in the KeyOf interface.
 struct ValueKeyOf {
   using type = uint32_t;
@@ -621,8 +651,9 @@ void sort_references(const at::Tensor& references, bool need_order, at::Tensor& 
   constexpr int W = kSortWidth;
   const int64_t M = references.size(0), L = references.size(1);
   const int m_pow2 = next_pow2(int(M));
-  ref_sorted = at::empty({M, L}, references.options());
-  if (need_order) order = at::empty({M, L}, references.options().dtype(at::kInt));
+  // Fresh huge pages (fully written): from the allocator, these came back as fresh small pages on every call.
+  ref_sorted = fresh_zero_tensor({M, L}, references.options(), /*huge=*/true);
+  if (need_order) order = fresh_zero_tensor({M, L}, references.options().dtype(at::kInt), /*huge=*/true);
   const scalar_t* src = references.data_ptr<scalar_t>();
   scalar_t* dst = ref_sorted.data_ptr<scalar_t>();
   int* ord = need_order ? order.data_ptr<int>() : nullptr;
@@ -734,6 +765,7 @@ Prepared<scalar_t> prepare(const at::Tensor& x, const at::Tensor& directions, co
   return P;
 }
 
+
 // Couple one block's sorted values (row stride kSortWidth) to the references and pool, walking the references in
 // rank order (one row of columns per rank). POOLING and WIDTH (0 = runtime `width`) are compile-time constants on
 // the hot path so the header's row functions fold into one vector loop over registers.
@@ -793,7 +825,9 @@ void forward_kernel(const Prepared<scalar_t>& P, int pooling, at::Tensor& out, a
   const scalar_t* w_s = P.weight_sorted.defined() ? P.weight_sorted.template data_ptr<scalar_t>() : nullptr;
 
   at::parallel_for(0, n_groups * n_tiles, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor proj = at::empty({group * N, tile}, P.x2d.options());
+    // Fresh huge pages: from the allocator this 4 MiB buffer came back as fresh small pages on every call (~1000
+    // page faults per thread and forward).
+    at::Tensor proj = fresh_zero_tensor({group * N, tile}, P.x2d.options(), /*huge=*/true);
     std::vector<Key> keys(values_only ? 0 : size_t(n_pow2) * W);
     std::vector<uint32_t> value_keys(values_only ? size_t(n_pow2) * W : 0);
     // The references (and weights) of one column block, compact: in (M, L) their rows are L apart, which for
@@ -848,28 +882,6 @@ void forward_kernel(const Prepared<scalar_t>& P, int pooling, at::Tensor& out, a
   });
 }
 
-// A zero-filled tensor whose pages stay untouched until written: fresh anonymous memory reads as zero and is not
-// resident until first written, so the rows of masked tokens (never written) cost no memory: the saved
-// (B, N, L) tensors of a ragged batch take memory by the true lengths. `huge` asks for transparent huge pages
-// (a dense batch writes every row; 512x fewer page faults). Small tensors come from the allocator, zeroed.
-at::Tensor fresh_zero_tensor(at::IntArrayRef sizes, const at::TensorOptions& options, bool huge) {
-  int64_t numel = 1;
-  for (int64_t s : sizes) numel *= s;
-  const size_t bytes = size_t(numel) * options.dtype().itemsize();
-#if defined(__linux__) && defined(MAP_ANONYMOUS)
-  if (bytes >= (size_t(1) << 20)) {
-    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p != MAP_FAILED) {
-#if defined(MADV_HUGEPAGE)
-      if (huge) madvise(p, bytes, MADV_HUGEPAGE);
-#endif
-      return at::from_blob(p, sizes, [bytes](void* q) { munmap(q, bytes); }, options);
-    }
-  }
-#endif
-  (void)huge;
-  return at::zeros(sizes, options);
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> aswp_pool_fwd_cpu(
     const at::Tensor& x, const at::Tensor& directions, const at::Tensor& references,
