@@ -399,13 +399,15 @@ void pack_sort_unpack(const scalar_t* src, int64_t src_stride, const scalar_t* s
                       index_t* t_dst, int64_t L, scalar_t* blk) {
   using K = KeyOf<scalar_t>;
   constexpr int W = kSortWidth;
-  for (int i = 0; i < n_pow2; ++i) {
-    auto* row = keys + size_t(i) * W;
+  int k = 0;  // the valid tokens go to the first n_valid rows (n_pow2 >= n_valid: only those are sorted)
+  for (int i = 0; i < n; ++i) {
+    if (!valid[i]) continue;
+    auto* row = keys + size_t(k++) * W;
     int c = 0;
-    if (i < n && valid[i])
-      for (; c < width; ++c) row[c] = K::make(src[i * src_stride + c] * scale[c], i);
+    for (; c < width; ++c) row[c] = K::make(src[i * src_stride + c] * scale[c], i);
     for (; c < W; ++c) row[c] = K::pad();
   }
+  for (; k < n_pow2; ++k) std::fill_n(keys + size_t(k) * W, W, K::pad());
   sort_key_block(keys, n_pow2);
   for (int i = 0; i < n_valid; ++i) {
     const auto* row = keys + size_t(i) * W;
@@ -429,9 +431,11 @@ __attribute__((target("avx512f"))) void pack_sort_unpack_avx512(const float* src
   constexpr int W = kSortWidth;
   const __m512 scale0 = _mm512_loadu_ps(scale), scale1 = _mm512_loadu_ps(scale + 16), zero = _mm512_setzero_ps();
   const __m512i sign = _mm512_set1_epi32(int(0x80000000u)), pad = _mm512_set1_epi64(-1);
-  for (int i = 0; i < n_pow2; ++i) {
-    uint64_t* row = keys + size_t(i) * W;
-    if (i < n && valid[i]) {
+  int k = 0;  // valid tokens first, as in pack_sort_unpack
+  for (int i = 0; i < n; ++i) {
+    uint64_t* row = keys + size_t(k) * W;
+    if (valid[i]) {
+      ++k;
       const __m512i index = _mm512_set1_epi64(i);
       for (int h = 0; h < 2; ++h) {
         // float_to_ordered: +0.0 folds -0 into +0; negative values flip every bit, the others the sign bit
@@ -444,10 +448,10 @@ __attribute__((target("avx512f"))) void pack_sort_unpack_avx512(const float* src
         _mm512_storeu_si512(row + 16 * h, _mm512_or_si512(_mm512_slli_epi64(lo, 32), index));
         _mm512_storeu_si512(row + 16 * h + 8, _mm512_or_si512(_mm512_slli_epi64(hi, 32), index));
       }
-    } else {
-      for (int q = 0; q < 4; ++q) _mm512_storeu_si512(row + 8 * q, pad);
     }
   }
+  for (; k < n_pow2; ++k)
+    for (int q = 0; q < 4; ++q) _mm512_storeu_si512(keys + size_t(k) * W + 8 * q, pad);
   sort_columns_avx512(keys, n_pow2);
   const __m256i sign8 = _mm256_set1_epi32(int(0x80000000u)), ones8 = _mm256_set1_epi32(-1);
   // The saved values are read again only in backward: streamed (non-temporal) stores skip reading their lines
@@ -514,13 +518,15 @@ void pack_sort_values(const scalar_t* src, int64_t src_stride, const scalar_t* s
                       int n_valid, int n_pow2, int width, uint32_t* keys, scalar_t* blk) {
   static_assert(std::is_same_v<scalar_t, float>, "value-only keys are float32 keys");
   constexpr int W = kSortWidth;
-  for (int i = 0; i < n_pow2; ++i) {
-    uint32_t* row = keys + size_t(i) * W;
+  int k = 0;  // valid tokens first, as in pack_sort_unpack
+  for (int i = 0; i < n; ++i) {
+    if (!valid[i]) continue;
+    uint32_t* row = keys + size_t(k++) * W;
     int c = 0;
-    if (i < n && valid[i])
-      for (; c < width; ++c) row[c] = float_to_ordered(src[i * src_stride + c] * scale[c]);
+    for (; c < width; ++c) row[c] = float_to_ordered(src[i * src_stride + c] * scale[c]);
     for (; c < W; ++c) row[c] = kPadValueKey;
   }
+  for (; k < n_pow2; ++k) std::fill_n(keys + size_t(k) * W, W, kPadValueKey);
   sort_key_block(keys, n_pow2);
   for (int i = 0; i < n_valid; ++i)
     for (int c = 0; c < width; ++c) blk[i * W + c] = ordered_to_float(keys[size_t(i) * W + c]);
@@ -533,19 +539,20 @@ __attribute__((target("avx512f"))) void pack_sort_values_avx512(const float* src
   constexpr int W = kSortWidth;
   const __m512 scale0 = _mm512_loadu_ps(scale), scale1 = _mm512_loadu_ps(scale + 16), zero = _mm512_setzero_ps();
   const __m512i sign = _mm512_set1_epi32(int(0x80000000u)), pad = _mm512_set1_epi32(-1);
-  for (int i = 0; i < n_pow2; ++i) {
-    uint32_t* row = keys + size_t(i) * W;
-    if (i < n && valid[i]) {
-      for (int h = 0; h < 2; ++h) {  // float_to_ordered, as in pack_sort_unpack_avx512
-        const __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(src + i * src_stride + 16 * h),
-                                                     h == 0 ? scale0 : scale1), zero);
-        const __m512i b = _mm512_castps_si512(v);
-        _mm512_storeu_si512(row + 16 * h, _mm512_xor_si512(b, _mm512_or_si512(_mm512_srai_epi32(b, 31), sign)));
-      }
-    } else {
-      _mm512_storeu_si512(row, pad);
-      _mm512_storeu_si512(row + 16, pad);
+  int k = 0;  // valid tokens first, as in pack_sort_unpack
+  for (int i = 0; i < n; ++i) {
+    if (!valid[i]) continue;
+    uint32_t* row = keys + size_t(k++) * W;
+    for (int h = 0; h < 2; ++h) {  // float_to_ordered, as in pack_sort_unpack_avx512
+      const __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(src + i * src_stride + 16 * h),
+                                                   h == 0 ? scale0 : scale1), zero);
+      const __m512i b = _mm512_castps_si512(v);
+      _mm512_storeu_si512(row + 16 * h, _mm512_xor_si512(b, _mm512_or_si512(_mm512_srai_epi32(b, 31), sign)));
     }
+  }
+  for (; k < n_pow2; ++k) {
+    _mm512_storeu_si512(keys + size_t(k) * W, pad);
+    _mm512_storeu_si512(keys + size_t(k) * W + 16, pad);
   }
   sort_columns_avx512(keys, n_pow2);
   const __m512i ones = _mm512_set1_epi32(-1);
@@ -850,6 +857,8 @@ void forward_kernel(const Prepared<scalar_t>& P, int pooling, at::Tensor& out, a
         for (int64_t bl = 0; bl < nb; ++bl) {
           const int64_t b = b0 + bl;
           const int n_b = P.n_valid[b];
+          // Only the valid tokens are sorted (packed first): a ragged sample of 40 tokens sorts 64 rows, not 128.
+          const int rows_b = next_pow2(n_b);
           const uint8_t* valid = P.valid.data() + b * N;
           const scalar_t* src = pj + bl * N * tile + c0;
           // The next block's projection rows (next sample, or the next columns of the first): 4 KiB apart,
@@ -862,15 +871,15 @@ void forward_kernel(const Prepared<scalar_t>& P, int pooling, at::Tensor& out, a
           const scalar_t* sorted_block = block.data();
           if constexpr (kFloat) {
             if (values_only)
-              sorted_block = sort_values_block(src, tile, P.scale.data() + l, valid, int(N), n_b, n_pow2, width,
+              sorted_block = sort_values_block(src, tile, P.scale.data() + l, valid, int(N), n_b, rows_b, width,
                                                value_keys.data(), block.data());
           }
           if (!values_only) {
             scalar_t* s_dst = save ? sorted_p + b * N * L + l : nullptr;
             index_t* t_dst = save ? tokens_p + b * N * L + l : nullptr;
-            if (!pack_sort_unpack_fast(src, tile, P.scale.data() + l, valid, int(N), n_b, n_pow2, width,
+            if (!pack_sort_unpack_fast(src, tile, P.scale.data() + l, valid, int(N), n_b, rows_b, width,
                                        keys.data(), s_dst, t_dst, L, block.data()))
-              pack_sort_unpack<scalar_t, index_t>(src, tile, P.scale.data() + l, valid, int(N), n_b, n_pow2, width,
+              pack_sort_unpack<scalar_t, index_t>(src, tile, P.scale.data() + l, valid, int(N), n_b, rows_b, width,
                                                   keys.data(), s_dst, t_dst, L, block.data());
           }
           couple_and_pool(pooling, sorted_block, P.q_lo.data() + b * M, P.q_hi.data() + b * M,
