@@ -32,7 +32,7 @@ class DemoOptions:
     # pairs per step of each composed task instead of `per_task` (None = `per_task`): the single-modality tasks
     # are learned within ~80 steps, the composed ones (arithmetic on the query's digit) need many more examples
     per_composed_task: int | None = 8
-    chunk_size: int = 32  # gradient-caching chunk: one chunk holds a step's queries (4 x 4 + 2 x 8)
+    chunk_size: int = 64  # gradient-caching chunk: one chunk holds a step's 32 queries (4 x 4 + 2 x 8), or candidates
     # GradCache keeps the graphs of the last chunks of its embedding pass instead of re-running them: 2 keeps a
     # step's query and candidate chunks, so no forward runs twice (~26% less time per step at this size; a
     # demo-size graph is small, the memory reasoning of GradCache is for batches of thousands)
