@@ -2,11 +2,12 @@
 //
 // Forward, per work item (a group of whole samples x a tile of slices): project the tile with ATen's GEMM
 // (MKL here, the same GEMM the floor is timed with), then per sample and per 32-column block: pack each
-// projection with its token index into a uint64 key, sort every column with the bitonic network of
-// aswp_pool_math.h (each comparator is an AVX-512 min/max over 8 columns, in L1), then couple to the
-// reference quantiles and pool walking the references in rank order (row operations, no gathers). On CPUs with
-// AVX-512 the pack / sort / unpack of a full block is one vectorised function (pack_sort_unpack_avx512); the
-// portable path computes the same bits (OMNIRET_ASWP_NO_AVX512=1 selects it; the tests compare both).
+// projection with its token index into a uint64 key, sort every column with a bitonic network (each comparator
+// an AVX-512 min/max over 8 columns, in L1 and registers), then couple to the reference quantiles and pool
+// walking the references in rank order (row operations, no gathers). On CPUs with AVX-512 the pack / sort /
+// unpack of a full block is one vectorised function (pack_sort_unpack_avx512); without it the sort is an AVX2
+// network and pack/unpack scalar, else all scalar (aswp_pool_math.h's network). Every path computes the same
+// bits (OMNIRET_ASWP_NO_AVX512=1, and OMNIRET_ASWP_NO_AVX2=1 too, select them; the tests compare all three).
 // Written: the (B, L) output, and for backward (save_for_backward) the sorted values (B, N, L) and the token at
 // each sorted position (uint8 when N <= 256), both in fresh zero pages of which a masked row never touches any (a
 // ragged batch's saved tensors take memory by its true lengths). The (B, N, L) projection is never materialised.
