@@ -168,6 +168,39 @@ def test_aswp_single_thread_cpu_time(capsys):
               f"{floor_fb * 1e3:.1f} ms, forward + backward {fb * 1e3:.1f} ms = {fb / floor_fb:.2f}x")
 
 
+def _interleaved_ratios(baseline, op, rounds):
+    """Times baseline and op alternately (wall time), so that both see the same moments of the machine's load:
+    (ratio of the minima, median of the per-round ratios)."""
+    baseline(), op()  # warm-up
+    base_t, op_t = [], []
+    for _ in range(rounds):
+        for fn, times in ((baseline, base_t), (op, op_t)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    per_round = sorted(o / b for o, b in zip(op_t, base_t))
+    return min(op_t) / min(base_t), per_round[len(per_round) // 2]
+
+
+def test_aswp_interleaved_wall_ratios(capsys):
+    """The paper-shape wall-time ratios with the floor and the op alternating round by round (2 torch threads):
+    the table above times floor, eager and op one after the other, and on this shared machine the load moves
+    between them; alternating puts both under the same load."""
+    B, N, D, L = (SHAPE[k] for k in "BNDL")
+    x, d, _, _ = make("paper", False)
+    x2, gp = x.reshape(B * N, D), torch.randn(B * N, L)
+
+    def floor_fb():
+        torch.matmul(x2, d.t()), torch.matmul(gp, d), torch.matmul(gp.t(), x2)
+
+    fwd = _interleaved_ratios(lambda: torch.matmul(x2, d.t()), forward_fn("paper", "cpu"), rounds=7)
+    fb = _interleaved_ratios(floor_fb, fwd_bwd_fn("paper", "cpu"), rounds=5)
+    with capsys.disabled():
+        print(f"\naswp_pool interleaved wall time, paper shape, {torch.get_num_threads()} threads, load "
+              f"{os.getloadavg()[0]:.2f}: forward / GEMM floor {fwd[0]:.2f}x (median per round {fwd[1]:.2f}x); "
+              f"forward + backward / three-GEMM floor {fb[0]:.2f}x (median per round {fb[1]:.2f}x)")
+
+
 def test_print_table(capsys):
     """Prints the table (run after the benchmarks above, in the same session)."""
     if not RESULTS:
