@@ -84,7 +84,8 @@ def run(args) -> int:
                             flite_renderings=2, max_images_per_class=20)
     opts = DemoOptions(output=args.output, pooling=args.pooling, time_budget=args.time_budget, steps=args.steps,
                        per_task=args.per_task, per_composed_task=args.per_composed_task, chunk_size=args.chunk_size,
-                       keep_graphs=args.keep_graphs, source_negatives=args.source_negatives, lr=args.lr, lora_lr=args.lora_lr, triplet=args.triplet,
+                       keep_graphs=args.keep_graphs, source_negatives=args.source_negatives, lr=args.lr,
+                       lora_lr=args.lora_lr, triplet=args.triplet,
                        tower_warmup_epochs=args.tower_warmup_epochs, negatives=args.negatives,
                        seed=args.seed, data=data, cache_dir=args.data_cache, max_eval_queries=args.max_eval_queries,
                        build_index=not args.no_index, threads=args.threads)
