@@ -205,14 +205,14 @@ class Composer(nn.Module):
         for kind, x in resampled.items():
             if isinstance(x, torch.Tensor):
                 media_rows.append(x.reshape(-1, x.shape[-1]))
-                lengths = [x.shape[1]] * x.shape[0]
+                sizes = [x.shape[1]] * x.shape[0]
             else:
                 media_rows.append(torch.cat(list(x)))
-                lengths = [t.shape[0] for t in x]
+                sizes = [t.shape[0] for t in x]
             starts = [0]
-            for n in lengths[:-1]:
+            for n in sizes[:-1]:
                 starts.append(starts[-1] + n)
-            media_start[kind], media_len[kind] = starts, lengths
+            media_start[kind], media_len[kind] = starts, sizes
         ids = [i for seq in sequences for kind, value in seq if kind == "ids" for i in value]
         base, offset = {}, len(ids)
         for kind, rows in zip(resampled, media_rows):

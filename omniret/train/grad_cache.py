@@ -261,7 +261,8 @@ class GradCache:
         devices = [device] if device.type == "cuda" else []
         world, _ = self._world()
 
-        # 1. embed without autograd, remembering each chunk's RNG state
+        # 1. embed without autograd, remembering each chunk's RNG state; the last keep_graphs chunks (candidates
+        # first, since they run last) keep their graphs
         n_c_chunks = -(-len(candidates) // self.chunk_size)
         keep_c = min(self.keep_graphs, n_c_chunks)
         q_chunks, q_local = self._embed_chunks(queries, devices, self.keep_graphs - keep_c)
