@@ -17,7 +17,7 @@ def _default(name: str):
 
 def add_arguments(p) -> None:
     p.add_argument("--output", required=True, help="directory for results.json, results.md, the plot, model, index")
-    p.add_argument("--pooling", default="aswp", choices=("aswp", "eos", "mean"),
+    p.add_argument("--pooling", default=_default("pooling"), choices=("aswp", "eos", "mean"),
                    help="embedding pooling: ASWP (default) or the Table 5(a) ablations: last token or mean")
     p.add_argument("--time-budget", type=float, default=_default("time_budget"),
                    help="seconds of training, the towers' warm-up included (default 540: under 10 minutes)")
@@ -39,8 +39,8 @@ def add_arguments(p) -> None:
     p.add_argument("--negatives", default=_default("negatives"), choices=("modality", "all"),
                    help="in-batch negatives: the candidates of the query's target modality (as in evaluation), "
                         "or all other candidates")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--triplet", default="mean", choices=("mean", "sum"),
+    p.add_argument("--seed", type=int, default=_default("seed"))
+    p.add_argument("--triplet", default=_default("triplet"), choices=("mean", "sum"),
                    help="weight the triplet term as a mean over negatives (default) or SPEC's plain sum")
     p.add_argument("--data-cache", default=None, help="where the synthesised speech is cached "
                                                       "(default $OMNIRET_CACHE/digits or ~/.cache/omniret/digits)")
