@@ -33,16 +33,21 @@ def _images(n, seed):
 
 
 def _tones(n, seed):
-    """Class 0: a 300 Hz tone, class 1: 2 kHz, random phase, length and loudness; 16 kHz waveforms."""
+    """Class 0: a chirp rising from 300 Hz to 2 kHz, class 1: the same falling, random phase, length and loudness;
+    16 kHz waveforms. (Both classes cover the same band, so an item's mean spectrum, which the demo's audio tower
+    subtracts, tells them apart no more than its loudness does.)"""
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 2, (n,), generator=g)
     items = []
     for y in labels.tolist():
         length = int(torch.randint(2400, 4800, (1,), generator=g))
         t = torch.arange(length) / 16000
+        duration = length / 16000
+        f0, f1 = (300.0, 2000.0) if y == 0 else (2000.0, 300.0)
         amp = 0.2 + 0.6 * float(torch.rand(1, generator=g))
         phase = 2 * math.pi * float(torch.rand(1, generator=g))
-        items.append(amp * torch.sin(2 * math.pi * (300 if y == 0 else 2000) * t + phase))
+        # instantaneous frequency f0 + (f1 - f0) t / duration
+        items.append(amp * torch.sin(2 * math.pi * (f0 * t + 0.5 * (f1 - f0) * t ** 2 / duration) + phase))
     return items, labels
 
 
@@ -81,6 +86,38 @@ def test_same_seed_same_weights(demo_model):
             p.copy_(state[n])
     warm_up_towers(demo_model, data, epochs=1, batch_size=8, seed=5, log=lambda *a: None)
     assert all(torch.equal(a, b) for a, b in zip(first, demo_model.encoders["image"].parameters()))
+
+
+def test_augment_sees_every_training_item_and_schedule_decays(demo_model, monkeypatch):
+    items, labels = _tones(12, 7)
+    seen = []
+
+    def louder(x, generator):
+        assert isinstance(generator, torch.Generator)
+        seen.append(x.shape[0])
+        return x * 1.5
+
+    lrs = []
+    step = torch.optim.AdamW.step
+
+    def record(self, *a, **k):
+        lrs.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    warm_up_towers(demo_model, {"audio": (items, labels)}, epochs=3, lr=1e-3, batch_size=5,
+                   augment={"audio": louder}, log=lambda *a: None)
+    assert sorted(seen) == sorted([x.shape[0] for x in items] * 3)  # every item, every epoch
+    assert len(lrs) == 9 and lrs[0] == pytest.approx(1e-3) and all(b < a for a, b in zip(lrs, lrs[1:]))
+    assert lrs[-1] < 0.1 * lrs[0]
+    lrs.clear()
+    warm_up_towers(demo_model, {"audio": (items, labels)}, epochs=1, lr=1e-3, batch_size=5, schedule="constant",
+                   log=lambda *a: None)
+    assert lrs == [pytest.approx(1e-3)] * 3
+    with pytest.raises(ValueError, match="augment"):
+        warm_up_towers(demo_model, {"audio": (items, labels)}, epochs=1, augment={"image": louder})
+    with pytest.raises(ValueError, match="schedule"):
+        warm_up_towers(demo_model, {"audio": (items, labels)}, epochs=1, schedule="linear")
 
 
 def test_mean_tokens_matches_a_loop():

@@ -9,8 +9,9 @@ entropy on the training split's labels. Only the tower's weights are kept; the c
 """
 from __future__ import annotations
 
+import math
 import time
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,16 +49,27 @@ def _check(model, data: Mapping[str, tuple[Sequence, torch.Tensor]]) -> None:
 
 
 def warm_up_towers(model, data: Mapping[str, tuple[Sequence, torch.Tensor]], *, epochs: int = 10,
-                   lr: float = 3e-3, batch_size: int = 64, seed: int = 0, log: Callable = print,
+                   lr: float = 3e-3, batch_size: int = 64, seed: int = 0, schedule: str = "cosine",
+                   augment: Optional[Mapping[str, Callable]] = None, log: Callable = print,
                    progress: bool = False) -> dict:
     """Train each named tower with a temporary linear classifier on its mean-pooled tokens.
 
     data: {modality: (raw items as the model's encoders take them, integer labels (n,))}.
+    schedule: "cosine" (the learning rate decays to 0 over the warm-up: the tower ends in a settled state rather
+    than wherever the last steps of a constant rate left it) or "constant".
+    augment: {modality: fn(preprocessed item, torch.Generator) -> item}, applied to every training item each
+    time it is drawn (e.g. omniret.train.augment.speed_perturb for audio); the accuracy check sees plain items.
     Returns {modality: {"epochs", "final_loss", "train_accuracy", "seconds"}}; the train accuracy is measured
     after the last epoch, in eval mode. The model's other parameters are untouched.
     """
     if epochs < 0 or batch_size < 1 or not lr > 0:
         raise ValueError(f"need epochs >= 0, batch_size >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+    augment = dict(augment or {})
+    unknown = sorted(set(augment) - set(data))
+    if unknown:
+        raise ValueError(f"augment names {unknown}, which data does not hold (it holds {sorted(data)})")
     _check(model, data)
     report = {}
     for modality, (items, labels) in data.items():
@@ -79,11 +91,20 @@ def warm_up_towers(model, data: Mapping[str, tuple[Sequence, torch.Tensor]], *, 
             from tqdm.auto import tqdm
 
             bar = tqdm(total=epochs, desc=f"warm-up {modality} tower", unit="epoch", dynamic_ncols=True)
+        steps, step = epochs * math.ceil(len(xs) / batch_size), 0
+        transform = augment.get(modality)
         for _ in range(epochs):
             order = torch.randperm(len(xs), generator=generator)
             for i in range(0, len(xs), batch_size):
+                if schedule == "cosine":
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
+                step += 1
                 idx = order[i:i + batch_size]
-                logits = classifier(_mean_tokens(*encoder.encode([xs[j] for j in idx.tolist()])))
+                batch = [xs[j] for j in idx.tolist()]
+                if transform is not None:
+                    batch = [transform(x, generator) for x in batch]
+                logits = classifier(_mean_tokens(*encoder.encode(batch)))
                 loss = F.cross_entropy(logits, labels[idx].to(logits.device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
