@@ -91,3 +91,49 @@ def test_frozen_llm_dropout_off_lora_dropout_follows_mode():
     torch.testing.assert_close(a, b)
     m2 = OmniRet.from_config(preset("demo", llm_dropout=True)).train()
     assert any(mod.training for n, mod in m2.composer.llm.named_modules() if isinstance(mod, torch.nn.Dropout))
+
+
+def test_audio_tower_cmn_removes_a_fixed_spectral_tilt():
+    """arch cmn=True (the demo preset's): an item's mean log-mel per bin is subtracted, so a gain (a constant in
+    log-mel, the floor moves with the peak) leaves the tokens as they were; without it, the tokens move."""
+    g = torch.Generator().manual_seed(1)
+    t = torch.arange(6000) / 16000.0
+    wave = 0.2 * torch.sin(2 * torch.pi * (400 + 600 * t) * t) + 0.01 * torch.randn(6000, generator=g)
+    for cmn in (True, False):
+        cfg = preset("demo")
+        cfg.audio_encoder.arch["cmn"] = cmn
+        torch.manual_seed(0)
+        tower = OmniRet.from_config(cfg).encoders["audio"].eval()
+        assert tower.cmn is cmn
+        with torch.no_grad():
+            quiet, cu = tower.encode([wave, wave * 0.25])
+        first, second = quiet[: int(cu[1])], quiet[int(cu[1]):]
+        if cmn:
+            torch.testing.assert_close(first, second, atol=1e-4, rtol=1e-4)
+        else:
+            assert (first - second).abs().max() > 1e-2
+    assert preset("demo").audio_encoder.arch["cmn"] is True
+
+
+@pytest.mark.parametrize("kernel", [3, 5, 7])
+def test_audio_tower_kernel_sizes_keep_items_independent(kernel):
+    """arch kernel_size: any odd width gives each clip the tokens it gets alone (padding re-zeroed between the
+    convolutions) and the same token count; even widths are refused."""
+    cfg = preset("demo")
+    cfg.audio_encoder.arch["kernel_size"] = kernel
+    torch.manual_seed(0)
+    tower = OmniRet.from_config(cfg).encoders["audio"].eval()
+    g = torch.Generator().manual_seed(kernel)
+    clips = [torch.randn(n, generator=g) * 0.1 for n in (2400, 7000, 401, 5123)]
+    with torch.no_grad():
+        tokens, cu = tower.encode(clips)
+        for i, clip in enumerate(clips):
+            alone, cu_alone = tower.encode([clip])
+            torch.testing.assert_close(tokens[int(cu[i]):int(cu[i + 1])], alone, atol=1e-5, rtol=1e-5)
+    frames = [n // 160 for n in (2400, 7000, 401, 5123)]
+    want = [((f - 1) // 2) // 2 + 1 for f in frames]
+    assert (cu[1:] - cu[:-1]).tolist() == want
+    if kernel == 3:
+        cfg.audio_encoder.arch["kernel_size"] = 4
+        with pytest.raises(ValueError, match="kernel_size"):
+            OmniRet.from_config(cfg)
