@@ -25,7 +25,7 @@ def quick_run(tmp_path_factory):
                                max_images_per_class=5)
     opts = DemoOptions(output=str(out / "run"), steps=QUICK_STEPS, per_task=2, chunk_size=8, data=data,
                        cache_dir=str(out / "cache"), max_eval_queries=24, threads=1, progress=False,
-                       tower_warmup_epochs=40)  # the small set gives 1-2 optimizer steps per epoch
+                       tower_warmup_epochs=100)  # the small set gives 1-2 optimizer steps per epoch
     torch.manual_seed(0)
     result = run_demo(opts, log=lambda *a: None)
     return opts, result

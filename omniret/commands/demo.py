@@ -36,6 +36,8 @@ def add_arguments(p) -> None:
     p.add_argument("--tower-warmup-epochs", type=int, default=_default("tower_warmup_epochs"),
                    help="supervised warm-up of the CNN towers on the training labels before contrastive training "
                         "(a stand-in for pretrained encoders; counts against --time-budget); 0 = none")
+    p.add_argument("--audio-speed", type=float, nargs=2, metavar=("LOW", "HIGH"), default=_default("audio_speed"),
+                   help="the audio tower's warm-up plays each clip LOW..HIGH times as fast (1 1: no perturbation)")
     p.add_argument("--negatives", default=_default("negatives"), choices=("modality", "all"),
                    help="in-batch negatives: the candidates of the query's target modality (as in evaluation), "
                         "or all other candidates")
@@ -75,22 +77,30 @@ def run(args) -> int:
         for line in missing:
             print(f"  - {line}", file=sys.stderr)
         return 2
+    from omniret.eval.digits_demo import run_demo
+
+    out = run_demo(options_from_args(args))
+    print(f"\nwrote {args.output}/results.json, results.md, training_curve.png, model/ and index/")
+    if not args.no_index:
+        print(f"try: omniret search --index {args.output}/index --text \"seven\" -k 5")
+    return 0 if out["results"].tasks else 1
+
+
+def options_from_args(args):
+    """The parsed flags -> DemoOptions (`--audio-speed 1 1` turns the perturbation off)."""
     from omniret.data.digits import DigitsConfig
-    from omniret.eval.digits_demo import DemoOptions, run_demo
+    from omniret.eval.digits_demo import DemoOptions
 
     data = DigitsConfig(seed=args.seed)
     if args.small:
         data = DigitsConfig(seed=args.seed, max_voices=8, espeak_renderings={"train": 2, "test": 1},
                             flite_renderings=2, max_images_per_class=20)
-    opts = DemoOptions(output=args.output, pooling=args.pooling, time_budget=args.time_budget, steps=args.steps,
+    return DemoOptions(output=args.output, pooling=args.pooling, time_budget=args.time_budget, steps=args.steps,
                        per_task=args.per_task, per_composed_task=args.per_composed_task, chunk_size=args.chunk_size,
                        keep_graphs=args.keep_graphs, source_negatives=args.source_negatives, lr=args.lr,
                        lora_lr=args.lora_lr, triplet=args.triplet,
                        tower_warmup_epochs=args.tower_warmup_epochs, negatives=args.negatives,
+                       audio_speed=None if args.audio_speed is None or tuple(args.audio_speed) == (1.0, 1.0)
+                       else tuple(args.audio_speed),
                        seed=args.seed, data=data, cache_dir=args.data_cache, max_eval_queries=args.max_eval_queries,
                        build_index=not args.no_index, threads=args.threads)
-    out = run_demo(opts)
-    print(f"\nwrote {args.output}/results.json, results.md, training_curve.png, model/ and index/")
-    if not args.no_index:
-        print(f"try: omniret search --index {args.output}/index --text \"seven\" -k 5")
-    return 0 if out["results"].tasks else 1

@@ -6,6 +6,7 @@ results.json / results.md / training-curve PNG -> a searchable index of the test
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -64,7 +65,11 @@ class DemoOptions:
     warmup_steps: int = 5  # at least this many warm-up steps, whatever the budget
     # Supervised warm-up of the two CNN towers (omniret/train/tower_warmup.py) before contrastive training: the
     # stand-in for the paper's pretrained encoders. Its seconds count against `time_budget`. 0 = none.
-    tower_warmup_epochs: int = 10
+    tower_warmup_epochs: int = 20
+    # the audio tower's warm-up hears every clip sped up or slowed down by a factor in this range (tempo and pitch
+    # together; omniret.train.augment.speed_perturb): the test voices are unheard, and a voice's pace and pitch
+    # are what a small tower overfits to (held-out accuracy of the warmed-up tower: docs/demo.md). None = off.
+    audio_speed: tuple[float, float] | None = (0.8, 1.25)
     # "modality": a query's in-batch negatives are the candidates of its target modality only, as in evaluation,
     # where every task searches a pool of one modality. "all": every other candidate (SPEC's in-batch negatives).
     # With "all", separating images from recordings is the cheapest loss reduction, and the towers' content is
@@ -104,12 +109,18 @@ def restrict_negatives(candidates: list, positives: torch.Tensor) -> torch.Tenso
 
 def warm_up(model, split, opts: DemoOptions, log=print) -> dict:
     """The towers' supervised warm-up on the training split's images and clips (digit labels)."""
+    from omniret.train.augment import speed_perturb
     from omniret.train.tower_warmup import warm_up_towers
 
     images = [split.image_item(i)["image"] for i in range(len(split.image_labels))]
     clips = [split.audio_item(j)["audio"] for j in range(len(split.audio_labels))]
+    augment = {}
+    if opts.audio_speed is not None:
+        low, high = opts.audio_speed
+        augment["audio"] = functools.partial(speed_perturb, low=low, high=high)
     return warm_up_towers(model, {"image": (images, split.image_labels), "audio": (clips, split.audio_labels)},
-                          epochs=opts.tower_warmup_epochs, seed=opts.seed, log=log, progress=opts.progress)
+                          epochs=opts.tower_warmup_epochs, seed=opts.seed, augment=augment, log=log,
+                          progress=opts.progress)
 
 
 def train(model, bench: dict, opts: DemoOptions, log=print, log_path: str | None = None) -> tuple[list, dict]:

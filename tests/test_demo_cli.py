@@ -1,0 +1,27 @@
+"""`omniret demo`'s flags: their defaults are DemoOptions', and they reach DemoOptions (no training here)."""
+import dataclasses
+
+from omniret.cli import build_parser
+from omniret.commands.demo import options_from_args
+from omniret.eval.digits_demo import DemoOptions
+
+
+def _options(*flags):
+    return options_from_args(build_parser("demo").parse_args(["demo", "--output", "out", *flags]))
+
+
+def test_defaults_are_demo_options_defaults():
+    got = _options()
+    want = DemoOptions(output="out")
+    for field in dataclasses.fields(DemoOptions):
+        if field.name not in ("data", "build_index", "progress"):
+            assert getattr(got, field.name) == getattr(want, field.name), field.name
+    assert got.audio_speed == (0.8, 1.25) and got.tower_warmup_epochs == 20
+
+
+def test_flags_reach_the_options():
+    opts = _options("--audio-speed", "0.9", "1.1", "--tower-warmup-epochs", "3", "--keep-graphs", "0",
+                    "--no-source-negatives", "--lora-lr", "5e-4")
+    assert opts.audio_speed == (0.9, 1.1) and opts.tower_warmup_epochs == 3 and opts.keep_graphs == 0
+    assert opts.source_negatives is False and opts.lora_lr == 5e-4
+    assert _options("--audio-speed", "1", "1").audio_speed is None
