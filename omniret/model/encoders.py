@@ -254,8 +254,8 @@ class CNNAudioTower(MediaEncoder):
     """log-mel -> conv1d (stride) -> GELU -> conv1d (stride) -> GELU -> time tokens + sinusoidal positions ->
     LayerNorm. Trainable. Items are zero-padded together; the padding is re-zeroed between the convolutions so
     an item's tokens equal those it gets alone. `arch["cmn"]`: subtract each item's mean log-mel per mel bin
-    (cepstral mean normalisation: a voice's or a channel's fixed spectral tilt is removed, which helps a small
-    tower on unseen voices)."""
+    (mean normalisation, as speech front ends do for cepstra: a voice's or a channel's fixed spectral tilt is
+    removed, which helps a small tower on unseen voices)."""
 
     modality = "audio"
 
