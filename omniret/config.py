@@ -204,7 +204,7 @@ def _demo() -> OmniRetConfig:
         video_num_frames=4, video_grid=(2, 2, 2), audio_max_seconds=4.0,
         media_latents=8, resampler_depth=1, resampler_heads=6,
         # 8 output latents: the demo's sequences are 10-30 tokens, and the output resampler's cost grows with S
-        # (at 32 it cost a third of a training step); 8 gave ~16% more steps and more composed recall (docs/demo.md)
+        # (at 32 it cost a sixth of a training step); 8 gave 16% more steps side by side and more composed recall
         pooling="aswp", num_slices=1024, output_latents=8,
         lora_target_modules=["query", "key", "value", "dense"],
         lora_dropout=0.0,  # CPU bernoulli masks cost ~11% of a demo training step
