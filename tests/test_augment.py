@@ -1,10 +1,11 @@
-"""speed_perturb: a waveform played faster or slower by a seeded random factor."""
+"""speed_perturb: a waveform played faster or slower by a seeded random factor; warp_frequencies: a
+spectrogram stretched along its frequency axis by a seeded random factor."""
 import math
 
 import pytest
 import torch
 
-from omniret.train.augment import speed_perturb
+from omniret.train.augment import speed_perturb, warp_frequencies
 
 
 def test_length_and_pitch_follow_the_factor():
@@ -39,3 +40,36 @@ def test_bad_input():
         speed_perturb(torch.randn(2, 100), torch.Generator())
     with pytest.raises(ValueError, match="low"):
         speed_perturb(torch.randn(100), torch.Generator(), 1.2, 0.9)
+
+
+def test_warp_moves_a_peak_by_the_factor():
+    bins, frames = 40, 7
+    for seed in range(6):
+        factor = 0.8 + (1.3 - 0.8) * float(torch.rand((), generator=torch.Generator().manual_seed(seed)))
+        spec = torch.zeros(bins, frames, dtype=torch.float64)
+        spec[12] = 1.0  # one band
+        out = warp_frequencies(spec, torch.Generator().manual_seed(seed), 0.8, 1.3)
+        assert out.shape == spec.shape and out.dtype == spec.dtype
+        # the band's mass centre moves from 12 to 12 * factor (linear interpolation spreads it over two bins)
+        centre = float((out[:, 0] * torch.arange(bins)).sum() / out[:, 0].sum())
+        assert abs(centre - 12 * factor) < 0.5, (seed, factor, centre)
+        assert torch.equal(out[:, 0], out[:, -1])  # every frame alike
+
+
+def test_warp_identity_top_bin_and_seeding():
+    spec = torch.randn(40, 9)
+    assert torch.equal(warp_frequencies(spec, torch.Generator(), 1.0, 1.0), spec)
+    a = warp_frequencies(spec, torch.Generator().manual_seed(5))
+    assert torch.equal(a, warp_frequencies(spec, torch.Generator().manual_seed(5)))
+    assert not torch.equal(a, warp_frequencies(spec, torch.Generator().manual_seed(6)))
+    # a compression (factor < 1) reads beyond the top bin: it repeats the top bin
+    squeezed = warp_frequencies(spec, torch.Generator(), 0.5, 0.5)
+    torch.testing.assert_close(squeezed[-1], spec[-1])
+    torch.testing.assert_close(squeezed[10], spec[20])
+
+
+def test_warp_bad_input():
+    with pytest.raises(ValueError, match="bins, frames"):
+        warp_frequencies(torch.randn(40), torch.Generator())
+    with pytest.raises(ValueError, match="low"):
+        warp_frequencies(torch.randn(4, 4), torch.Generator(), 1.2, 0.9)

@@ -120,6 +120,51 @@ def test_augment_sees_every_training_item_and_schedule_decays(demo_model, monkey
         warm_up_towers(demo_model, {"audio": (items, labels)}, epochs=1, schedule="linear")
 
 
+def test_feature_augment_runs_inside_the_tower_while_training_only(demo_model):
+    items, labels = _tones(10, 3)
+    enc = demo_model.encoders["audio"]
+    calls = []
+
+    def mark(features, generator):
+        assert isinstance(generator, torch.Generator) and features.shape[0] == enc.num_mel_bins
+        calls.append(features.shape[1])
+        return features * 0.5
+
+    warm_up_towers(demo_model, {"audio": (items, labels)}, epochs=2, lr=1e-3, batch_size=4,
+                   feature_augment={"audio": mark}, log=lambda *a: None)
+    assert len(calls) == 2 * len(items)  # every training item, every epoch; not the accuracy check (eval mode)
+    assert enc.feature_augment is None  # the hook is cleared
+    with pytest.raises(ValueError, match="feature_augment"):
+        warm_up_towers(demo_model, {"audio": (items, labels)}, epochs=1, feature_augment={"image": mark})
+    with pytest.raises(ValueError, match="no feature_augment hook"):
+        warm_up_towers(demo_model, {"image": _images(4, 0)}, epochs=1, feature_augment={"image": mark})
+    def fail(features, generator):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):  # the hook is cleared when training fails too
+        warm_up_towers(demo_model, {"audio": (items, labels)}, epochs=1, feature_augment={"audio": fail})
+    assert enc.feature_augment is None
+
+
+def test_tower_feature_augment_changes_training_mode_tokens_only(demo_model):
+    items, _ = _tones(3, 4)
+    enc = demo_model.encoders["audio"]
+    was = enc.training
+    try:
+        enc.eval()
+        with torch.no_grad():
+            plain, _ = enc.encode(items)
+            enc.feature_augment = lambda f: torch.zeros_like(f)
+            eval_tokens, _ = enc.encode(items)
+            enc.train()
+            train_tokens, _ = enc.encode(items)
+    finally:
+        enc.feature_augment = None
+        enc.train(was)
+    assert torch.equal(plain, eval_tokens)
+    assert not torch.allclose(plain, train_tokens)
+
+
 def test_mean_tokens_matches_a_loop():
     tokens = torch.randn(11, 5, dtype=torch.float64)
     cu = torch.tensor([0, 3, 4, 11], dtype=torch.int32)

@@ -181,6 +181,7 @@ class WhisperAudioEncoder(MediaEncoder):
         self.window_samples = self.window_frames * cfg.audio_hop_length
         self.out_dim = int(tc.d_model)
         self.trainable = bool(bb.trainable)
+        self.feature_augment = None
 
     def preprocess(self, raw, name: str = "audio") -> torch.Tensor:
         cfg = self.model_config
@@ -255,7 +256,9 @@ class CNNAudioTower(MediaEncoder):
     LayerNorm. Trainable. Items are zero-padded together; the padding is re-zeroed between the convolutions so
     an item's tokens equal those it gets alone. `arch["cmn"]`: subtract each item's mean log-mel per mel bin
     (mean normalisation, as speech front ends do for cepstra: a voice's or a channel's fixed spectral tilt is
-    removed, which helps a small tower on unseen voices)."""
+    removed, which helps a small tower on unseen voices). `feature_augment`: None, or fn(log-mel (bins, frames)) ->
+    log-mel, applied to each item (after the mean subtraction) in training mode only (set by
+    omniret.train.tower_warmup.warm_up_towers for its `feature_augment`)."""
 
     modality = "audio"
 
@@ -275,6 +278,7 @@ class CNNAudioTower(MediaEncoder):
         self.norm = nn.LayerNorm(c2)
         self.out_dim = c2
         self.trainable = bool(bb.trainable)
+        self.feature_augment = None
 
     def preprocess(self, raw, name: str = "audio") -> torch.Tensor:
         cfg = self.model_config
@@ -288,7 +292,11 @@ class CNNAudioTower(MediaEncoder):
                 wave = F.pad(wave, (0, cfg.audio_n_fft // 2 + 1 - wave.shape[0]))
             mel = media.log_mel(wave.to(self.device), self.num_mel_bins, cfg.audio_n_fft, cfg.audio_hop_length,
                                 cfg.audio_sample_rate)
-            mels.append(mel - mel.mean(dim=1, keepdim=True) if self.cmn else mel)
+            if self.cmn:
+                mel = mel - mel.mean(dim=1, keepdim=True)
+            if self.training and self.feature_augment is not None:
+                mel = self.feature_augment(mel)
+            mels.append(mel)
         frames = [max(1, m.shape[1]) for m in mels]
         x = torch.zeros(len(mels), self.num_mel_bins, max(frames), device=self.device, dtype=self.dtype)
         for i, m in enumerate(mels):

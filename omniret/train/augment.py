@@ -1,10 +1,10 @@
-"""Training-time augmentation of raw media."""
+"""Training-time augmentation of raw media and of their features."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["speed_perturb"]
+__all__ = ["speed_perturb", "warp_frequencies"]
 
 
 def speed_perturb(wave: torch.Tensor, generator: torch.Generator, low: float = 0.8, high: float = 1.25,
@@ -21,3 +21,24 @@ def speed_perturb(wave: torch.Tensor, generator: torch.Generator, low: float = 0
     if n == wave.shape[0]:
         return wave
     return F.interpolate(wave[None, None].float(), size=n, mode="linear", align_corners=False)[0, 0].to(wave.dtype)
+
+
+def warp_frequencies(features: torch.Tensor, generator: torch.Generator, low: float = 0.85,
+                     high: float = 1.2) -> torch.Tensor:
+    """Stretch a spectrogram (bins, frames) along its frequency axis by `a`, drawn uniformly from [low, high]
+    with `generator`: bin f takes the value at bin f / a (linear interpolation; beyond the top bin, the top
+    bin). Vocal tract length perturbation (Jaitly and Hinton): a voice's formants sit higher or lower with the
+    speaker, at the same tempo, which speed perturbation alone cannot vary apart from the tempo. On mel bins the
+    stretch is an approximation of a linear frequency warp (exact at the low, near-linear end of the mel scale).
+    """
+    if features.dim() != 2:
+        raise ValueError(f"features must be (bins, frames), got shape {tuple(features.shape)}")
+    if not 0 < low <= high:
+        raise ValueError(f"need 0 < low <= high, got {low}, {high}")
+    factor = low + (high - low) * float(torch.rand((), generator=generator))
+    bins = features.shape[0]
+    src = (torch.arange(bins, dtype=torch.float64, device=features.device) / factor).clamp(max=bins - 1)
+    below = src.floor().long()
+    above = (below + 1).clamp(max=bins - 1)
+    w = (src - below).to(features.dtype)[:, None]
+    return features[below] * (1 - w) + features[above] * w

@@ -48,9 +48,38 @@ def _check(model, data: Mapping[str, tuple[Sequence, torch.Tensor]]) -> None:
             raise ValueError(f"data[{modality!r}]: labels must be >= 0, got {int(labels.min())}")
 
 
+def _train_epochs(encoder, classifier, optimizer, xs: list, labels: torch.Tensor, *, epochs: int, batch_size: int,
+                  lr: float, schedule: str, transform: Optional[Callable], generator: torch.Generator,
+                  bar) -> torch.Tensor:
+    """The warm-up's training loop for one tower; returns the last batch's loss (NaN without epochs)."""
+    loss = torch.tensor(float("nan"))
+    steps, step = epochs * math.ceil(len(xs) / batch_size), 0
+    for _ in range(epochs):
+        order = torch.randperm(len(xs), generator=generator)
+        for i in range(0, len(xs), batch_size):
+            if schedule == "cosine":
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
+            step += 1
+            idx = order[i:i + batch_size]
+            batch = [xs[j] for j in idx.tolist()]
+            if transform is not None:
+                batch = [transform(x, generator) for x in batch]
+            logits = classifier(_mean_tokens(*encoder.encode(batch)))
+            loss = F.cross_entropy(logits, labels[idx].to(logits.device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.update(1)
+    return loss
+
+
 def warm_up_towers(model, data: Mapping[str, tuple[Sequence, torch.Tensor]], *, epochs: int = 10,
                    lr: float = 3e-3, batch_size: int = 64, seed: int = 0, schedule: str = "cosine",
-                   augment: Optional[Mapping[str, Callable]] = None, log: Callable = print,
+                   augment: Optional[Mapping[str, Callable]] = None,
+                   feature_augment: Optional[Mapping[str, Callable]] = None, log: Callable = print,
                    progress: bool = False) -> dict:
     """Train each named tower with a temporary linear classifier on its mean-pooled tokens.
 
@@ -59,6 +88,9 @@ def warm_up_towers(model, data: Mapping[str, tuple[Sequence, torch.Tensor]], *, 
     than wherever the last steps of a constant rate left it) or "constant".
     augment: {modality: fn(preprocessed item, torch.Generator) -> item}, applied to every training item each
     time it is drawn (e.g. omniret.train.augment.speed_perturb for audio); the accuracy check sees plain items.
+    feature_augment: {modality: fn(features, torch.Generator) -> features}, applied inside the tower to each
+    training item's features (e.g. omniret.train.augment.warp_frequencies on the CNN audio tower's log-mel),
+    for towers with a `feature_augment` hook; the same generator as `augment`. The hook is cleared afterwards.
     Returns {modality: {"epochs", "final_loss", "train_accuracy", "seconds"}}; the train accuracy is measured
     after the last epoch, in eval mode. The model's other parameters are untouched.
     """
@@ -70,7 +102,15 @@ def warm_up_towers(model, data: Mapping[str, tuple[Sequence, torch.Tensor]], *, 
     unknown = sorted(set(augment) - set(data))
     if unknown:
         raise ValueError(f"augment names {unknown}, which data does not hold (it holds {sorted(data)})")
+    feature_augment = dict(feature_augment or {})
+    unknown = sorted(set(feature_augment) - set(data))
+    if unknown:
+        raise ValueError(f"feature_augment names {unknown}, which data does not hold (it holds {sorted(data)})")
     _check(model, data)
+    for modality in feature_augment:
+        if not hasattr(model.encoders[modality], "feature_augment"):
+            raise ValueError(f"feature_augment[{modality!r}]: the {type(model.encoders[modality]).__name__} "
+                             "tower has no feature_augment hook (the CNN audio tower has one)")
     report = {}
     for modality, (items, labels) in data.items():
         start = time.perf_counter()
@@ -85,33 +125,21 @@ def warm_up_towers(model, data: Mapping[str, tuple[Sequence, torch.Tensor]], *, 
         generator = torch.Generator().manual_seed(seed)
         was_training = encoder.training
         encoder.train()
-        loss = torch.tensor(float("nan"))
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=epochs, desc=f"warm-up {modality} tower", unit="epoch", dynamic_ncols=True)
-        steps, step = epochs * math.ceil(len(xs) / batch_size), 0
         transform = augment.get(modality)
-        for _ in range(epochs):
-            order = torch.randperm(len(xs), generator=generator)
-            for i in range(0, len(xs), batch_size):
-                if schedule == "cosine":
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
-                step += 1
-                idx = order[i:i + batch_size]
-                batch = [xs[j] for j in idx.tolist()]
-                if transform is not None:
-                    batch = [transform(x, generator) for x in batch]
-                logits = classifier(_mean_tokens(*encoder.encode(batch)))
-                loss = F.cross_entropy(logits, labels[idx].to(logits.device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-                bar.update(1)
+        feature_transform = feature_augment.get(modality)
+        if feature_transform is not None:
+            encoder.feature_augment = lambda f, fn=feature_transform, g=generator: fn(f, g)
+        try:
+            loss = _train_epochs(encoder, classifier, optimizer, xs, labels, epochs=epochs, batch_size=batch_size,
+                                 lr=lr, schedule=schedule, transform=transform, generator=generator, bar=bar)
+        finally:
+            if feature_transform is not None:
+                encoder.feature_augment = None
         if bar is not None:
             bar.close()
         encoder.eval()
