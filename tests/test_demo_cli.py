@@ -16,7 +16,7 @@ def test_defaults_are_demo_options_defaults():
     for field in dataclasses.fields(DemoOptions):
         if field.name not in ("data", "build_index", "progress"):
             assert getattr(got, field.name) == getattr(want, field.name), field.name
-    assert got.audio_speed == (0.8, 1.25) and got.tower_warmup_epochs == 20
+    assert got.audio_speed == (0.8, 1.25) and got.audio_warp == (0.85, 1.2) and got.tower_warmup_epochs == 20
 
 
 def test_flags_reach_the_options():
@@ -25,3 +25,6 @@ def test_flags_reach_the_options():
     assert opts.audio_speed == (0.9, 1.1) and opts.tower_warmup_epochs == 3 and opts.keep_graphs == 0
     assert opts.source_negatives is False and opts.lora_lr == 5e-4
     assert _options("--audio-speed", "1", "1").audio_speed is None
+    opts = _options("--audio-warp", "0.9", "1.3", "--tower-lr", "0")
+    assert opts.audio_warp == (0.9, 1.3) and opts.tower_lr == 0.0
+    assert _options("--audio-warp", "1", "1").audio_warp is None

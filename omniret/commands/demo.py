@@ -38,6 +38,12 @@ def add_arguments(p) -> None:
                         "(a stand-in for pretrained encoders; counts against --time-budget); 0 = none")
     p.add_argument("--audio-speed", type=float, nargs=2, metavar=("LOW", "HIGH"), default=_default("audio_speed"),
                    help="the audio tower's warm-up plays each clip LOW..HIGH times as fast (1 1: no perturbation)")
+    p.add_argument("--audio-warp", type=float, nargs=2, metavar=("LOW", "HIGH"), default=_default("audio_warp"),
+                   help="... and stretches its log-mel's frequency axis LOW..HIGH times (vocal tract length "
+                        "perturbation; 1 1: none)")
+    p.add_argument("--tower-lr", type=float, default=_default("tower_lr"),
+                   help="the towers' learning rate in contrastive training (default: --lr; 0: frozen after the "
+                        "warm-up)")
     p.add_argument("--negatives", default=_default("negatives"), choices=("modality", "all"),
                    help="in-batch negatives: the candidates of the query's target modality (as in evaluation), "
                         "or all other candidates")
@@ -87,7 +93,7 @@ def run(args) -> int:
 
 
 def options_from_args(args):
-    """The parsed flags -> DemoOptions (`--audio-speed 1 1` turns the perturbation off)."""
+    """The parsed flags -> DemoOptions (`--audio-speed 1 1` and `--audio-warp 1 1` turn the perturbations off)."""
     from omniret.data.digits import DigitsConfig
     from omniret.eval.digits_demo import DemoOptions
 
@@ -100,7 +106,12 @@ def options_from_args(args):
                        keep_graphs=args.keep_graphs, source_negatives=args.source_negatives, lr=args.lr,
                        lora_lr=args.lora_lr, triplet=args.triplet,
                        tower_warmup_epochs=args.tower_warmup_epochs, negatives=args.negatives,
-                       audio_speed=None if args.audio_speed is None or tuple(args.audio_speed) == (1.0, 1.0)
-                       else tuple(args.audio_speed),
+                       audio_speed=_range_or_none(args.audio_speed),
+                       audio_warp=_range_or_none(args.audio_warp), tower_lr=args.tower_lr,
                        seed=args.seed, data=data, cache_dir=args.data_cache, max_eval_queries=args.max_eval_queries,
                        build_index=not args.no_index, threads=args.threads)
+
+
+def _range_or_none(pair):
+    """A LOW HIGH flag -> (low, high), or None for `1 1` (no perturbation) or no value."""
+    return None if pair is None or tuple(pair) == (1.0, 1.0) else tuple(pair)

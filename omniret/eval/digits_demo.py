@@ -70,6 +70,12 @@ class DemoOptions:
     # together; omniret.train.augment.speed_perturb): the test voices are unheard, and a voice's pace and pitch
     # are what a small tower overfits to (held-out accuracy of the warmed-up tower: docs/demo.md). None = off.
     audio_speed: tuple[float, float] | None = (0.8, 1.25)
+    # ... and its log-mel stretched along the frequency axis by a factor in this range (vocal tract length
+    # perturbation, omniret.train.augment.warp_frequencies): formants move with the speaker at the same tempo.
+    # The test's one real-speech female voice (flite's slt) is where the tower failed most (docs/demo.md). None = off.
+    audio_warp: tuple[float, float] | None = (0.85, 1.2)
+    # learning rate of the two towers in contrastive training (after the warm-up); None = `lr`, 0 = frozen
+    tower_lr: float | None = None
     # "modality": a query's in-batch negatives are the candidates of its target modality only, as in evaluation,
     # where every task searches a pool of one modality. "all": every other candidate (SPEC's in-batch negatives).
     # With "all", separating images from recordings is the cheapest loss reduction, and the towers' content is
@@ -109,7 +115,7 @@ def restrict_negatives(candidates: list, positives: torch.Tensor) -> torch.Tenso
 
 def warm_up(model, split, opts: DemoOptions, log=print) -> dict:
     """The towers' supervised warm-up on the training split's images and clips (digit labels)."""
-    from omniret.train.augment import speed_perturb
+    from omniret.train.augment import speed_perturb, warp_frequencies
     from omniret.train.tower_warmup import warm_up_towers
 
     images = [split.image_item(i)["image"] for i in range(len(split.image_labels))]
@@ -118,9 +124,13 @@ def warm_up(model, split, opts: DemoOptions, log=print) -> dict:
     if opts.audio_speed is not None:
         low, high = opts.audio_speed
         augment["audio"] = functools.partial(speed_perturb, low=low, high=high)
+    feature_augment = {}
+    if opts.audio_warp is not None:
+        low, high = opts.audio_warp
+        feature_augment["audio"] = functools.partial(warp_frequencies, low=low, high=high)
     return warm_up_towers(model, {"image": (images, split.image_labels), "audio": (clips, split.audio_labels)},
-                          epochs=opts.tower_warmup_epochs, seed=opts.seed, augment=augment, log=log,
-                          progress=opts.progress)
+                          epochs=opts.tower_warmup_epochs, seed=opts.seed, augment=augment,
+                          feature_augment=feature_augment, log=log, progress=opts.progress)
 
 
 def train(model, bench: dict, opts: DemoOptions, log=print, log_path: str | None = None) -> tuple[list, dict]:
@@ -130,16 +140,26 @@ def train(model, bench: dict, opts: DemoOptions, log=print, log_path: str | None
 
     if opts.negatives not in ("modality", "all"):
         raise ValueError(f"negatives must be 'modality' or 'all', got {opts.negatives!r}")
+    if opts.tower_lr is not None and opts.tower_lr < 0:
+        raise ValueError(f"tower_lr must be >= 0 or None, got {opts.tower_lr}")
     budget_start = time.perf_counter()
     torch.manual_seed(opts.seed)
     warmup_report = warm_up(model, bench["train"], opts, log) if opts.tower_warmup_epochs > 0 else {}
     budget = opts.time_budget - (time.perf_counter() - budget_start)
 
-    lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
-    rest = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    towers = {id(p) for p in model.encoders.parameters()}
+    frozen = [p for p in model.encoders.parameters() if p.requires_grad] if opts.tower_lr == 0 else []
+    for p in frozen:
+        p.requires_grad_(False)  # their forward then builds no graph: GradCache's replays skip their backward
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    lora = [p for n, p in trainable if "lora_" in n]
+    tower = [p for n, p in trainable if id(p) in towers] if opts.tower_lr is not None else []
+    rest = [p for n, p in trainable if "lora_" not in n and not (tower and id(p) in towers)]
     groups = [{"params": rest, "lr": opts.lr, "base_lr": opts.lr}]
     if lora:
         groups.append({"params": lora, "lr": opts.lora_lr, "base_lr": opts.lora_lr})
+    if tower:
+        groups.append({"params": tower, "lr": opts.tower_lr, "base_lr": opts.tower_lr})
     opt = torch.optim.AdamW(groups, weight_decay=0.01)
     per_task = task_counts(opts)
     batch = sum(per_task.values())
@@ -190,6 +210,8 @@ def train(model, bench: dict, opts: DemoOptions, log=print, log_path: str | None
             bar.update(1 if opts.steps else int(now) - bar.n)
     if bar is not None:
         bar.close()
+    for p in frozen:
+        p.requires_grad_(True)
     model.eval()
     log(f"trained {step} steps ({step * sum(per_task.values())} pairs) in {time.perf_counter() - start:.0f}s")
     return history, warmup_report
