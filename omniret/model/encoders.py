@@ -181,7 +181,6 @@ class WhisperAudioEncoder(MediaEncoder):
         self.window_samples = self.window_frames * cfg.audio_hop_length
         self.out_dim = int(tc.d_model)
         self.trainable = bool(bb.trainable)
-        self.feature_augment = None
 
     def preprocess(self, raw, name: str = "audio") -> torch.Tensor:
         cfg = self.model_config
