@@ -1,11 +1,12 @@
 """speed_perturb: a waveform played faster or slower by a seeded random factor; warp_frequencies: a
-spectrogram stretched along its frequency axis by a seeded random factor."""
+spectrogram stretched along its frequency axis by a seeded random factor; random_affine: an image slanted, zoomed
+and shifted by seeded random amounts."""
 import math
 
 import pytest
 import torch
 
-from omniret.train.augment import speed_perturb, warp_frequencies
+from omniret.train.augment import random_affine, speed_perturb, warp_frequencies
 
 
 def test_length_and_pitch_follow_the_factor():
@@ -73,3 +74,44 @@ def test_warp_bad_input():
         warp_frequencies(torch.randn(40), torch.Generator())
     with pytest.raises(ValueError, match="low"):
         warp_frequencies(torch.randn(4, 4), torch.Generator(), 1.2, 0.9)
+
+
+def _centre(image):
+    """The (row, column) mass centre of a (C, H, W) image's first channel."""
+    w = image[0].double()
+    rows = torch.arange(w.shape[0], dtype=torch.float64)[:, None]
+    cols = torch.arange(w.shape[1], dtype=torch.float64)[None, :]
+    return float((w * rows).sum() / w.sum()), float((w * cols).sum() / w.sum())
+
+
+def test_affine_identity_shift_and_rotation():
+    g = torch.Generator().manual_seed(0)
+    img = torch.zeros(3, 16, 16)
+    img[:, 6:10, 5:9] = 1.0  # a block left of centre
+    torch.testing.assert_close(random_affine(img, g, 0.0, 0.0, 0.0), img)
+    r0, c0 = _centre(img)
+    for seed in range(6):
+        out = random_affine(img, torch.Generator().manual_seed(seed), degrees=0.0, scale=0.0, translate=0.1)
+        r, c = _centre(out)
+        assert abs(r - r0) <= 0.1 * 16 + 1e-6 and abs(c - c0) <= 0.1 * 16 + 1e-6  # a shift within 10% of the size
+        assert float(out.sum()) == pytest.approx(float(img.sum()), rel=1e-4)  # the block stays inside the image: nothing lost
+    shifts = {_centre(random_affine(img, torch.Generator().manual_seed(s), 0.0, 0.0, 0.1)) for s in range(6)}
+    assert len(shifts) == 6
+    # a rotation about the centre keeps a centred block's centre and moves an off-centre one along a circle
+    centred = torch.zeros(1, 15, 15)
+    centred[:, 5:10, 5:10] = 1.0
+    out = random_affine(centred, torch.Generator().manual_seed(1), degrees=30.0, scale=0.0, translate=0.0)
+    assert _centre(out) == pytest.approx((7.0, 7.0), abs=1e-3)
+    assert not torch.allclose(out, centred)
+
+
+def test_affine_seeded_and_checked():
+    img = torch.rand(3, 8, 8)
+    a = random_affine(img, torch.Generator().manual_seed(4))
+    assert a.shape == img.shape and a.dtype == img.dtype
+    assert torch.equal(a, random_affine(img, torch.Generator().manual_seed(4)))
+    assert not torch.equal(a, random_affine(img, torch.Generator().manual_seed(5)))
+    with pytest.raises(ValueError, match="C, H, W"):
+        random_affine(torch.rand(8, 8), torch.Generator())
+    with pytest.raises(ValueError, match="scale"):
+        random_affine(img, torch.Generator(), scale=1.5)

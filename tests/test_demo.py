@@ -181,7 +181,7 @@ def test_tower_lr_freezes_or_sets_the_towers_rate(quick_run, tower_lr):
     towers = {n: p.detach().clone() for n, p in model.encoders.named_parameters()}
     others = {n: p.detach().clone() for n, p in model.named_parameters()
               if p.requires_grad and not n.startswith("encoders.")}
-    run = dataclasses.replace(opts, steps=2, tower_warmup_epochs=0, tower_lr=tower_lr, output=None)
+    run = dataclasses.replace(opts, steps=2, tower_warmup_epochs=0, image_warmup_epochs=0, tower_lr=tower_lr, output=None)
     train(model, bench, run, log=lambda *a: None)
     moved = [n for n, p in model.encoders.named_parameters() if not torch.equal(p, towers[n])]
     if tower_lr == 0:

@@ -28,3 +28,6 @@ def test_flags_reach_the_options():
     opts = _options("--audio-warp", "0.9", "1.3", "--tower-lr", "0")
     assert opts.audio_warp == (0.9, 1.3) and opts.tower_lr == 0.0
     assert _options("--audio-warp", "1", "1").audio_warp is None
+    opts = _options("--image-warmup-epochs", "7", "--no-image-affine")
+    assert opts.image_warmup_epochs == 7 and opts.image_affine is False
+    assert _options().image_warmup_epochs == 60 and _options().image_affine is True

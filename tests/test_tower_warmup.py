@@ -165,6 +165,18 @@ def test_tower_feature_augment_changes_training_mode_tokens_only(demo_model):
     assert not torch.allclose(plain, train_tokens)
 
 
+def test_epochs_per_tower(demo_model):
+    data = {"image": _images(8, 1), "audio": _tones(6, 2)}
+    image_before = [p.detach().clone() for p in demo_model.encoders["image"].parameters()]
+    report = warm_up_towers(demo_model, data, epochs={"image": 0, "audio": 2}, batch_size=4, log=lambda *a: None)
+    assert report["image"]["epochs"] == 0 and report["audio"]["epochs"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(image_before, demo_model.encoders["image"].parameters()))
+    with pytest.raises(ValueError, match="one count per tower"):
+        warm_up_towers(demo_model, data, epochs={"image": 1})
+    with pytest.raises(ValueError, match="epochs"):
+        warm_up_towers(demo_model, data, epochs={"image": 1, "audio": -1})
+
+
 def test_mean_tokens_matches_a_loop():
     tokens = torch.randn(11, 5, dtype=torch.float64)
     cu = torch.tensor([0, 3, 4, 11], dtype=torch.int32)

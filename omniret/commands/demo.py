@@ -35,7 +35,12 @@ def add_arguments(p) -> None:
     p.add_argument("--lora-lr", type=float, default=_default("lora_lr"))
     p.add_argument("--tower-warmup-epochs", type=int, default=_default("tower_warmup_epochs"),
                    help="supervised warm-up of the CNN towers on the training labels before contrastive training "
-                        "(a stand-in for pretrained encoders; counts against --time-budget); 0 = none")
+                        "(a stand-in for pretrained encoders; counts against --time-budget): the audio tower's epochs, "
+                        "and the image tower's unless --image-warmup-epochs says otherwise; 0 = none")
+    p.add_argument("--image-warmup-epochs", type=int, default=_default("image_warmup_epochs"),
+                   help="the image tower's warm-up epochs (default 60: 8x8 images train in seconds)")
+    p.add_argument("--image-affine", action=argparse.BooleanOptionalAction, default=_default("image_affine"),
+                   help="the image tower's warm-up slants, zooms and shifts each image at random")
     p.add_argument("--audio-speed", type=float, nargs=2, metavar=("LOW", "HIGH"), default=_default("audio_speed"),
                    help="the audio tower's warm-up plays each clip LOW..HIGH times as fast (1 1: no perturbation)")
     p.add_argument("--audio-warp", type=float, nargs=2, metavar=("LOW", "HIGH"), default=_default("audio_warp"),
@@ -106,6 +111,7 @@ def options_from_args(args):
                        keep_graphs=args.keep_graphs, source_negatives=args.source_negatives, lr=args.lr,
                        lora_lr=args.lora_lr, triplet=args.triplet,
                        tower_warmup_epochs=args.tower_warmup_epochs, negatives=args.negatives,
+                       image_warmup_epochs=args.image_warmup_epochs, image_affine=args.image_affine,
                        audio_speed=_range_or_none(args.audio_speed),
                        audio_warp=_range_or_none(args.audio_warp), tower_lr=args.tower_lr,
                        seed=args.seed, data=data, cache_dir=args.data_cache, max_eval_queries=args.max_eval_queries,

@@ -76,7 +76,8 @@ def _train_epochs(encoder, classifier, optimizer, xs: list, labels: torch.Tensor
     return loss
 
 
-def warm_up_towers(model, data: Mapping[str, tuple[Sequence, torch.Tensor]], *, epochs: int = 10,
+def warm_up_towers(model, data: Mapping[str, tuple[Sequence, torch.Tensor]], *,
+                   epochs: int | Mapping[str, int] = 10,
                    lr: float = 3e-3, batch_size: int = 64, seed: int = 0, schedule: str = "cosine",
                    augment: Optional[Mapping[str, Callable]] = None,
                    feature_augment: Optional[Mapping[str, Callable]] = None, log: Callable = print,
@@ -84,6 +85,7 @@ def warm_up_towers(model, data: Mapping[str, tuple[Sequence, torch.Tensor]], *, 
     """Train each named tower with a temporary linear classifier on its mean-pooled tokens.
 
     data: {modality: (raw items as the model's encoders take them, integer labels (n,))}.
+    epochs: one count for every tower, or {modality: epochs} (a small image tower is cheap to train for longer).
     schedule: "cosine" (the learning rate decays to 0 over the warm-up: the tower ends in a settled state rather
     than wherever the last steps of a constant rate left it) or "constant".
     augment: {modality: fn(preprocessed item, torch.Generator) -> item}, applied to every training item each
@@ -94,7 +96,10 @@ def warm_up_towers(model, data: Mapping[str, tuple[Sequence, torch.Tensor]], *, 
     Returns {modality: {"epochs", "final_loss", "train_accuracy", "seconds"}}; the train accuracy is measured
     after the last epoch, in eval mode. The model's other parameters are untouched.
     """
-    if epochs < 0 or batch_size < 1 or not lr > 0:
+    per_modality = dict(epochs) if isinstance(epochs, Mapping) else {m: epochs for m in data}
+    if set(per_modality) != set(data):
+        raise ValueError(f"epochs names {sorted(per_modality)}, data holds {sorted(data)}: give one count per tower")
+    if min(per_modality.values(), default=0) < 0 or batch_size < 1 or not lr > 0:
         raise ValueError(f"need epochs >= 0, batch_size >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
@@ -113,6 +118,7 @@ def warm_up_towers(model, data: Mapping[str, tuple[Sequence, torch.Tensor]], *, 
                              "tower has no feature_augment hook (the CNN audio tower has one)")
     report = {}
     for modality, (items, labels) in data.items():
+        n_epochs = int(per_modality[modality])
         start = time.perf_counter()
         encoder = model.encoders[modality]
         labels = torch.as_tensor(labels).long()
@@ -129,13 +135,13 @@ def warm_up_towers(model, data: Mapping[str, tuple[Sequence, torch.Tensor]], *, 
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=epochs, desc=f"warm-up {modality} tower", unit="epoch", dynamic_ncols=True)
+            bar = tqdm(total=n_epochs, desc=f"warm-up {modality} tower", unit="epoch", dynamic_ncols=True)
         transform = augment.get(modality)
         feature_transform = feature_augment.get(modality)
         if feature_transform is not None:
             encoder.feature_augment = lambda f, fn=feature_transform, g=generator: fn(f, g)
         try:
-            loss = _train_epochs(encoder, classifier, optimizer, xs, labels, epochs=epochs, batch_size=batch_size,
+            loss = _train_epochs(encoder, classifier, optimizer, xs, labels, epochs=n_epochs, batch_size=batch_size,
                                  lr=lr, schedule=schedule, transform=transform, generator=generator, bar=bar)
         finally:
             if feature_transform is not None:
@@ -151,8 +157,8 @@ def warm_up_towers(model, data: Mapping[str, tuple[Sequence, torch.Tensor]], *, 
         encoder.train(was_training)
         for p in params:  # the classifier goes; the tower keeps no optimizer state behind
             p.grad = None
-        report[modality] = {"epochs": epochs, "final_loss": float(loss.detach()), "train_accuracy": correct / len(xs),
+        report[modality] = {"epochs": n_epochs, "final_loss": float(loss.detach()), "train_accuracy": correct / len(xs),
                             "seconds": round(time.perf_counter() - start, 1)}
-        log(f"warm-up {modality} tower: {epochs} epochs, train accuracy {correct / len(xs):.3f}, "
+        log(f"warm-up {modality} tower: {n_epochs} epochs, train accuracy {correct / len(xs):.3f}, "
             f"{report[modality]['seconds']}s")
     return report
