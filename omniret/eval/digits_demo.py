@@ -163,9 +163,10 @@ def train(model, bench: dict, opts: DemoOptions, log=print, log_path: str | None
     for p in frozen:
         p.requires_grad_(False)  # their forward then builds no graph: GradCache's replays skip their backward
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    own_rate = opts.tower_lr is not None  # the towers get a group of their own
     lora = [p for n, p in trainable if "lora_" in n]
-    tower = [p for n, p in trainable if id(p) in towers] if opts.tower_lr is not None else []
-    rest = [p for n, p in trainable if "lora_" not in n and not (tower and id(p) in towers)]
+    tower = [p for n, p in trainable if own_rate and id(p) in towers]
+    rest = [p for n, p in trainable if "lora_" not in n and not (own_rate and id(p) in towers)]
     groups = [{"params": rest, "lr": opts.lr, "base_lr": opts.lr}]
     if lora:
         groups.append({"params": lora, "lr": opts.lora_lr, "base_lr": opts.lora_lr})
