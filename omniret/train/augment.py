@@ -9,6 +9,13 @@ import torch.nn.functional as F
 __all__ = ["random_affine", "speed_perturb", "warp_frequencies"]
 
 
+def _uniform_factor(low: float, high: float, generator: torch.Generator) -> float:
+    """A factor drawn uniformly from [low, high] (0 < low <= high) with `generator`."""
+    if not 0 < low <= high:
+        raise ValueError(f"need 0 < low <= high, got {low}, {high}")
+    return low + (high - low) * float(torch.rand((), generator=generator))
+
+
 def speed_perturb(wave: torch.Tensor, generator: torch.Generator, low: float = 0.8, high: float = 1.25,
                   min_samples: int = 400) -> torch.Tensor:
     """Play a 1-D waveform `f` times as fast, f drawn uniformly from [low, high] with `generator`: linear
@@ -16,9 +23,7 @@ def speed_perturb(wave: torch.Tensor, generator: torch.Generator, low: float = 0
     train on: a voice's pace and pitch vary more than its words). Never shorter than `min_samples`."""
     if wave.dim() != 1:
         raise ValueError(f"wave must be 1-D, got shape {tuple(wave.shape)}")
-    if not 0 < low <= high:
-        raise ValueError(f"need 0 < low <= high, got {low}, {high}")
-    factor = low + (high - low) * float(torch.rand((), generator=generator))
+    factor = _uniform_factor(low, high, generator)
     n = max(min_samples, round(wave.shape[0] / factor))
     if n == wave.shape[0]:
         return wave
@@ -35,9 +40,7 @@ def warp_frequencies(features: torch.Tensor, generator: torch.Generator, low: fl
     """
     if features.dim() != 2:
         raise ValueError(f"features must be (bins, frames), got shape {tuple(features.shape)}")
-    if not 0 < low <= high:
-        raise ValueError(f"need 0 < low <= high, got {low}, {high}")
-    factor = low + (high - low) * float(torch.rand((), generator=generator))
+    factor = _uniform_factor(low, high, generator)
     bins = features.shape[0]
     src = (torch.arange(bins, dtype=torch.float64, device=features.device) / factor).clamp(max=bins - 1)
     below = src.floor().long()

@@ -104,13 +104,11 @@ def warm_up_towers(model, data: Mapping[str, tuple[Sequence, torch.Tensor]], *,
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
     augment = dict(augment or {})
-    unknown = sorted(set(augment) - set(data))
-    if unknown:
-        raise ValueError(f"augment names {unknown}, which data does not hold (it holds {sorted(data)})")
     feature_augment = dict(feature_augment or {})
-    unknown = sorted(set(feature_augment) - set(data))
-    if unknown:
-        raise ValueError(f"feature_augment names {unknown}, which data does not hold (it holds {sorted(data)})")
+    for name, given in (("augment", augment), ("feature_augment", feature_augment)):
+        unknown = sorted(set(given) - set(data))
+        if unknown:
+            raise ValueError(f"{name} names {unknown}, which data does not hold (it holds {sorted(data)})")
     _check(model, data)
     for modality in feature_augment:
         if not hasattr(model.encoders[modality], "feature_augment"):
