@@ -193,3 +193,68 @@ def test_tower_lr_freezes_or_sets_the_towers_rate(quick_run, tower_lr):
     assert sum(not torch.equal(params[n], v) for n, v in others.items()) > len(others) // 2
     with pytest.raises(ValueError, match="tower_lr"):
         train(build_model("aswp", seed=0), bench, dataclasses.replace(run, tower_lr=-1.0), log=lambda *a: None)
+
+
+def test_augment_items_replaces_only_the_named_media():
+    from omniret.eval.digits_demo import augment_items
+
+    gen = torch.Generator().manual_seed(3)
+    wave, image = torch.randn(50), torch.randn(3, 8, 8)
+    items = [{"audio": wave, "text": "plus one"}, {"image": image}, {"text": "seven"}]
+    seen = []
+
+    def louder(x, g):
+        seen.append(g)
+        return x * 2
+
+    out = augment_items(items, {"audio": louder}, gen)
+    assert torch.equal(out[0]["audio"], wave * 2) and out[0]["text"] == "plus one"
+    assert out[1]["image"] is image and out[2] == {"text": "seven"}
+    assert seen == [gen] and torch.equal(items[0]["audio"], wave)  # the caller's items are not changed
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_train_augment_reaches_the_training_items_and_is_undone(quick_run, monkeypatch, fail):
+    """train_augment=("image", "audio"): every training step's image and audio items pass through the options'
+    item augmentations and the audio tower's feature hook runs; afterwards (also when a step fails) the hook is
+    cleared and frozen towers are trainable again."""
+    import dataclasses
+
+    import omniret.eval.digits_demo as demo
+    from omniret.train.grad_cache import GradCache
+
+    opts, _ = quick_run
+    bench = digits.build(opts.data, cache_dir=opts.cache_dir, log=lambda *a: None)
+    calls = {"image": 0, "audio": 0, "features": 0, "media": 0}
+
+    def spy(kind):
+        def fn(x, generator):
+            calls[kind] += 1
+            return x
+        return fn
+
+    monkeypatch.setattr(demo, "augmentations",
+                        lambda o: ({"image": spy("image"), "audio": spy("audio")}, {"audio": spy("features")}))
+    step = GradCache.step
+
+    def counting_step(self, queries, cands, **kw):
+        calls["media"] += sum(k in item for item in queries + cands for k in ("image", "audio"))
+        if fail:
+            raise RuntimeError("step failed")
+        return step(self, queries, cands, **kw)
+
+    monkeypatch.setattr(GradCache, "step", counting_step)
+    model = demo.build_model("aswp", seed=0)
+    run = dataclasses.replace(opts, steps=2, tower_warmup_epochs=0, image_warmup_epochs=0, output=None,
+                              train_augment=("image", "audio"), tower_lr=0.0)
+    if fail:
+        with pytest.raises(RuntimeError, match="step failed"):
+            demo.train(model, bench, run, log=lambda *a: None)
+    else:
+        demo.train(model, bench, run, log=lambda *a: None)
+        assert calls["features"] > 0
+    assert calls["image"] + calls["audio"] == calls["media"] > 0
+    assert model.encoders["audio"].feature_augment is None
+    assert all(p.requires_grad for p in model.encoders.parameters())
+    with pytest.raises(ValueError, match="train_augment"):
+        demo.train(model, bench, dataclasses.replace(run, train_augment=("video",)), log=lambda *a: None)

@@ -31,3 +31,5 @@ def test_flags_reach_the_options():
     opts = _options("--image-warmup-epochs", "7", "--no-image-affine")
     assert opts.image_warmup_epochs == 7 and opts.image_affine is False
     assert _options().image_warmup_epochs == 60 and _options().image_affine is True
+    assert _options("--train-augment", "audio").train_augment == ("audio",)
+    assert _options("--train-augment").train_augment == ()

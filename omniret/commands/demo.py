@@ -46,6 +46,10 @@ def add_arguments(p) -> None:
     p.add_argument("--audio-warp", type=float, nargs=2, metavar=("LOW", "HIGH"), default=_default("audio_warp"),
                    help="... and stretches its log-mel's frequency axis LOW..HIGH times (vocal tract length "
                         "perturbation; 1 1: none)")
+    p.add_argument("--train-augment", nargs="*", choices=("image", "audio"), default=list(_default("train_augment")),
+                   metavar="MODALITY",
+                   help="modalities (image, audio) whose items contrastive training augments as the warm-up does; "
+                        "none given: no augmentation after the warm-up")
     p.add_argument("--tower-lr", type=float, default=_default("tower_lr"),
                    help="the towers' learning rate in contrastive training (default: --lr; 0: frozen after the "
                         "warm-up)")
@@ -114,6 +118,7 @@ def options_from_args(args):
                        image_warmup_epochs=args.image_warmup_epochs, image_affine=args.image_affine,
                        audio_speed=_range_or_none(args.audio_speed),
                        audio_warp=_range_or_none(args.audio_warp), tower_lr=args.tower_lr,
+                       train_augment=tuple(args.train_augment),
                        seed=args.seed, data=data, cache_dir=args.data_cache, max_eval_queries=args.max_eval_queries,
                        build_index=not args.no_index, threads=args.threads)
 

@@ -79,6 +79,9 @@ class DemoOptions:
     # perturbation, omniret.train.augment.warp_frequencies): formants move with the speaker at the same tempo.
     # The test's one real-speech female voice (flite's slt) is where the tower failed most (docs/demo.md). None = off.
     audio_warp: tuple[float, float] | None = (0.85, 1.2)
+    # modalities whose items contrastive training augments as the warm-up does ("image": image_affine; "audio":
+    # audio_speed and audio_warp), fresh draws every step
+    train_augment: tuple[str, ...] = ()
     # learning rate of the two towers in contrastive training (after the warm-up); None = `lr`, 0 = frozen
     tower_lr: float | None = None
     # "modality": a query's in-batch negatives are the candidates of its target modality only, as in evaluation,
@@ -124,13 +127,11 @@ def warmup_epochs(opts: DemoOptions) -> dict:
     return {"image": image, "audio": opts.tower_warmup_epochs}
 
 
-def warm_up(model, split, opts: DemoOptions, log=print) -> dict:
-    """The towers' supervised warm-up on the training split's images and clips (digit labels)."""
+def augmentations(opts: DemoOptions) -> tuple[dict, dict]:
+    """The options' augmentations: ({modality: fn(raw item, generator)}, {modality: fn(features, generator)},
+    the second for the towers' `feature_augment` hook)."""
     from omniret.train.augment import random_affine, speed_perturb, warp_frequencies
-    from omniret.train.tower_warmup import warm_up_towers
 
-    images = [split.image_item(i)["image"] for i in range(len(split.image_labels))]
-    clips = [split.audio_item(j)["audio"] for j in range(len(split.audio_labels))]
     augment = {"image": random_affine} if opts.image_affine else {}
     if opts.audio_speed is not None:
         low, high = opts.audio_speed
@@ -139,6 +140,21 @@ def warm_up(model, split, opts: DemoOptions, log=print) -> dict:
     if opts.audio_warp is not None:
         low, high = opts.audio_warp
         feature_augment["audio"] = functools.partial(warp_frequencies, low=low, high=high)
+    return augment, feature_augment
+
+
+def augment_items(items: list, augment: dict, generator: torch.Generator) -> list:
+    """Each item with its media replaced by augment[modality](media, generator), where `augment` names one."""
+    return [{k: augment[k](v, generator) if k in augment else v for k, v in item.items()} for item in items]
+
+
+def warm_up(model, split, opts: DemoOptions, log=print) -> dict:
+    """The towers' supervised warm-up on the training split's images and clips (digit labels)."""
+    from omniret.train.tower_warmup import warm_up_towers
+
+    images = [split.image_item(i)["image"] for i in range(len(split.image_labels))]
+    clips = [split.audio_item(j)["audio"] for j in range(len(split.audio_labels))]
+    augment, feature_augment = augmentations(opts)
     return warm_up_towers(model, {"image": (images, split.image_labels), "audio": (clips, split.audio_labels)},
                           epochs=warmup_epochs(opts), seed=opts.seed, augment=augment,
                           feature_augment=feature_augment, log=log, progress=opts.progress)
@@ -153,6 +169,8 @@ def train(model, bench: dict, opts: DemoOptions, log=print, log_path: str | None
         raise ValueError(f"negatives must be 'modality' or 'all', got {opts.negatives!r}")
     if opts.tower_lr is not None and opts.tower_lr < 0:
         raise ValueError(f"tower_lr must be >= 0 or None, got {opts.tower_lr}")
+    if not set(opts.train_augment) <= {"image", "audio"}:
+        raise ValueError(f"train_augment: the modalities are 'image' and 'audio', got {opts.train_augment!r}")
     budget_start = time.perf_counter()
     torch.manual_seed(opts.seed)
     warmup_report = warm_up(model, bench["train"], opts, log) if any(warmup_epochs(opts).values()) else {}
@@ -191,39 +209,53 @@ def train(model, bench: dict, opts: DemoOptions, log=print, log_path: str | None
 
         bar = tqdm(total=opts.steps or max(0, int(budget)), unit="step" if opts.steps else "s",
                    desc="train", dynamic_ncols=True)
+    augment, feature_augment = augmentations(opts)
+    item_augment = {m: fn for m, fn in augment.items() if m in opts.train_augment}
+    # the hook draws from the global generator, whose state GradCache replays with a chunk
+    hooks = {m: fn for m, fn in feature_augment.items() if m in opts.train_augment}
+    augment_generator = torch.Generator().manual_seed(opts.seed + 1)
+    for m, fn in hooks.items():
+        model.encoders[m].feature_augment = lambda f, fn=fn: fn(f, None)
     start = time.perf_counter()
     step = 0
-    while True:
-        elapsed = time.perf_counter() - start
-        progress = step / opts.steps if opts.steps else elapsed / max(budget, 1e-9)
-        if progress >= 1.0:
-            break
-        factor = _lr_factor(progress, opts.warmup)
-        if step < opts.warmup_steps:
-            factor = min(factor, (step + 1) / opts.warmup_steps)
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * factor
-        queries, cands, positives = sampler.sample(per_task, source_negatives=opts.source_negatives)
-        if opts.negatives == "modality":
-            positives = restrict_negatives(cands, positives)
-        opt.zero_grad(set_to_none=True)
-        stats = gc.step(queries, cands, positives=positives)
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 5.0)
-        opt.step()
-        step += 1
-        now = time.perf_counter() - start
-        rec = {"step": step, "time": now, "lr": opts.lr * factor, **stats}
-        history.append(rec)
-        if log_path:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+    try:
+        while True:
+            elapsed = time.perf_counter() - start
+            progress = step / opts.steps if opts.steps else elapsed / max(budget, 1e-9)
+            if progress >= 1.0:
+                break
+            factor = _lr_factor(progress, opts.warmup)
+            if step < opts.warmup_steps:
+                factor = min(factor, (step + 1) / opts.warmup_steps)
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * factor
+            queries, cands, positives = sampler.sample(per_task, source_negatives=opts.source_negatives)
+            if item_augment:
+                queries = augment_items(queries, item_augment, augment_generator)
+                cands = augment_items(cands, item_augment, augment_generator)
+            if opts.negatives == "modality":
+                positives = restrict_negatives(cands, positives)
+            opt.zero_grad(set_to_none=True)
+            stats = gc.step(queries, cands, positives=positives)
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 5.0)
+            opt.step()
+            step += 1
+            now = time.perf_counter() - start
+            rec = {"step": step, "time": now, "lr": opts.lr * factor, **stats}
+            history.append(rec)
+            if log_path:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            if bar is not None:
+                bar.set_postfix(loss=f"{stats['loss']:.3f}", pairs_s=f"{step * len(queries) / now:.0f}")
+                bar.update(1 if opts.steps else int(now) - bar.n)
+    finally:
         if bar is not None:
-            bar.set_postfix(loss=f"{stats['loss']:.3f}", pairs_s=f"{step * len(queries) / now:.0f}")
-            bar.update(1 if opts.steps else int(now) - bar.n)
-    if bar is not None:
-        bar.close()
-    for p in frozen:
-        p.requires_grad_(True)
+            bar.close()
+        for m in hooks:
+            model.encoders[m].feature_augment = None
+        for p in frozen:
+            p.requires_grad_(True)
     model.eval()
     log(f"trained {step} steps ({step * sum(per_task.values())} pairs) in {time.perf_counter() - start:.0f}s")
     return history, warmup_report
