@@ -66,6 +66,7 @@ __global__ void forward_kernel(const float* __restrict__ proj, const uint8_t* __
     const uint64_t key = keys[idx];
     const float v = i < n_b ? key_value(key) : 0.0f;
     values[idx] = v;
+    if (sorted == nullptr) continue;  // nothing saved for backward
     sorted[(size_t(b) * N + i) * L + l] = v;
     sorted_tokens[(size_t(b) * N + i) * L + l] = index_t(i < n_b ? key_index(key) : 0u);
   }

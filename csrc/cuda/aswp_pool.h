@@ -13,7 +13,7 @@ namespace cuda {
 // proj (B * N, L) float32; valid (B, N) uint8 or nullptr (all valid); n_valid (B) int32; ref_sorted and
 // weight_sorted (M, L) float32 in rank order (weight_sorted only for pooling 3 = weighted, else nullptr).
 // Writes out (B, L), sorted (B, N, L) and sorted_tokens (B, N, L) = the token at each sorted position (uint8
-// when rank_u8, else int32; 0 past the sample's valid tokens).
+// when rank_u8, else int32; 0 past the sample's valid tokens); sorted and sorted_tokens both nullptr: out only.
 cudaError_t aswp_pool_forward(const float* proj, const uint8_t* valid, const int* n_valid, const float* ref_sorted,
                               const float* weight_sorted, int B, int N, int L, int M, int pooling, float* out,
                               float* sorted, void* sorted_tokens, bool rank_u8, cudaStream_t stream);

@@ -23,6 +23,17 @@ using resampler::softmax_grad;
 
 constexpr int kTile = 16;
 
+// The block's threads copy keys/values j0 .. j0 + n - 1 of kv head hk into shared memory (the caller syncs).
+__device__ void load_kv_tile(const float* __restrict__ k, const float* __restrict__ v, int64_t j0, int n, int Hk,
+                             int hk, int d, float (*k_tile)[kResamplerMaxHeadDim],
+                             float (*v_tile)[kResamplerMaxHeadDim]) {
+  for (int i = threadIdx.x; i < n * d; i += blockDim.x) {
+    const int j = i / d, c = i % d;
+    k_tile[j][c] = k[((j0 + j) * Hk + hk) * d + c];
+    v_tile[j][c] = v[((j0 + j) * Hk + hk) * d + c];
+  }
+}
+
 __global__ void forward_kernel(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
                                const int* __restrict__ cu_seqlens, int H, int Hk, int Nq, int d, float scale,
                                float* __restrict__ out, float* __restrict__ lse) {
@@ -39,11 +50,7 @@ __global__ void forward_kernel(const float* __restrict__ q, const float* __restr
   float m = -INFINITY, l = 0.f, s[kTile];
   for (int64_t j0 = start; j0 < end; j0 += kTile) {
     const int n = static_cast<int>(end - j0 < kTile ? end - j0 : kTile);
-    for (int i = threadIdx.x; i < n * d; i += blockDim.x) {
-      const int j = i / d, c = i % d;
-      k_tile[j][c] = k[((j0 + j) * Hk + hk) * d + c];
-      v_tile[j][c] = v[((j0 + j) * Hk + hk) * d + c];
-    }
+    load_kv_tile(k, v, j0, n, Hk, hk, d, k_tile, v_tile);
     __syncthreads();
     if (active) {
       for (int j = 0; j < n; ++j) {
@@ -91,12 +98,10 @@ __global__ void backward_kernel(const float* __restrict__ grad_out, const float*
     float p[kTile], dp[kTile];
     for (int64_t j0 = start; j0 < end; j0 += kTile) {
       const int n = static_cast<int>(end - j0 < kTile ? end - j0 : kTile);
+      load_kv_tile(k, v, j0, n, Hk, hk, d, k_tile, v_tile);
       for (int i = threadIdx.x; i < n * d; i += blockDim.x) {
-        const int j = i / d, c = i % d;
-        k_tile[j][c] = k[((j0 + j) * Hk + hk) * d + c];
-        v_tile[j][c] = v[((j0 + j) * Hk + hk) * d + c];
-        dk_tile[j][c] = 0.f;
-        dv_tile[j][c] = 0.f;
+        dk_tile[i / d][i % d] = 0.f;
+        dv_tile[i / d][i % d] = 0.f;
       }
       __syncthreads();
       if (active) {
