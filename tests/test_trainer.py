@@ -264,3 +264,32 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     clean_lines = [json.loads(x) for x in (tmp_path / "clean" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == list(range(1, 11))
     assert [x["loss"] for x in lines] == [x["loss"] for x in clean_lines]
+
+
+def test_a_non_finite_gradient_stops_before_the_optimizer_step(tmp_path, monkeypatch):
+    """A step whose gradient is not finite raises a FloatingPointError naming the step, before the optimizer
+    turns the weights into NaN; the weights and the newest checkpoint are those of the step before."""
+    from omniret.train.grad_cache import GradCache
+
+    step, calls, before = GradCache.step, [], {}
+
+    def poisoned(self, *args, **kw):
+        stats = step(self, *args, **kw)
+        calls.append(1)
+        if len(calls) == 5:
+            before.update(_params(model))
+            p = next(p for p in self.model.parameters() if p.grad is not None)
+            p.grad.view(-1)[0] = float("nan")
+        return stats
+
+    monkeypatch.setattr(GradCache, "step", poisoned)
+    model = toy_model(seed=3)
+    cfg = _cfg(tmp_path, max_grad_norm=None, checkpoint_every=2)
+    with pytest.raises(FloatingPointError, match=r"step 5: .*gradient norm nan.*step 4 \(newest checkpoint: step 4\)"):
+        Trainer(model, cfg).fit(toy_dataset(per_dataset=10))
+    after = _params(model)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    resumed = toy_model(seed=3)
+    monkeypatch.setattr(GradCache, "step", step)
+    res = Trainer(resumed, cfg).fit(toy_dataset(per_dataset=10), max_steps=0)
+    assert res.steps == 4  # the run goes on from the last good step

@@ -392,13 +392,20 @@ class Trainer:
                         for k in ("loss", "contrastive", "triplet", "diversity"):
                             sums[k] = sums.get(k, 0.0) + stats[k] / cfg.grad_accum
                         step_pairs += len(indices)
-                    grad_norm = None
-                    if cfg.max_grad_norm is not None:
-                        clip = params + (list(self.temperature.parameters()) if self.temperature else [])
-                        if self.sharded:
-                            grad_norm = tdist.clip_grad_norm(clip, cfg.max_grad_norm)
-                        else:
-                            grad_norm = float(torch.nn.utils.clip_grad_norm_(clip, cfg.max_grad_norm))
+                    # the norm is taken also without clipping (an infinite bound scales by exactly 1): a step whose
+                    # loss or gradient is not finite would turn every weight into NaN, and the checkpoints after it
+                    clip = params + (list(self.temperature.parameters()) if self.temperature else [])
+                    max_norm = math.inf if cfg.max_grad_norm is None else cfg.max_grad_norm
+                    if self.sharded:
+                        grad_norm = tdist.clip_grad_norm(clip, max_norm)
+                    else:
+                        grad_norm = float(torch.nn.utils.clip_grad_norm_(clip, max_norm))
+                    if not (math.isfinite(grad_norm) and math.isfinite(sums["loss"])):
+                        newest = f"step {saved_step}" if saved_step >= 0 else "none"
+                        raise FloatingPointError(
+                            f"step {global_step + 1}: loss {sums['loss']}, gradient norm {grad_norm}; the optimizer "
+                            f"step was not taken and the weights are those of step {global_step} (newest checkpoint: "
+                            f"{newest}). A lower learning rate, max_grad_norm, or bf16 off may help")
                     lr = opt.param_groups[0]["lr"]
                     opt.step()
                     sched.step()
@@ -408,9 +415,7 @@ class Trainer:
                     seconds = time.monotonic() - t0
                     record = {"step": global_step, "stage": stage.stage, "stage_step": stage_step, **sums,
                               "lr": lr, "samples_per_s": step_pairs / max(seconds, 1e-9), "samples": samples,
-                              "tau": stats["tau"]}
-                    if grad_norm is not None:
-                        record["grad_norm"] = grad_norm
+                              "tau": stats["tau"], "grad_norm": grad_norm}
                     history.append(record)
                     if global_step % cfg.log_every == 0:
                         metrics.log(record)
