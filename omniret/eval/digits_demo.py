@@ -237,7 +237,8 @@ def train(model, bench: dict, opts: DemoOptions, log=print, log_path: str | None
                 positives = restrict_negatives(cands, positives)
             opt.zero_grad(set_to_none=True)
             stats = gc.step(queries, cands, positives=positives)
-            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 5.0)
+            # a non-finite gradient raises here, before the optimizer would spread NaN into every weight
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 5.0, error_if_nonfinite=True)
             opt.step()
             step += 1
             now = time.perf_counter() - start
