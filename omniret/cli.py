@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -46,7 +47,15 @@ def main(argv=None) -> int:
             print(f"omniret {args.command}: not available in this version", file=sys.stderr)
             return 2
         raise
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except (ValueError, FileNotFoundError, FloatingPointError) as exc:
+        # bad input (our checks raise ValueError naming the flag or field) or a diverged run: one line, no traceback
+        # (OMNIRET_DEBUG=1 shows it)
+        if os.environ.get("OMNIRET_DEBUG"):
+            raise
+        print(f"omniret {args.command}: error: {exc}", file=sys.stderr)
+        return 1 if isinstance(exc, FloatingPointError) else 2
 
 
 if __name__ == "__main__":

@@ -105,8 +105,8 @@ def test_search_command(quick_run, capsys):
     hits = json.loads(capsys.readouterr().out)
     assert [h["rank"] for h in hits] == [1, 2, 3]
     assert hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
-    with pytest.raises(ValueError, match="--text"):
-        main(["search", "--index", os.path.join(opts.output, "index")])
+    assert main(["search", "--index", os.path.join(opts.output, "index")]) == 2
+    assert "omniret search: error:" in capsys.readouterr().err
 
 
 def SearchIndexItems(opts):

@@ -293,3 +293,16 @@ def test_a_non_finite_gradient_stops_before_the_optimizer_step(tmp_path, monkeyp
     monkeypatch.setattr(GradCache, "step", step)
     res = Trainer(resumed, cfg).fit(toy_dataset(per_dataset=10), max_steps=0)
     assert res.steps == 4  # the run goes on from the last good step
+
+
+def test_the_command_line_reports_bad_input_in_one_line(tmp_path, capsys, monkeypatch):
+    from omniret.cli import main
+
+    monkeypatch.delenv("OMNIRET_DEBUG", raising=False)
+    missing = tmp_path / "none.json"
+    assert main(["train", "--config", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"omniret train: error: --config: no such file {missing}"
+    monkeypatch.setenv("OMNIRET_DEBUG", "1")  # the traceback, for a developer
+    with pytest.raises(ValueError, match="no such file"):
+        main(["train", "--config", str(missing)])
