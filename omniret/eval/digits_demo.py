@@ -164,6 +164,7 @@ def train(model, bench: dict, opts: DemoOptions, log=print, log_path: str | None
     """Warm the towers up, then train until the time budget (or `opts.steps`) is spent. Returns one record per
     step (also appended to `log_path`, JSON lines, as it goes) and the towers' warm-up report."""
     from omniret.train.grad_cache import GradCache
+    from omniret.train.tower_warmup import feature_augmentation
 
     if opts.negatives not in ("modality", "all"):
         raise ValueError(f"negatives must be 'modality' or 'all', got {opts.negatives!r}")
@@ -211,50 +212,47 @@ def train(model, bench: dict, opts: DemoOptions, log=print, log_path: str | None
                    desc="train", dynamic_ncols=True)
     augment, feature_augment = augmentations(opts)
     item_augment = {m: fn for m, fn in augment.items() if m in opts.train_augment}
-    # the hook draws from the global generator, whose state GradCache replays with a chunk
-    hooks = {m: fn for m, fn in feature_augment.items() if m in opts.train_augment}
+    # the hooks draw from the global generator (None), whose state GradCache replays with a chunk
+    hooks = {m: functools.partial(fn, generator=None) for m, fn in feature_augment.items() if m in opts.train_augment}
     augment_generator = torch.Generator().manual_seed(opts.seed + 1)
-    for m, fn in hooks.items():
-        model.encoders[m].feature_augment = lambda f, fn=fn: fn(f, None)
     start = time.perf_counter()
     step = 0
     try:
-        while True:
-            elapsed = time.perf_counter() - start
-            progress = step / opts.steps if opts.steps else elapsed / max(budget, 1e-9)
-            if progress >= 1.0:
-                break
-            factor = _lr_factor(progress, opts.warmup)
-            if step < opts.warmup_steps:
-                factor = min(factor, (step + 1) / opts.warmup_steps)
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * factor
-            queries, cands, positives = sampler.sample(per_task, source_negatives=opts.source_negatives)
-            if item_augment:
-                queries = augment_items(queries, item_augment, augment_generator)
-                cands = augment_items(cands, item_augment, augment_generator)
-            if opts.negatives == "modality":
-                positives = restrict_negatives(cands, positives)
-            opt.zero_grad(set_to_none=True)
-            stats = gc.step(queries, cands, positives=positives)
-            # a non-finite gradient raises here, before the optimizer would spread NaN into every weight
-            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 5.0, error_if_nonfinite=True)
-            opt.step()
-            step += 1
-            now = time.perf_counter() - start
-            rec = {"step": step, "time": now, "lr": opts.lr * factor, **stats}
-            history.append(rec)
-            if log_path:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            if bar is not None:
-                bar.set_postfix(loss=f"{stats['loss']:.3f}", pairs_s=f"{step * len(queries) / now:.0f}")
-                bar.update(1 if opts.steps else int(now) - bar.n)
+        with feature_augmentation(model, hooks):
+            while True:
+                elapsed = time.perf_counter() - start
+                progress = step / opts.steps if opts.steps else elapsed / max(budget, 1e-9)
+                if progress >= 1.0:
+                    break
+                factor = _lr_factor(progress, opts.warmup)
+                if step < opts.warmup_steps:
+                    factor = min(factor, (step + 1) / opts.warmup_steps)
+                for g in opt.param_groups:
+                    g["lr"] = g["base_lr"] * factor
+                queries, cands, positives = sampler.sample(per_task, source_negatives=opts.source_negatives)
+                if item_augment:
+                    queries = augment_items(queries, item_augment, augment_generator)
+                    cands = augment_items(cands, item_augment, augment_generator)
+                if opts.negatives == "modality":
+                    positives = restrict_negatives(cands, positives)
+                opt.zero_grad(set_to_none=True)
+                stats = gc.step(queries, cands, positives=positives)
+                # a non-finite gradient raises here, before the optimizer would spread NaN into every weight
+                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 5.0, error_if_nonfinite=True)
+                opt.step()
+                step += 1
+                now = time.perf_counter() - start
+                rec = {"step": step, "time": now, "lr": opts.lr * factor, **stats}
+                history.append(rec)
+                if log_path:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                if bar is not None:
+                    bar.set_postfix(loss=f"{stats['loss']:.3f}", pairs_s=f"{step * len(queries) / now:.0f}")
+                    bar.update(1 if opts.steps else int(now) - bar.n)
     finally:
         if bar is not None:
             bar.close()
-        for m in hooks:
-            model.encoders[m].feature_augment = None
         for p in frozen:
             p.requires_grad_(True)
     model.eval()

@@ -9,6 +9,7 @@ entropy on the training split's labels. Only the tower's weights are kept; the c
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Callable, Mapping, Optional, Sequence
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["warm_up_towers"]
+__all__ = ["feature_augmentation", "warm_up_towers"]
 
 
 def _mean_tokens(tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -46,6 +47,28 @@ def _check(model, data: Mapping[str, tuple[Sequence, torch.Tensor]]) -> None:
                              f"{tuple(labels.shape)} dtype {labels.dtype}")
         if int(labels.min()) < 0:
             raise ValueError(f"data[{modality!r}]: labels must be >= 0, got {int(labels.min())}")
+
+
+def _require_hook(model, modality: str) -> None:
+    if not hasattr(model.encoders[modality], "feature_augment"):
+        raise ValueError(f"feature_augment[{modality!r}]: the {type(model.encoders[modality]).__name__} "
+                         "tower has no feature_augment hook (the CNN audio tower has one)")
+
+
+@contextlib.contextmanager
+def feature_augmentation(model, hooks: Mapping[str, Callable]):
+    """Within the block, each named tower applies hooks[modality](features) -> features to every item's features
+    in training mode (its `feature_augment` hook); cleared afterwards, also when the block fails. A tower without
+    the hook is a ValueError, before any is set."""
+    for modality in hooks:
+        _require_hook(model, modality)
+    try:
+        for modality, fn in hooks.items():
+            model.encoders[modality].feature_augment = fn
+        yield
+    finally:
+        for modality in hooks:
+            model.encoders[modality].feature_augment = None
 
 
 def _train_epochs(encoder, classifier, optimizer, xs: list, labels: torch.Tensor, *, epochs: int, batch_size: int,
@@ -110,10 +133,8 @@ def warm_up_towers(model, data: Mapping[str, tuple[Sequence, torch.Tensor]], *,
         if unknown:
             raise ValueError(f"{name} names {unknown}, which data does not hold (it holds {sorted(data)})")
     _check(model, data)
-    for modality in feature_augment:
-        if not hasattr(model.encoders[modality], "feature_augment"):
-            raise ValueError(f"feature_augment[{modality!r}]: the {type(model.encoders[modality]).__name__} "
-                             "tower has no feature_augment hook (the CNN audio tower has one)")
+    for modality in feature_augment:  # every tower checked before any trains
+        _require_hook(model, modality)
     report = {}
     for modality, (items, labels) in data.items():
         n_epochs = int(per_modality[modality])
@@ -135,15 +156,12 @@ def warm_up_towers(model, data: Mapping[str, tuple[Sequence, torch.Tensor]], *,
 
             bar = tqdm(total=n_epochs, desc=f"warm-up {modality} tower", unit="epoch", dynamic_ncols=True)
         transform = augment.get(modality)
-        feature_transform = feature_augment.get(modality)
-        if feature_transform is not None:
-            encoder.feature_augment = lambda f, fn=feature_transform, g=generator: fn(f, g)
-        try:
+        hook = {}
+        if modality in feature_augment:
+            hook[modality] = lambda f, fn=feature_augment[modality], g=generator: fn(f, g)
+        with feature_augmentation(model, hook):
             loss = _train_epochs(encoder, classifier, optimizer, xs, labels, epochs=n_epochs, batch_size=batch_size,
                                  lr=lr, schedule=schedule, transform=transform, generator=generator, bar=bar)
-        finally:
-            if feature_transform is not None:
-                encoder.feature_augment = None
         if bar is not None:
             bar.close()
         encoder.eval()
