@@ -70,15 +70,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aswp_pool_fwd_cuda(
   at::Tensor out = at::empty({B, L}, x.options().dtype(at::kFloat));
   const bool rank_u8 = N <= 256;
   // Without save_for_backward the saved slots are empty (the schema's contract) and the kernel writes only out.
-  const int64_t saved_rows = save_for_backward ? B : 0;
-  at::Tensor sorted = at::empty({saved_rows, N, L}, x.options().dtype(at::kFloat));
-  at::Tensor sorted_tokens = at::empty({saved_rows, N, L}, x.options().dtype(rank_u8 ? at::kByte : at::kInt));
+  const std::vector<int64_t> saved_shape = save_for_backward ? std::vector<int64_t>{B, N, L} : std::vector<int64_t>{0};
+  at::Tensor sorted = at::empty(saved_shape, x.options().dtype(at::kFloat));
+  at::Tensor sorted_tokens = at::empty(saved_shape, x.options().dtype(rank_u8 ? at::kByte : at::kInt));
   C10_CUDA_CHECK(cuda::aswp_pool_forward(
       proj.data_ptr<float>(), P.valid.defined() ? P.valid.data_ptr<uint8_t>() : nullptr, P.n_valid.data_ptr<int>(),
       P.ref_sorted.data_ptr<float>(), code == 3 ? P.weight_sorted.data_ptr<float>() : nullptr, int(B), int(N),
       int(L), int(M), code, out.data_ptr<float>(), save_for_backward ? sorted.data_ptr<float>() : nullptr,
       save_for_backward ? sorted_tokens.data_ptr() : nullptr, rank_u8, c10::cuda::getCurrentCUDAStream()));
-  if (!save_for_backward) return {out.to(x.scalar_type()), sorted.new_empty({0}), sorted_tokens.new_empty({0})};
   return {out.to(x.scalar_type()), sorted, sorted_tokens};
 }
 
