@@ -116,11 +116,8 @@ def _triton_fwd(x: torch.Tensor, directions: torch.Tensor, references: torch.Ten
                 weights: Optional[torch.Tensor], pooling: str, normalize_directions: bool,
                 temperature: float, save_for_backward: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from omniret_kernels.triton.aswp_pool import aswp_pool_forward
-    out, sorted_values, sorted_tokens = aswp_pool_forward(x, directions, references, mask, weights, pooling,
-                                                          normalize_directions, temperature)
-    if not save_for_backward:  # the Triton kernel always writes them; the contract is empty saved slots
-        sorted_values, sorted_tokens = sorted_values.new_empty((0,)), sorted_tokens.new_empty((0,))
-    return out, sorted_values, sorted_tokens
+    return aswp_pool_forward(x, directions, references, mask, weights, pooling, normalize_directions, temperature,
+                             save_for_backward)
 
 
 @torch.library.custom_op("omniret::aswp_pool_triton_bwd", mutates_args=())

@@ -316,6 +316,21 @@ def test_backends_agree():
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+@needs_triton
+@pytest.mark.triton
+def test_triton_no_save_forward_writes_only_the_output():
+    """save_for_backward=False: the same output bit for bit, both saved slots empty (the kernel skips the token
+    store; the sorted values are its scratch and are not returned)."""
+    x, d, r, w, mask = make_inputs(2, 7, 5, 19, 4, dtype=torch.float32, masked=True, requires_grad=False)
+    op = torch.ops.omniret.aswp_pool_triton_fwd
+    saving = op(x, d, r, mask, w, "weighted", True, 0.7, True)
+    lean = op(x, d, r, mask, w, "weighted", True, 0.7, False)
+    assert saving[1].shape == saving[2].shape == (2, 7, 19)
+    assert torch.equal(lean[0], saving[0])
+    assert lean[1].shape == lean[2].shape == (0,)
+    assert (lean[1].dtype, lean[2].dtype) == (saving[1].dtype, saving[2].dtype)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # CUDA extension: compiled here, no device to run it
 # ---------------------------------------------------------------------------------------------------------

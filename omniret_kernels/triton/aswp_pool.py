@@ -44,7 +44,7 @@ def _aswp_fwd_kernel(
     x_ptr, theta_ptr, rank_ptr, ref_ptr, weight_ptr, mask_ptr,
     out_ptr, sorted_ptr, sorted_tokens_ptr,
     N, D, L, M,
-    POOLING: tl.constexpr, HAS_MASK: tl.constexpr,
+    POOLING: tl.constexpr, HAS_MASK: tl.constexpr, SAVE_TOKENS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -76,8 +76,9 @@ def _aswp_fwd_kernel(
     sorted_base = sorted_ptr + b * N * L
     tl.store(sorted_base + pos * L + offs_l[:, None], tl.where(pos < n_b, values, 0.0),
              mask=(pos < N) & in_l[:, None])
-    tl.store(sorted_tokens_ptr + b * N * L + pos * L + offs_l[:, None], tl.where(pos < n_b, tokens, 0),
-             mask=(pos < N) & in_l[:, None])
+    if SAVE_TOKENS:  # the sorted values are also this kernel's scratch (gathered below); the tokens only backward's
+        tl.store(sorted_tokens_ptr + b * N * L + pos * L + offs_l[:, None], tl.where(pos < n_b, tokens, 0),
+                 mask=(pos < N) & in_l[:, None])
     tl.debug_barrier()  # the gathers below read the sorted values this program just wrote
 
     offs_m = tl.arange(0, BLOCK_M)
@@ -170,22 +171,29 @@ def _ranks(references):
     return ranks.to(torch.int32).contiguous()
 
 
-def aswp_pool_forward(x, directions, references, mask, weights, pooling, normalize_directions, temperature):
+def aswp_pool_forward(x, directions, references, mask, weights, pooling, normalize_directions, temperature,
+                      save_for_backward=True):
+    """-> (out, sorted values, sorted tokens); without save_for_backward the last two are empty (0,) tensors (the
+    values are still written, to a scratch buffer the interpolation reads back)."""
     B, N, D = x.shape
     L, M = directions.shape[0], references.shape[0]
     block_n, block_m, block_l = _blocks(N, M, L)
     theta = _theta(directions, normalize_directions)
     out = torch.empty(B, L, device=x.device, dtype=torch.float32)
     sorted_values = torch.empty(B, N, L, device=x.device, dtype=torch.float32)
-    sorted_tokens = torch.empty(B, N, L, device=x.device, dtype=torch.uint8 if N <= 256 else torch.int32)
+    sorted_tokens = torch.empty((B, N, L) if save_for_backward else (0,), device=x.device,
+                                dtype=torch.uint8 if N <= 256 else torch.int32)
+    tokens_arg = sorted_tokens if save_for_backward else out  # never written then: any valid pointer
     mask_arg = mask.to(torch.uint8).contiguous() if mask is not None else out
     weight_arg = weights.float().contiguous() if pooling == "weighted" else out
     _aswp_fwd_kernel[(B, triton.cdiv(L, block_l))](
         x.contiguous(), theta, _ranks(references), references.float().contiguous(), weight_arg, mask_arg,
-        out, sorted_values, sorted_tokens, N, D, L, M,
-        POOLING=POOLING_CODES[pooling], HAS_MASK=mask is not None,
+        out, sorted_values, tokens_arg, N, D, L, M,
+        POOLING=POOLING_CODES[pooling], HAS_MASK=mask is not None, SAVE_TOKENS=save_for_backward,
         BLOCK_N=block_n, BLOCK_L=block_l, BLOCK_D=32, BLOCK_M=block_m,
     )
+    if not save_for_backward:
+        sorted_values = sorted_values.new_empty((0,))
     return out.to(x.dtype), sorted_values, sorted_tokens
 
 
