@@ -5,6 +5,8 @@ import argparse
 import importlib.util
 import sys
 
+from omniret.commands._args import nonnegative_int, positive_float, positive_int
+
 
 def _default(name: str):
     """The demo's defaults live in one place, DemoOptions; the flags quote them."""
@@ -19,25 +21,27 @@ def add_arguments(p) -> None:
     p.add_argument("--output", required=True, help="directory for results.json, results.md, the plot, model, index")
     p.add_argument("--pooling", default=_default("pooling"), choices=("aswp", "eos", "mean"),
                    help="embedding pooling: ASWP (default) or the Table 5(a) ablations: last token or mean")
-    p.add_argument("--time-budget", type=float, default=_default("time_budget"),
+    p.add_argument("--time-budget", type=positive_float, default=_default("time_budget"),
                    help="seconds of training, the towers' warm-up included (default 540: under 10 minutes)")
-    p.add_argument("--steps", type=int, default=None, help="train a fixed number of steps instead of a time budget")
-    p.add_argument("--per-task", type=int, default=_default("per_task"),
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="train a fixed number of steps instead of a time budget")
+    p.add_argument("--per-task", type=positive_int, default=_default("per_task"),
                    help="training pairs per step of each single-modality task")
-    p.add_argument("--per-composed-task", type=int, default=_default("per_composed_task"),
+    p.add_argument("--per-composed-task", type=positive_int, default=_default("per_composed_task"),
                    help="training pairs per step of each composed task (they need more examples)")
-    p.add_argument("--chunk-size", type=int, default=_default("chunk_size"), help="gradient-caching chunk size")
+    p.add_argument("--chunk-size", type=positive_int, default=_default("chunk_size"),
+                   help="gradient-caching chunk size")
     p.add_argument("--source-negatives", action=argparse.BooleanOptionalAction, default=_default("source_negatives"),
                    help="a composed query's unchanged digit joins the batch as its hard negative")
-    p.add_argument("--keep-graphs", type=int, default=_default("keep_graphs"),
+    p.add_argument("--keep-graphs", type=nonnegative_int, default=_default("keep_graphs"),
                    help="gradient-caching chunks backpropagated from the embedding pass, without a re-run")
     p.add_argument("--lr", type=float, default=_default("lr"), help="towers, projectors, resamplers, pooling head")
     p.add_argument("--lora-lr", type=float, default=_default("lora_lr"))
-    p.add_argument("--tower-warmup-epochs", type=int, default=_default("tower_warmup_epochs"),
+    p.add_argument("--tower-warmup-epochs", type=nonnegative_int, default=_default("tower_warmup_epochs"),
                    help="supervised warm-up of the CNN towers on the training labels before contrastive training "
                         "(a stand-in for pretrained encoders; counts against --time-budget): the audio tower's epochs, "
                         "and the image tower's unless --image-warmup-epochs says otherwise; 0 = none")
-    p.add_argument("--image-warmup-epochs", type=int, default=_default("image_warmup_epochs"),
+    p.add_argument("--image-warmup-epochs", type=nonnegative_int, default=_default("image_warmup_epochs"),
                    help="the image tower's warm-up epochs (default 60: 8x8 images train in seconds)")
     p.add_argument("--image-affine", action=argparse.BooleanOptionalAction, default=_default("image_affine"),
                    help="the image tower's warm-up slants, zooms and shifts each image at random")
@@ -61,8 +65,8 @@ def add_arguments(p) -> None:
                    help="weight the triplet term as a mean over negatives (default) or SPEC's plain sum")
     p.add_argument("--data-cache", default=None, help="where the synthesised speech is cached "
                                                       "(default $OMNIRET_CACHE/digits or ~/.cache/omniret/digits)")
-    p.add_argument("--max-eval-queries", type=int, default=None, help="cap the queries per task (quick runs)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--max-eval-queries", type=positive_int, default=None, help="cap the queries per task (quick runs)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-index", action="store_true", help="skip building the search index of the test gallery")
     p.add_argument("--small", action="store_true",
                    help="a small data subset (8 voices, 20 images per class): a quick smoke run")

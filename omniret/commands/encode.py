@@ -5,6 +5,8 @@ import os
 
 import numpy as np
 
+from omniret.commands._args import positive_int
+
 
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="a save_pretrained directory (e.g. the demo's OUTPUT/model)")
@@ -15,7 +17,7 @@ def add_arguments(p) -> None:
     p.add_argument("--instruction", default=None, help="task instruction for queries that carry none")
     p.add_argument("--root", default=None, help="folder that relative media paths start from (default: the "
                                                 "input file's folder)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
 
 
 def encode_file(model, path: str, queries: bool = False, instruction: str | None = None, root: str | None = None,

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import sys
 
+from omniret.commands._args import positive_int
+
 
 def add_arguments(p) -> None:
     p.add_argument("--data", required=True, help="M-BEIR root (query/, cand_pool/, qrels/, instructions/)")
@@ -14,7 +16,7 @@ def add_arguments(p) -> None:
     p.add_argument("--global-pool", action="store_true", help="search the union pool instead of local pools")
     p.add_argument("--output", default=None, help="directory for results.json and results.md")
     p.add_argument("--cache", default=None, help="candidate embedding cache (default OUTPUT/embedding_cache)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--seed", type=int, default=0, help="seed of the instruction choice")
     p.add_argument("--validate-only", action="store_true", help="check the files and media, then stop")
     p.add_argument("--skip-file-check", action="store_true", help="do not stat every media file")

@@ -5,18 +5,20 @@ import os
 
 import numpy as np
 
+from omniret.commands._args import positive_int
+
 
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="a save_pretrained directory; recorded in the bundle for search")
     p.add_argument("--corpus", required=True, help="jsonl of items or M-BEIR candidates (see `omniret encode`)")
     p.add_argument("--output", required=True, help="bundle directory to write")
     p.add_argument("--kind", default="flat", choices=("flat", "ivf", "hnsw"))
-    p.add_argument("--nlist", type=int, default=None, help="IVF cells (default ~4 sqrt(N))")
-    p.add_argument("--nprobe", type=int, default=None, help="IVF cells searched (default nlist / 8)")
-    p.add_argument("--hnsw-m", type=int, default=32)
-    p.add_argument("--ef-search", type=int, default=64)
+    p.add_argument("--nlist", type=positive_int, default=None, help="IVF cells (default ~4 sqrt(N))")
+    p.add_argument("--nprobe", type=positive_int, default=None, help="IVF cells searched (default nlist / 8)")
+    p.add_argument("--hnsw-m", type=positive_int, default=32)
+    p.add_argument("--ef-search", type=positive_int, default=64)
     p.add_argument("--root", default=None, help="folder relative media paths start from")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--check-queries", default=None,
                    help="jsonl of queries: report the ANN index's recall@10 against exact search on them")
 

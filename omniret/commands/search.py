@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 
+from omniret.commands._args import positive_int
+
 
 def add_arguments(p) -> None:
     p.add_argument("--index", required=True, help="bundle directory written by `omniret index` or `omniret demo`")
@@ -12,10 +14,10 @@ def add_arguments(p) -> None:
     p.add_argument("--audio", default=None, help="sound file (resampled to 16 kHz)")
     p.add_argument("--video", default=None, help="video file")
     p.add_argument("--instruction", default=None, help="task instruction (Eq. 1); none by default")
-    p.add_argument("-k", type=int, default=10)
+    p.add_argument("-k", type=positive_int, default=10)
     p.add_argument("--model", default=None, help="override the model recorded in the bundle")
-    p.add_argument("--nprobe", type=int, default=None)
-    p.add_argument("--ef-search", type=int, default=None)
+    p.add_argument("--nprobe", type=positive_int, default=None)
+    p.add_argument("--ef-search", type=positive_int, default=None)
     p.add_argument("--json", action="store_true", help="print the hits as JSON")
 
 
