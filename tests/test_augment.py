@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from omniret.train.augment import random_affine, speed_perturb, warp_frequencies
+from omniret.train.augment import insert_random_word, random_affine, speed_perturb, vocabulary_words, warp_frequencies
 
 
 def test_length_and_pitch_follow_the_factor():
@@ -115,3 +115,39 @@ def test_affine_seeded_and_checked():
         random_affine(torch.rand(8, 8), torch.Generator())
     with pytest.raises(ValueError, match="scale"):
         random_affine(img, torch.Generator(), scale=1.5)
+
+
+def test_insert_random_word_adds_one_word_anywhere():
+    words = ["apple", "river", "stone"]
+    text = "the digit seven"
+    gen = torch.Generator().manual_seed(0)
+    positions, drawn = set(), set()
+    for _ in range(200):
+        out = insert_random_word(text, words, gen).split(" ")
+        assert len(out) == 4
+        at = next(i for i, w in enumerate(out) if w in words)
+        assert out[:at] + out[at + 1:] == text.split(" ")  # the other words keep their order
+        positions.add(at)
+        drawn.add(out[at])
+    assert positions == {0, 1, 2, 3} and drawn == set(words)  # every gap, every word
+    a = [insert_random_word(text, words, torch.Generator().manual_seed(5)) for _ in range(2)]
+    assert a[0] == a[1]
+
+
+class _Vocab:
+    def __init__(self, vocab):
+        self.vocab = vocab
+
+    def get_vocab(self):
+        return dict(self.vocab)
+
+
+def test_vocabulary_words_are_whole_lower_case_words_in_id_order():
+    vocab = {"[PAD]": 0, "##ing": 5, "the": 9, "seven": 3, "apple": 7, "Paris": 8, "x1y": 6, "ox": 4, "river": 2,
+             "café": 10, "stone": 11}
+    assert vocabulary_words(_Vocab(vocab), exclude=("seven",)) == ["river", "apple", "the", "stone"]
+    assert vocabulary_words(_Vocab(vocab), limit=2) == ["river", "seven"]
+    with pytest.raises(ValueError, match="no whole words"):
+        vocabulary_words(_Vocab({"##a": 0, "[CLS]": 1}))
+    with pytest.raises(ValueError, match="no vocabulary"):
+        vocabulary_words(object())

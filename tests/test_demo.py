@@ -258,3 +258,64 @@ def test_train_augment_reaches_the_training_items_and_is_undone(quick_run, monke
     assert all(p.requires_grad for p in model.encoders.parameters())
     with pytest.raises(ValueError, match="train_augment"):
         demo.train(model, bench, dataclasses.replace(run, train_augment=("video",)), log=lambda *a: None)
+
+
+def test_add_filler_words_touches_only_text_only_queries():
+    from omniret.eval.digits_demo import add_filler_words
+
+    items = [{"text": "a seven", "instruction": "find it"}, {"image": torch.zeros(8, 8), "text": "plus one"},
+             {"audio": torch.zeros(40), "text": "minus two"}, {"text": "the digit four"}]
+    out = add_filler_words(items, ["apple"], 1.0, torch.Generator().manual_seed(0))
+    assert sorted(out[0]["text"].split()) == ["a", "apple", "seven"] and out[0]["instruction"] == "find it"
+    assert sorted(out[3]["text"].split()) == ["apple", "digit", "four", "the"]
+    assert out[1] is items[1] and out[2] is items[2]
+    assert items[0]["text"] == "a seven"  # the caller's items are not changed
+    assert add_filler_words(items, ["apple"], 0.0, torch.Generator().manual_seed(0)) == items
+    hits = sum(len(add_filler_words(items[:1], ["apple"], 0.3, g)[0]["text"].split()) == 3
+               for g in [torch.Generator().manual_seed(s) for s in range(400)])
+    assert 80 < hits < 160  # about 0.3 of 400
+
+
+def test_text_noise_reaches_the_text_queries_of_training(quick_run, monkeypatch):
+    """text_noise=1: every text-only training query carries one word of the MiniLM vocabulary that is not in
+    the training templates, the composed queries' change texts are untouched; a bad probability is refused."""
+    import dataclasses
+
+    import omniret.eval.digits_demo as demo
+    import omniret.train.augment as augment
+    from omniret.train.grad_cache import GradCache
+
+    opts, _ = quick_run
+    bench = digits.build(opts.data, cache_dir=opts.cache_dir, log=lambda *a: None)
+    texts = {"plain": [], "composed": []}
+
+    def spy_step(self, queries, cands, **kw):
+        for q in queries:
+            if "text" in q:
+                texts["composed" if ("image" in q or "audio" in q) else "plain"].append(q["text"])
+        raise RuntimeError("stop after one step")
+
+    vocabulary = {}
+    real_words = augment.vocabulary_words
+
+    def marked_words(tokenizer, exclude=()):  # the real list is drawn, then replaced by a marker word
+        vocabulary["words"] = real_words(tokenizer, exclude)
+        return ["zyzzyva"]
+
+    monkeypatch.setattr(GradCache, "step", spy_step)
+    monkeypatch.setattr(augment, "vocabulary_words", marked_words)
+    model = demo.build_model("aswp", seed=0)
+    run = dataclasses.replace(opts, steps=1, tower_warmup_epochs=0, image_warmup_epochs=0, output=None,
+                              text_noise=1.0)
+    with pytest.raises(RuntimeError, match="stop after one step"):
+        demo.train(model, bench, run, log=lambda *a: None)
+    rendered = {t.format(name=n) for t in digits.TEXT_TEMPLATES["train"] for n in digits.DIGIT_NAMES}
+    assert texts["plain"] and texts["composed"]
+    for text in texts["plain"]:  # a training template with the marker inserted once, anywhere
+        words = text.split(" ")
+        assert words.count("zyzzyva") == 1 and " ".join(w for w in words if w != "zyzzyva") in rendered, text
+    assert not any("zyzzyva" in text for text in texts["composed"])
+    assert len(vocabulary["words"]) > 1000 and "apple" in vocabulary["words"]
+    assert not set(digits.DIGIT_NAMES) & set(vocabulary["words"])
+    with pytest.raises(ValueError, match="text_noise"):
+        demo.train(model, bench, dataclasses.replace(run, text_noise=1.5), log=lambda *a: None)

@@ -33,3 +33,10 @@ def positive_float(text: str) -> float:
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be > 0 and finite, got {text}")
     return value
+
+
+def probability(text: str) -> float:
+    value = _parse(text, float)
+    if not 0.0 <= value <= 1.0:  # also catches nan
+        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], got {text}")
+    return value

@@ -5,7 +5,7 @@ import argparse
 import importlib.util
 import sys
 
-from omniret.commands._args import nonnegative_int, positive_float, positive_int
+from omniret.commands._args import nonnegative_int, positive_float, positive_int, probability
 
 
 def _default(name: str):
@@ -54,6 +54,9 @@ def add_arguments(p) -> None:
                    metavar="MODALITY",
                    help="modalities (image, audio) whose items contrastive training augments as the warm-up does; "
                         "none given: no augmentation after the warm-up")
+    p.add_argument("--text-noise", type=probability, default=_default("text_noise"), metavar="P",
+                   help="each training query of a text-only task gets one random vocabulary word inserted with "
+                        "probability P (default 0.25; 0: off)")
     p.add_argument("--tower-lr", type=float, default=_default("tower_lr"),
                    help="the towers' learning rate in contrastive training (default: --lr; 0: frozen after the "
                         "warm-up)")
@@ -122,7 +125,7 @@ def options_from_args(args):
                        image_warmup_epochs=args.image_warmup_epochs, image_affine=args.image_affine,
                        audio_speed=_range_or_none(args.audio_speed),
                        audio_warp=_range_or_none(args.audio_warp), tower_lr=args.tower_lr,
-                       train_augment=tuple(args.train_augment),
+                       train_augment=tuple(args.train_augment), text_noise=args.text_noise,
                        seed=args.seed, data=data, cache_dir=args.data_cache, max_eval_queries=args.max_eval_queries,
                        build_index=not args.no_index, threads=args.threads)
 

@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["random_affine", "speed_perturb", "warp_frequencies"]
+__all__ = ["random_affine", "speed_perturb", "warp_frequencies", "insert_random_word", "vocabulary_words"]
 
 
 def _uniform_factor(low: float, high: float, generator: torch.Generator) -> float:
@@ -69,3 +69,27 @@ def random_affine(image: torch.Tensor, generator: torch.Generator, degrees: floa
     grid = F.affine_grid(theta[None], (1, *image.shape), align_corners=False)
     out = F.grid_sample(image[None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out[0].to(image.dtype)
+
+
+def vocabulary_words(tokenizer, exclude=(), min_letters: int = 3, limit: int = 8000) -> list:
+    """Whole lower-case ASCII words of a `transformers` tokenizer's vocabulary, in id order (roughly the most
+    frequent first in WordPiece and BPE vocabularies), without `exclude`: filler for `insert_random_word`."""
+    if not hasattr(tokenizer, "get_vocab"):
+        raise ValueError(f"{type(tokenizer).__name__} has no vocabulary to draw words from (a transformers "
+                         "tokenizer has)")
+    skip = set(exclude)
+    by_id = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    words = [w for w, _ in by_id if w.isascii() and w.isalpha() and w.islower() and len(w) >= min_letters
+             and w not in skip]
+    if not words:
+        raise ValueError("the tokenizer's vocabulary has no whole words to insert")
+    return words[:limit]
+
+
+def insert_random_word(text: str, words: list, generator: torch.Generator) -> str:
+    """`text` with one word of `words`, drawn uniformly, inserted at a uniformly drawn gap between its words (the
+    start and the end included): a query should not depend on a word that does not name what it asks for."""
+    parts = text.split(" ")
+    at = int(torch.randint(len(parts) + 1, (), generator=generator))
+    word = words[int(torch.randint(len(words), (), generator=generator))]
+    return " ".join(parts[:at] + [word] + parts[at:])
