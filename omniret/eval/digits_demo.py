@@ -238,7 +238,9 @@ def train(model, bench: dict, opts: DemoOptions, log=print, log_path: str | None
     # the hooks draw from the global generator (None), whose state GradCache replays with a chunk
     hooks = {m: functools.partial(fn, generator=None) for m, fn in feature_augment.items() if m in opts.train_augment}
     augment_generator = torch.Generator().manual_seed(opts.seed + 1)
-    filler = (vocabulary_words(model.composer.tokenizer.tok, exclude=digits.DIGIT_NAMES)
+    tokenizer = model.composer.tokenizer
+    # (a transformers tokenizer is wrapped; the byte tokenizer has no vocabulary and is refused with a ValueError)
+    filler = (vocabulary_words(getattr(tokenizer, "tok", tokenizer), exclude=digits.DIGIT_NAMES)
               if opts.text_noise > 0 else None)
     start = time.perf_counter()
     step = 0
