@@ -319,3 +319,29 @@ def test_text_noise_reaches_the_text_queries_of_training(quick_run, monkeypatch)
     assert not set(digits.DIGIT_NAMES) & set(vocabulary["words"])
     with pytest.raises(ValueError, match="text_noise"):
         demo.train(model, bench, dataclasses.replace(run, text_noise=1.5), log=lambda *a: None)
+
+
+def test_a_non_finite_gradient_stops_the_demo_before_the_optimizer_step(quick_run, monkeypatch):
+    """The trainer's check: a FloatingPointError naming the step (the CLI prints it in one line), and the weights
+    stay those of the last good step."""
+    import dataclasses
+
+    import omniret.eval.digits_demo as demo
+    from omniret.train.grad_cache import GradCache
+
+    opts, _ = quick_run
+    bench = digits.build(opts.data, cache_dir=opts.cache_dir, log=lambda *a: None)
+    step = GradCache.step
+
+    def poisoned_step(self, queries, cands, **kw):
+        stats = step(self, queries, cands, **kw)
+        next(p for p in self.model.parameters() if p.grad is not None).grad.fill_(float("nan"))
+        return stats
+
+    monkeypatch.setattr(GradCache, "step", poisoned_step)
+    model = demo.build_model("aswp", seed=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    run = dataclasses.replace(opts, steps=2, tower_warmup_epochs=0, image_warmup_epochs=0, output=None)
+    with pytest.raises(FloatingPointError, match=r"step 1: .*gradient norm nan.*weights are those of step 0"):
+        demo.train(model, bench, run, log=lambda *a: None)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

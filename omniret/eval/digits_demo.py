@@ -186,6 +186,7 @@ def train(model, bench: dict, opts: DemoOptions, log=print, log_path: str | None
     from omniret.train.augment import vocabulary_words
     from omniret.train.grad_cache import GradCache
     from omniret.train.tower_warmup import feature_augmentation
+    from omniret.train.trainer import check_step_finite
 
     if opts.negatives not in ("modality", "all"):
         raise ValueError(f"negatives must be 'modality' or 'all', got {opts.negatives!r}")
@@ -266,8 +267,9 @@ def train(model, bench: dict, opts: DemoOptions, log=print, log_path: str | None
                     positives = restrict_negatives(cands, positives)
                 opt.zero_grad(set_to_none=True)
                 stats = gc.step(queries, cands, positives=positives)
-                # a non-finite gradient raises here, before the optimizer would spread NaN into every weight
-                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 5.0, error_if_nonfinite=True)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 5.0))
+                # the trainer's check: a FloatingPointError (one line from the CLI) before the optimizer step
+                check_step_finite(step + 1, stats["loss"], grad_norm, f"the weights are those of step {step}")
                 opt.step()
                 step += 1
                 now = time.perf_counter() - start

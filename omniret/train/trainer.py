@@ -39,7 +39,7 @@ from omniret.train.checkpoint import CheckpointManager, atomic_write_bytes, capt
 from omniret.train.grad_cache import GradCache
 from omniret.train.sampler import TaskBalancedSampler, groups_of
 
-__all__ = ["StageConfig", "TrainConfig", "Trainer", "TrainResult", "warmup_cosine"]
+__all__ = ["StageConfig", "TrainConfig", "Trainer", "TrainResult", "warmup_cosine", "check_step_finite"]
 
 
 @dataclass
@@ -131,6 +131,14 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float = 0.0) ->
     span = max(1, total - warmup)
     progress = min(1.0, (step - warmup) / span)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def check_step_finite(step: int, loss: float, grad_norm: float, state: str) -> None:
+    """Before the optimizer step: a loss or gradient norm that is not finite would turn every weight into NaN (and
+    every checkpoint after it), so it raises a FloatingPointError naming the step; `state` says what is kept."""
+    if not (math.isfinite(grad_norm) and math.isfinite(loss)):
+        raise FloatingPointError(f"step {step}: loss {loss}, gradient norm {grad_norm}; the optimizer step was not "
+                                 f"taken and {state}. A lower learning rate, max_grad_norm, or bf16 off may help")
 
 
 @dataclass
@@ -400,12 +408,9 @@ class Trainer:
                         grad_norm = tdist.clip_grad_norm(clip, max_norm)
                     else:
                         grad_norm = float(torch.nn.utils.clip_grad_norm_(clip, max_norm))
-                    if not (math.isfinite(grad_norm) and math.isfinite(sums["loss"])):
-                        newest = f"step {saved_step}" if saved_step >= 0 else "none"
-                        raise FloatingPointError(
-                            f"step {global_step + 1}: loss {sums['loss']}, gradient norm {grad_norm}; the optimizer "
-                            f"step was not taken and the weights are those of step {global_step} (newest checkpoint: "
-                            f"{newest}). A lower learning rate, max_grad_norm, or bf16 off may help")
+                    newest = f"step {saved_step}" if saved_step >= 0 else "none"
+                    check_step_finite(global_step + 1, sums["loss"], grad_norm,
+                                      f"the weights are those of step {global_step} (newest checkpoint: {newest})")
                     lr = opt.param_groups[0]["lr"]
                     opt.step()
                     sched.step()
