@@ -7,6 +7,9 @@
   the plain step at 3072 is measured too, for contrast (each in a fresh interpreter, with its wall time; the
   plain step at 3072 under a time limit, OMNIRET_BENCH_PLAIN_LIMIT seconds, default 900: "not measured" beyond);
 - time: a GradCache step at batch 256 <= 1.4x a plain full-batch step at 256 (one extra forward ~ 1.33x);
+- time by chunk size: a GradCache step at batch 256 with chunks of 32, 64, 128 and 256, against the plain step
+  (printed, for choosing a chunk size; no goal), and the fixed cost of one model call that makes small chunks
+  slow (`-k fixed_cost`), and RSS growth at 3072 by chunk size (`-k memory_by_chunk`);
 - throughput: samples (query-candidate pairs) per second of a demo-preset training step, printed.
 `OMNIRET_BENCH_BATCH` shrinks the 3072 batch for a quick look (the goal is stated for 3072).
 """
@@ -61,10 +64,10 @@ def _plain_step(n, limit_s=None):
     return timed_rss_probe(setup, "full_batch_loss(model, q, c).total.backward()", limit_s)
 
 
-def _gc_step(n):
+def _gc_step(n, chunk=CHUNK):
     setup = BATCH_SRC + textwrap.dedent(f"""
         model = make_model()
-        cache = GradCache(model, chunk_size={CHUNK}, loss_chunk_size=256)  # not `gc`: the probe uses that name
+        cache = GradCache(model, chunk_size={chunk}, loss_chunk_size=256)  # not `gc`: the probe uses that name
         wq, wc = make_batch(8, seed=1)
         cache.step(wq, wc)
         model.zero_grad(set_to_none=True)
@@ -100,6 +103,18 @@ def test_grad_cache_memory_at_batch_3072(monkeypatch):
            plain_big_s=plain_big_s if plain_big_s is not None else "not measured",
            cache_mib=cache_bytes * mib, budget_mib=budget * mib, ratio_to_budget=gc_big / budget)
     assert gc_big <= budget
+
+
+def test_grad_cache_memory_by_chunk_size(monkeypatch):
+    """The other side of the chunk size (see test_grad_cache_overhead_by_chunk_size): RSS growth of a GradCache step
+    at batch 3072 with chunks of 64, 128 and 256 (printed, no goal; each in a fresh interpreter as above)."""
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    mib = 1 / 2**20
+    for chunk in (64, 128, 256):
+        grown, seconds = _gc_step(BIG, chunk)
+        record("train_memory_by_chunk", batch=BIG, chunk=chunk, gc_mib=grown * mib, gc_s=seconds)
+        print(f"\nGradCache step at {BIG}, chunk {chunk}: RSS growth {grown * mib:.1f} MiB in {seconds:.0f} s")
+        assert grown > 0
 
 
 @pytest.fixture(autouse=True)
@@ -146,6 +161,73 @@ def test_grad_cache_overhead_at_batch_256():
     record("train_overhead", batch=256, chunk=CHUNK, threads=threads, plain_s=t_plain, grad_cache_s=t_gc,
            ratio=ratio)
     assert ratio <= 1.4
+
+
+def test_grad_cache_overhead_by_chunk_size():
+    """What the chunk size costs in time at batch 256 (no goal: for choosing a chunk size). Smaller chunks hold less
+    activation memory but make more model calls, each with a fixed cost; with one chunk per side and the kept graph
+    only the queries run twice."""
+    ns = {"torch": torch}
+    exec(BATCH_SRC, ns)
+    model = ns["make_model"]()
+    q, c = ns["make_batch"](256)
+    chunks = (32, 64, 128, 256)
+    caches = {k: ns["GradCache"](model, chunk_size=k) for k in chunks}
+
+    def plain():
+        model.zero_grad(set_to_none=True)
+        ns["full_batch_loss"](model, q, c).total.backward()
+
+    def cached(k):
+        model.zero_grad(set_to_none=True)
+        caches[k].step(q, c)
+
+    runs = {"plain": plain, **{k: (lambda k=k: cached(k)) for k in chunks}}
+    for run in runs.values():
+        run()
+    times = {name: [] for name in runs}
+    for _ in range(5):  # interleaved rounds, as above
+        for name, run in runs.items():
+            times[name].append(median_time(run, warmup=0, repeat=1))
+    median = {name: sorted(ts)[2] for name, ts in times.items()}
+    threads = torch.get_num_threads()
+    print(f"\nbatch 256, {threads} thread(s), plain step {median['plain']:.2f} s; GradCache by chunk size: " +
+          ", ".join(f"{k}: {median[k]:.2f} s ({median[k] / median['plain']:.2f}x)" for k in chunks))
+    for k in chunks:
+        record("train_overhead_by_chunk", batch=256, chunk=k, chunks_per_side=-(-256 // k), threads=threads,
+               plain_s=median["plain"], grad_cache_s=median[k], ratio=median[k] / median["plain"])
+    # more, smaller chunks never run faster than fewer, larger ones by more than timing noise
+    assert median[32] >= 0.9 * median[256]
+
+
+def test_model_call_fixed_cost():
+    """Why small chunks cost time on `tiny`: the fixed cost of one model call, without autograd and with autograd
+    plus backward, from embedding 256 queries and 256 candidates in chunks of 8 and of 256 (64 and 2 calls)."""
+    ns = {"torch": torch}
+    exec(BATCH_SRC, ns)
+    model = ns["make_model"]()
+    q, c = ns["make_batch"](256)
+
+    def embed(chunk, backward):
+        for i in range(0, 256, chunk):
+            for side in (q, c):
+                emb, aux = model(side[i:i + chunk])
+                if backward:
+                    (emb.sum() + aux["diversity"]).backward()
+
+    rows = {}
+    for backward in (False, True):
+        with torch.set_grad_enabled(backward):
+            small = median_time(lambda: embed(8, backward), warmup=1, repeat=5)
+            big = median_time(lambda: embed(256, backward), warmup=1, repeat=5)
+        fixed = (small - big) / (64 - 2)
+        kind = "forward + backward" if backward else "forward without autograd"
+        rows[kind] = fixed
+        record("model_call_cost", kind=kind, chunk8_s=small, chunk256_s=big, fixed_ms_per_call=1e3 * fixed,
+               threads=torch.get_num_threads())
+    model.zero_grad(set_to_none=True)
+    print("\nfixed cost of one model call on tiny: " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in rows.items()))
+    assert all(v > 0 for v in rows.values())  # 64 calls cost more than 2 calls on the same items
 
 
 def test_demo_training_step_throughput(tmp_path):
