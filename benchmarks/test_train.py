@@ -14,6 +14,7 @@
 `OMNIRET_BENCH_BATCH` shrinks the 3072 batch for a quick look (the goal is stated for 3072).
 """
 import os
+import statistics
 import textwrap
 import warnings
 
@@ -129,31 +130,45 @@ def _threads():
     torch.set_num_threads(before)
 
 
-def test_grad_cache_overhead_at_batch_256():
+def _tiny_batch_256():
+    """(namespace of BATCH_SRC, the tiny model, 256 queries, 256 candidates) for the in-process timings."""
     ns = {"torch": torch}
     exec(BATCH_SRC, ns)
     model = ns["make_model"]()
     q, c = ns["make_batch"](256)
-    gc = ns["GradCache"](model, chunk_size=CHUNK)
+    return ns, model, q, c
+
+
+def _step_runs(ns, model, q, c, chunks) -> dict:
+    """name -> a function running one step: "plain" (full batch) and one GradCache step per chunk size."""
+    caches = {k: ns["GradCache"](model, chunk_size=k) for k in chunks}
 
     def plain():
         model.zero_grad(set_to_none=True)
         ns["full_batch_loss"](model, q, c).total.backward()
 
-    def cached():
+    def cached(k):
         model.zero_grad(set_to_none=True)
-        gc.step(q, c)
+        caches[k].step(q, c)
 
-    # interleaved rounds: on a shared machine the load drifts, and timing one method after the other would
-    # charge the drift to whichever ran second
-    plain()
-    cached()
-    times = {"plain": [], "gc": []}
-    for _ in range(5):
-        times["plain"].append(median_time(plain, warmup=0, repeat=1))
-        times["gc"].append(median_time(cached, warmup=0, repeat=1))
-    t_plain = sorted(times["plain"])[2]
-    t_gc = sorted(times["gc"])[2]
+    return {"plain": plain, **{k: (lambda k=k: cached(k)) for k in chunks}}
+
+
+def _interleaved_medians(runs: dict, rounds: int = 5) -> dict:
+    """Median time of each run over `rounds` interleaved rounds, after one untimed call each: on a shared machine
+    the load drifts, and timing one method after the other would charge the drift to whichever ran last."""
+    for run in runs.values():
+        run()
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            times[name].append(median_time(run, warmup=0, repeat=1))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def test_grad_cache_overhead_at_batch_256():
+    median = _interleaved_medians(_step_runs(*_tiny_batch_256(), chunks=(CHUNK,)))
+    t_plain, t_gc = median["plain"], median[CHUNK]
     ratio = t_gc / t_plain
     threads = torch.get_num_threads()
     print(f"\nbatch 256, {threads} thread(s): plain step {t_plain:.2f} s, GradCache step (chunk {CHUNK}) {t_gc:.2f} s, "
@@ -167,29 +182,8 @@ def test_grad_cache_overhead_by_chunk_size():
     """What the chunk size costs in time at batch 256 (no goal: for choosing a chunk size). Smaller chunks hold less
     activation memory but make more model calls, each with a fixed cost; with one chunk per side and the kept graph
     only the queries run twice."""
-    ns = {"torch": torch}
-    exec(BATCH_SRC, ns)
-    model = ns["make_model"]()
-    q, c = ns["make_batch"](256)
     chunks = (32, 64, 128, 256)
-    caches = {k: ns["GradCache"](model, chunk_size=k) for k in chunks}
-
-    def plain():
-        model.zero_grad(set_to_none=True)
-        ns["full_batch_loss"](model, q, c).total.backward()
-
-    def cached(k):
-        model.zero_grad(set_to_none=True)
-        caches[k].step(q, c)
-
-    runs = {"plain": plain, **{k: (lambda k=k: cached(k)) for k in chunks}}
-    for run in runs.values():
-        run()
-    times = {name: [] for name in runs}
-    for _ in range(5):  # interleaved rounds, as above
-        for name, run in runs.items():
-            times[name].append(median_time(run, warmup=0, repeat=1))
-    median = {name: sorted(ts)[2] for name, ts in times.items()}
+    median = _interleaved_medians(_step_runs(*_tiny_batch_256(), chunks=chunks))
     threads = torch.get_num_threads()
     print(f"\nbatch 256, {threads} thread(s), plain step {median['plain']:.2f} s; GradCache by chunk size: " +
           ", ".join(f"{k}: {median[k]:.2f} s ({median[k] / median['plain']:.2f}x)" for k in chunks))
@@ -203,10 +197,7 @@ def test_grad_cache_overhead_by_chunk_size():
 def test_model_call_fixed_cost():
     """Why small chunks cost time on `tiny`: the fixed cost of one model call, without autograd and with autograd
     plus backward, from embedding 256 queries and 256 candidates in chunks of 8 and of 256 (64 and 2 calls)."""
-    ns = {"torch": torch}
-    exec(BATCH_SRC, ns)
-    model = ns["make_model"]()
-    q, c = ns["make_batch"](256)
+    _, model, q, c = _tiny_batch_256()
 
     def embed(chunk, backward):
         for i in range(0, 256, chunk):

@@ -15,8 +15,8 @@ their graphs first, without a re-run: one kept graph costs no memory (no chunk r
 is freed before the first replay), and it saves one chunk's forward. A batch that fits in `keep_graphs`
 chunks runs no extra forward at all, as a plain step.
 
-Time: every model call has a fixed cost besides its per-item work (on the `tiny` preset ~7 ms without autograd,
-~15-19 ms with backward), and a step makes about two calls per chunk where a plain step makes two in all, so the
+Time: every model call has a fixed cost besides its per-item work (on the `tiny` preset 6-12 ms without autograd,
+13-22 ms with backward), and a step makes about two calls per chunk where a plain step makes two in all, so the
 largest chunk that fits in memory is the fastest (docs/training.md measures the trade-off).
 
 The diversity term of the total loss is the mean over all media items of the batch: chunk k, holding n_k of
