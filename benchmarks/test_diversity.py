@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from benchmarks.conftest import median_time, peak_rss_growth  # stateless helpers; tables go through bench_record
 from omniret_kernels import _ext
-from omniret_kernels.diversity import diversity_loss
+from omniret_kernels.diversity_loss import diversity_loss
 
 pytestmark = pytest.mark.skipif(not _ext.cpu_extension_built(), reason="omniret_kernels._C is not built")
 

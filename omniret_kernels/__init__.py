@@ -1,8 +1,8 @@
 """omniret_kernels: fused kernels for OmniRet's resampler attention, ASWP pooling and diversity loss."""
 from omniret_kernels._ext import available_backends
-from omniret_kernels.aswp import ASWPPool, aswp_pool
-from omniret_kernels.diversity import diversity_loss
-from omniret_kernels.resampler import resampler_attention
+from omniret_kernels.aswp_pool import ASWPPool, aswp_pool
+from omniret_kernels.diversity_loss import diversity_loss
+from omniret_kernels.resampler_attention import resampler_attention
 from omniret_kernels.resampler_modules import SharedMediaResampler, pack_media, video_to_tokens
 
 __all__ = [

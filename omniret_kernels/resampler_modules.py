@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omniret_kernels._checks import FLOAT_DTYPES, check_tensor
-from omniret_kernels.resampler import check_cu_seqlens, resampler_attention
+from omniret_kernels.resampler_attention import check_cu_seqlens, resampler_attention
 
 __all__ = ["SharedMediaResampler", "video_to_tokens", "pack_media"]
 

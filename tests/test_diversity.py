@@ -7,7 +7,7 @@ import torch
 import omniret_kernels
 from omniret_kernels import _ext, reference
 from omniret_kernels._counter_rng import keep_mask, keep_threshold, philox4x32
-from omniret_kernels.diversity import diversity_loss
+from omniret_kernels.diversity_loss import diversity_loss
 
 from conftest import poison_like
 

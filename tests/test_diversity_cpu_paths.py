@@ -6,7 +6,7 @@ import torch
 
 from omniret_kernels import _ext, reference
 from omniret_kernels._counter_rng import keep_mask
-from omniret_kernels.diversity import diversity_loss
+from omniret_kernels.diversity_loss import diversity_loss
 
 pytestmark = pytest.mark.skipif(not _ext.cpu_extension_built(), reason="omniret_kernels._C is not built")
 
