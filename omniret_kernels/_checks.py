@@ -8,6 +8,13 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+class KernelLimitError(ValueError):
+    """A shape or dtype beyond what one kernel supports (its register / shared-memory budget), raised before launch.
+
+    A ValueError, so a caller who named the backend gets the usual error; automatic dispatch catches it and runs
+    the next backend instead (omniret_kernels._dispatch.run)."""
+
+
 def is_compiling() -> bool:
     """Data-dependent checks are skipped while torch.compile traces (they would break the graph)."""
     return torch.compiler.is_compiling()

@@ -76,3 +76,37 @@ def available_backends() -> list[str]:
     if cuda_extension_built():
         out.append("cuda" if has_device else "cuda (compiled, no device)")
     return out
+
+
+# What setup.py builds when TORCH_CUDA_ARCH_LIST is not set: SASS for these archs, no PTX. Used only when the CUDA
+# extension does not report its own archs (an older build).
+_DEFAULT_CUDA_ARCHS = ("sm_80", "sm_90", "sm_90a")
+
+
+def cuda_built_archs() -> tuple[str, ...]:
+    """The GPU code in _C_cuda: 'sm_XY' (SASS, runs on compute capability X.Y' with Y' >= Y; 'sm_XYa' on X.Y only)
+    and 'compute_XY' (PTX, JIT-compiled for any capability >= X.Y). Read from `_C_cuda.built_archs()` when the
+    build exports it, else the build's default list. Empty when the extension is not built."""
+    if _CUDA_EXT is None:
+        return ()
+    reported = getattr(_CUDA_EXT, "built_archs", None)
+    if callable(reported):
+        return tuple(str(a) for a in reported())
+    return _DEFAULT_CUDA_ARCHS
+
+
+def arch_runs_on(archs, capability: tuple[int, int]) -> bool:
+    """Whether code built for `archs` (see cuda_built_archs) can run on a device of compute `capability`."""
+    major, minor = capability
+    for arch in archs:
+        kind, _, digits = arch.partition("_")
+        family = digits.endswith("a")  # sm_90a: arch-specific features, runs on exactly 9.0
+        digits = digits.rstrip("a")
+        if not digits.isdigit() or len(digits) < 2:
+            continue
+        a_major, a_minor = int(digits[:-1]), int(digits[-1])
+        if kind == "sm" and a_major == major and (a_minor == minor if family else a_minor <= minor):
+            return True
+        if kind == "compute" and (a_major, a_minor) <= (major, minor) and not family:
+            return True
+    return False

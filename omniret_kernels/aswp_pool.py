@@ -6,9 +6,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from omniret_kernels import _ext, reference
+from omniret_kernels import reference
 from omniret_kernels._checks import FLOAT_DTYPES, check_finite, check_same_device, check_tensor, is_compiling
-from omniret_kernels._dispatch import resolve_backend
+from omniret_kernels._dispatch import plan, run
+from omniret_kernels._op import define_pair, needs_backward, reference_dtype
 
 __all__ = ["aswp_pool", "ASWPPool"]
 
@@ -45,14 +46,20 @@ def _check_args(x, directions, references, mask, pooling, weights, temperature, 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Dispatcher ops omniret::aswp_pool_fwd / _bwd (schemas in csrc/ops.cpp, CPU kernel in csrc/cpu/aswp_pool.cpp,
-# CUDA kernel in csrc/cuda/aswp_pool.cu) and the Triton pair omniret::aswp_pool_triton_fwd / _bwd share one fake
-# kernel and one backward formula.
+# omniret::aswp_pool_fwd / _bwd (schemas in csrc/ops.cpp, CPU kernel csrc/cpu/aswp_pool.cpp, CUDA kernel
+# csrc/cuda/aswp_pool.cu) and the Triton pair omniret::aswp_pool_triton_fwd / _bwd, registered by _op.define_pair
+# with one fake kernel per direction and one backward formula.
 # ----------------------------------------------------------------------------------------------------------
+FWD_SCHEMA = ("(Tensor x, Tensor directions, Tensor references, Tensor? mask, Tensor? weights, str pooling, "
+              "bool normalize_directions, float temperature, bool save_for_backward=True) -> (Tensor, Tensor, Tensor)")
+BWD_SCHEMA = ("(Tensor grad_out, Tensor x, Tensor directions, Tensor references, Tensor? mask, Tensor? weights, "
+              "Tensor sorted, Tensor sorted_tokens, str pooling, bool normalize_directions, float temperature, "
+              "bool need_x, bool need_directions) -> (Tensor, Tensor, Tensor, Tensor)")
+
+
 def _saved_dtypes(x: torch.Tensor, n: int):
     """(compute dtype of the saved sorted values, dtype of the saved permutation)."""
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return compute, (torch.uint8 if n <= 256 else torch.int32)
+    return reference_dtype(x.dtype), (torch.uint8 if n <= 256 else torch.int32)
 
 
 def _fwd_fake(x, directions, references, mask, weights, pooling, normalize_directions, temperature,
@@ -86,67 +93,42 @@ def _setup_context(ctx, inputs, output):
     ctx.attrs = (pooling, normalize_directions, temperature)
 
 
-def _make_backward(bwd_op):
-    def backward(ctx, grad_out, _grad_sorted, _grad_sorted_tokens):
-        if not ctx.saved_for_backward:
-            raise RuntimeError(
-                "aswp_pool: backward reached through a forward run with save_for_backward=False, which kept nothing "
-                "for backward; aswp_pool() saves when grad is enabled and x, directions, references or weights "
-                "requires grad (call the op with save_for_backward=True to differentiate it)")
-        x, directions, references, mask, weights, sorted_values, sorted_tokens = ctx.saved_tensors
-        pooling, normalize_directions, temperature = ctx.attrs
-        need_x, need_directions = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        gx, gd, gr, gw = bwd_op(grad_out.contiguous(), x, directions, references, mask, weights, sorted_values, sorted_tokens,
-                                pooling, normalize_directions, temperature, need_x, need_directions)
-        return (gx if need_x else None, gd if need_directions else None,
-                gr if ctx.needs_input_grad[2] else None, None,
-                gw if pooling == "weighted" and ctx.needs_input_grad[4] else None, None, None, None, None)
-    return backward
+def _backward(ctx, bwd_op, grad_out, _grad_sorted, _grad_sorted_tokens):
+    if not ctx.saved_for_backward:
+        raise RuntimeError(
+            "aswp_pool: backward reached through a forward run with save_for_backward=False, which kept nothing "
+            "for backward; aswp_pool() saves when grad is enabled and x, directions, references or weights "
+            "requires grad (call the op with save_for_backward=True to differentiate it)")
+    x, directions, references, mask, weights, sorted_values, sorted_tokens = ctx.saved_tensors
+    pooling, normalize_directions, temperature = ctx.attrs
+    need_x, need_directions = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    gx, gd, gr, gw = bwd_op(grad_out.contiguous(), x, directions, references, mask, weights, sorted_values,
+                            sorted_tokens, pooling, normalize_directions, temperature, need_x, need_directions)
+    return (gx if need_x else None, gd if need_directions else None,
+            gr if ctx.needs_input_grad[2] else None, None,
+            gw if pooling == "weighted" and ctx.needs_input_grad[4] else None, None, None, None, None)
 
 
-if _ext.cpu_extension_built() and hasattr(torch.ops.omniret, "aswp_pool_fwd"):
-    torch.library.register_fake("omniret::aswp_pool_fwd")(_fwd_fake)
-    torch.library.register_fake("omniret::aswp_pool_bwd")(_bwd_fake)
-    torch.library.register_autograd("omniret::aswp_pool_fwd", _make_backward(torch.ops.omniret.aswp_pool_bwd),
-                                    setup_context=_setup_context)
-
-
-@torch.library.custom_op("omniret::aswp_pool_triton_fwd", mutates_args=())
-def _triton_fwd(x: torch.Tensor, directions: torch.Tensor, references: torch.Tensor, mask: Optional[torch.Tensor],
-                weights: Optional[torch.Tensor], pooling: str, normalize_directions: bool,
-                temperature: float, save_for_backward: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _triton_fwd(*args):
     from omniret_kernels.triton.aswp_pool import aswp_pool_forward
-    return aswp_pool_forward(x, directions, references, mask, weights, pooling, normalize_directions, temperature,
-                             save_for_backward)
+    return aswp_pool_forward(*args)
 
 
-@torch.library.custom_op("omniret::aswp_pool_triton_bwd", mutates_args=())
-def _triton_bwd(grad_out: torch.Tensor, x: torch.Tensor, directions: torch.Tensor, references: torch.Tensor,
-                mask: Optional[torch.Tensor], weights: Optional[torch.Tensor], sorted_values: torch.Tensor,
-                sorted_tokens: torch.Tensor, pooling: str, normalize_directions: bool, temperature: float, need_x: bool,
-                need_directions: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _triton_bwd(*args):
     from omniret_kernels.triton.aswp_pool import aswp_pool_backward
-    return aswp_pool_backward(grad_out, x, directions, references, mask, weights, sorted_values, sorted_tokens, pooling,
-                              normalize_directions, temperature, need_x, need_directions)
+    return aswp_pool_backward(*args)
 
 
-_triton_fwd.register_fake(_fwd_fake)
-_triton_bwd.register_fake(_bwd_fake)
-_triton_fwd.register_autograd(_make_backward(_triton_bwd), setup_context=_setup_context)
-
-
-@torch.compiler.assume_constant_result
-def _resolve_backend(device: torch.device, backend: Optional[str]) -> str:
-    """The backend rule, evaluated once at trace time under torch.compile (it asks the dispatcher which kernels
-    exist, which Dynamo cannot trace)."""
-    return resolve_backend("aswp_pool", device, backend)
+OPS = define_pair("aswp_pool", fwd_schema=FWD_SCHEMA, bwd_schema=BWD_SCHEMA, fwd_fake=_fwd_fake,
+                  bwd_fake=_bwd_fake, setup_context=_setup_context, backward=_backward, triton_fwd=_triton_fwd,
+                  triton_bwd=_triton_bwd)
 
 
 def _needs_backward(*inputs: Optional[torch.Tensor]) -> bool:
-    """Whether autograd will record the op: grad mode on and a differentiable input requires grad. Only then does
-    the forward write the (B, N, L) tensors backward needs. Under torch.compile this runs at trace time (both
-    conditions are guarded), so each compiled graph has it as a constant."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    """Whether autograd will record the op; only then does the forward write the (B, N, L) tensors backward needs.
+    Under torch.compile this runs at trace time (both conditions are guarded), so each compiled graph has it as a
+    constant."""
+    return needs_backward(*inputs)
 
 
 def aswp_pool(
@@ -164,19 +146,26 @@ def aswp_pool(
 ) -> torch.Tensor:
     """(B, N, D) tokens -> (B, L) embedding. See SPEC section 1; mask (B, N) bool, True = valid token."""
     device = _check_args(x, directions, references, mask, pooling, weights, temperature, check_finite)
-    backend = _resolve_backend(device, backend)
-    if backend == "reference":
-        out = reference.aswp_pool(
-            x.float(), directions.float(), references.float(), mask, pooling=pooling,
-            weights=None if weights is None else weights.float(),
-            normalize_directions=normalize_directions, temperature=temperature,
-        )
-        return out.to(x.dtype)
+    B, N, D = x.shape
+    L, M = directions.shape[0], references.shape[0]
+    sizes = dict(B=B, N=N, D=D, L=L, M=M)
+    backends = plan("aswp_pool", device, x.dtype, backend, **sizes)
     if pooling != "weighted":
         weights = None
-    op = torch.ops.omniret.aswp_pool_triton_fwd if backend == "triton" else torch.ops.omniret.aswp_pool_fwd
-    return op(x, directions, references, mask, weights, pooling, normalize_directions, float(temperature),
-              _needs_backward(x, directions, references, weights))[0]
+    save = _needs_backward(x, directions, references, weights)
+
+    def call(chosen: str) -> torch.Tensor:
+        if chosen == "reference":
+            compute = reference_dtype(x.dtype)
+            out = reference.aswp_pool(
+                x.to(compute), directions.to(compute), references.to(compute), mask, pooling=pooling,
+                weights=None if weights is None else weights.to(compute),
+                normalize_directions=normalize_directions, temperature=temperature)
+            return out.to(x.dtype)
+        return OPS.fwd.get(chosen)(x, directions, references, mask, weights, pooling, normalize_directions,
+                                   float(temperature), save)[0]
+
+    return run("aswp_pool", backends, call, device=device, dtype=x.dtype, **sizes)
 
 
 class ASWPPool(nn.Module):

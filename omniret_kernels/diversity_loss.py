@@ -7,7 +7,8 @@ replays it, and torch.compile traces it without a graph break.
 
 Ops: omniret::diversity_loss_fwd / _bwd and omniret::diversity_keep_mask (C++, csrc/cpu/diversity_loss.cpp),
 omniret::diversity_loss_triton_fwd / _bwd and omniret::diversity_keep_mask_triton (Python custom ops around
-omniret_kernels/triton/diversity_loss.py). Fake kernels and the autograd formula are registered here, once.
+omniret_kernels/triton/diversity_loss.py). Fake kernels and the autograd formula are registered here, once,
+through omniret_kernels/_op.py.
 
 On CPU tensors that need a gradient (eager mode), the loss goes through omniret::diversity_loss_fwd_grad instead:
 one pass over m computes the loss and its gradient together (the mask drawn and m read once per step instead of
@@ -23,14 +24,21 @@ from omniret_kernels import _ext, reference
 from omniret_kernels._checks import FLOAT_DTYPES, check_tensor
 from omniret_kernels._checks import check_finite as _check_finite
 from omniret_kernels._counter_rng import draw_seed, keep_mask, keep_threshold
-from omniret_kernels._dispatch import resolve_backend
+from omniret_kernels._dispatch import plan, run
+from omniret_kernels._op import define, define_pair, reference_dtype
 
 __all__ = ["diversity_loss"]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Fake kernels and autograd, shared by the C++ ops and the Triton custom ops
+# omniret::diversity_loss_fwd / _bwd (C++ CPU and CUDA kernels) and the Triton pair, registered by
+# _op.define_pair with one fake kernel per direction and one backward formula; the keep-mask ops by _op.define.
 # ----------------------------------------------------------------------------------------------------------
+FWD_SCHEMA = "(Tensor m, Tensor seed, float p, float gamma, bool normalize) -> Tensor"
+BWD_SCHEMA = "(Tensor grad, Tensor m, Tensor seed, float p, float gamma, bool normalize) -> Tensor"
+KEEP_MASK_SCHEMA = "(Tensor seed, SymInt batch, SymInt n, float p) -> Tensor"
+
+
 def _fwd_fake(m, seed, p, gamma, normalize):
     return m.new_empty(())
 
@@ -49,31 +57,42 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (p, gamma, normalize)
 
 
-def _make_backward(bwd_op):
-    def backward(ctx, grad):
-        m, seed = ctx.saved_tensors
-        grad_m = bwd_op(grad, m, seed, *ctx.args) if ctx.needs_input_grad[0] else None
-        return grad_m, None, None, None, None
-
-    return backward
+def _backward(ctx, bwd_op, grad):
+    m, seed = ctx.saved_tensors
+    grad_m = bwd_op(grad, m, seed, *ctx.args) if ctx.needs_input_grad[0] else None
+    return grad_m, None, None, None, None
 
 
-if _ext.cpu_extension_built() and _ext.has_kernel("diversity_loss_fwd", "CPU"):
-    torch.library.register_fake("omniret::diversity_loss_fwd")(_fwd_fake)
-    torch.library.register_fake("omniret::diversity_loss_bwd")(_bwd_fake)
-    torch.library.register_fake("omniret::diversity_keep_mask")(_keep_mask_fake)
-    torch.library.register_autograd(
-        "omniret::diversity_loss_fwd",
-        _make_backward(lambda *a: torch.ops.omniret.diversity_loss_bwd(*a)),
-        setup_context=_setup_context,
-    )
+def _triton_fwd(m, seed, p, gamma, normalize):
+    from omniret_kernels.triton.diversity_loss import diversity_loss_forward
+    return diversity_loss_forward(m, seed, keep_threshold(p), p, gamma, normalize)
 
 
+def _triton_bwd(grad, m, seed, p, gamma, normalize):
+    from omniret_kernels.triton.diversity_loss import diversity_loss_backward
+    return diversity_loss_backward(grad, m, seed, keep_threshold(p), p, gamma, normalize)
+
+
+def _triton_keep_mask(seed, batch, n, p):
+    from omniret_kernels.triton.diversity_loss import diversity_keep_mask
+    return diversity_keep_mask(seed, batch, n, keep_threshold(p))
+
+
+OPS = define_pair("diversity_loss", fwd_schema=FWD_SCHEMA, bwd_schema=BWD_SCHEMA, fwd_fake=_fwd_fake,
+                  bwd_fake=_bwd_fake, setup_context=_setup_context, backward=_backward, triton_fwd=_triton_fwd,
+                  triton_bwd=_triton_bwd)
+KEEP_MASK = define("diversity_keep_mask", KEEP_MASK_SCHEMA, _keep_mask_fake, triton_name="diversity_keep_mask_triton",
+                   triton_impl=_triton_keep_mask)
+
+
+def _fwd_grad_fake(m, seed, p, gamma, normalize):
+    return m.new_empty(()), torch.empty_like(m)
+
+
+# CPU only: the loss and its gradient in one pass (no Triton variant).
+define("diversity_loss_fwd_grad", "(Tensor m, Tensor seed, float p, float gamma, bool normalize) -> (Tensor, Tensor)",
+       _fwd_grad_fake)
 _HAS_FUSED_CPU = _ext.cpu_extension_built() and _ext.has_kernel("diversity_loss_fwd_grad", "CPU")
-if _HAS_FUSED_CPU:
-    @torch.library.register_fake("omniret::diversity_loss_fwd_grad")
-    def _fwd_grad_fake(m, seed, p, gamma, normalize):
-        return m.new_empty(()), torch.empty_like(m)
 
 
 class _CpuLossWithGrad(torch.autograd.Function):
@@ -113,37 +132,6 @@ def _use_fused_cpu_gradient(m: torch.Tensor) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Triton custom ops (the kernels are imported lazily: TRITON_INTERPRET must be set before triton is imported)
-# ----------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("omniret::diversity_loss_triton_fwd", mutates_args=())
-def _triton_fwd(m: torch.Tensor, seed: torch.Tensor, p: float, gamma: float, normalize: bool) -> torch.Tensor:
-    from omniret_kernels.triton.diversity_loss import diversity_loss_forward
-
-    return diversity_loss_forward(m, seed, keep_threshold(p), p, gamma, normalize)
-
-
-@torch.library.custom_op("omniret::diversity_loss_triton_bwd", mutates_args=())
-def _triton_bwd(grad: torch.Tensor, m: torch.Tensor, seed: torch.Tensor, p: float, gamma: float,
-                normalize: bool) -> torch.Tensor:
-    from omniret_kernels.triton.diversity_loss import diversity_loss_backward
-
-    return diversity_loss_backward(grad, m, seed, keep_threshold(p), p, gamma, normalize)
-
-
-@torch.library.custom_op("omniret::diversity_keep_mask_triton", mutates_args=())
-def _triton_keep_mask(seed: torch.Tensor, batch: int, n: int, p: float) -> torch.Tensor:
-    from omniret_kernels.triton.diversity_loss import diversity_keep_mask
-
-    return diversity_keep_mask(seed, batch, n, keep_threshold(p))
-
-
-_triton_fwd.register_fake(_fwd_fake)
-_triton_bwd.register_fake(_bwd_fake)
-_triton_keep_mask.register_fake(_keep_mask_fake)
-_triton_fwd.register_autograd(_make_backward(lambda *a: _triton_bwd(*a)), setup_context=_setup_context)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Public function
 # ----------------------------------------------------------------------------------------------------------
 def _check_args(m, p, gamma):
@@ -156,17 +144,10 @@ def _check_args(m, p, gamma):
         raise ValueError(f"gamma must be a number > 0, got {gamma!r}")
 
 
-@torch.compiler.assume_constant_result
-def _resolve_backend(device: torch.device, backend: Optional[str]) -> str:
-    """The backend rule, evaluated once at trace time under torch.compile (it asks the dispatcher which kernels
-    exist, which dynamo cannot trace; the answer cannot change while a process runs)."""
-    return resolve_backend("diversity_loss", device, backend)
-
-
 def _reference_loss(m, seed, p, gamma, normalize):
     B, N, _ = m.shape
     keep = keep_mask(seed, B, N, p) if p > 0 else None
-    mc = m if m.dtype in (torch.float32, torch.float64) else m.float()
+    mc = m.to(reference_dtype(m.dtype))
     return reference.diversity_loss(mc, keep, p=p, gamma=gamma, normalize=normalize).to(m.dtype)
 
 
@@ -184,24 +165,22 @@ def diversity_loss(m: torch.Tensor, *, p: float = 0.9, gamma: float = 0.5, norma
     if check_finite:
         _check_finite("m", m)
     p, gamma, normalize = float(p), float(gamma), bool(normalize)
-    backend = _resolve_backend(m.device, backend)
+    B, N, D = m.shape
+    sizes = dict(B=B, N=N, D=D)
+    backends = plan("diversity_loss", m.device, m.dtype, backend, **sizes)
     if p > 0:
         seed = draw_seed(generator, m.device).to(m.device)
     else:  # no dropout: leave the generator untouched, so p = 0 does not shift anyone else's random stream
         seed = torch.zeros((), dtype=torch.int64, device=m.device)
-    B, N, _ = m.shape
-    if backend == "reference":
-        loss = _reference_loss(m, seed, p, gamma, normalize)
-        keep_fn = keep_mask
-    elif backend == "triton":
-        loss = torch.ops.omniret.diversity_loss_triton_fwd(m, seed, p, gamma, normalize)
-        keep_fn = torch.ops.omniret.diversity_keep_mask_triton
-    elif backend == "cpu" and _use_fused_cpu_gradient(m):
-        loss = _CpuLossWithGrad.apply(m, seed, p, gamma, normalize)
-        keep_fn = torch.ops.omniret.diversity_keep_mask
-    else:  # cpu or cuda: the dispatcher picks the kernel from m's device
-        loss = torch.ops.omniret.diversity_loss_fwd(m, seed, p, gamma, normalize)
-        keep_fn = torch.ops.omniret.diversity_keep_mask
+
+    def call(chosen: str):
+        if chosen == "reference":
+            return _reference_loss(m, seed, p, gamma, normalize), keep_mask
+        if chosen == "cpu" and _use_fused_cpu_gradient(m):
+            return _CpuLossWithGrad.apply(m, seed, p, gamma, normalize), KEEP_MASK.native
+        return OPS.fwd.get(chosen)(m, seed, p, gamma, normalize), KEEP_MASK.get(chosen)
+
+    loss, keep_fn = run("diversity_loss", backends, call, device=m.device, dtype=m.dtype, **sizes)
     if return_keep_mask:
         return loss, keep_fn(seed, B, N, p)
     return loss

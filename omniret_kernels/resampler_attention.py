@@ -1,9 +1,10 @@
 """resampler_attention: cross-attention of latent queries over packed, unpadded media keys (SPEC section 2).
 
-Backends: the dispatcher ops omniret::resampler_attention_fwd / _bwd (C++ CPU kernel, CUDA kernel when built)
-and the Python custom ops omniret::resampler_attention_triton_fwd / _bwd (Triton). Both pairs share the fake
-kernels and the backward formula below: the forward returns (out, lse) with lse (B, H, Nq) the log-sum-exp of each
-query row, and the backward recomputes the probabilities from it.
+Backends: the dispatcher ops omniret::resampler_attention_fwd / _bwd (C++ CPU kernel) and the Python custom ops
+omniret::resampler_attention_triton_fwd / _bwd (Triton) share the fake kernels and the backward formula below: the
+forward returns (out, lse) with lse (B, H, Nq) the log-sum-exp of each query row, and the backward recomputes the
+probabilities from it. On CUDA, float16/bfloat16 go first to torch's varlen_attn or flash-attn's
+flash_attn_varlen_func (differentiable on their own); the rule is in _dispatch.py and docs/gpu.md.
 """
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from typing import Optional
 
 import torch
 
-from omniret_kernels import _ext, reference
+from omniret_kernels import reference
 from omniret_kernels._checks import FLOAT_DTYPES, check_finite as _check_finite, check_same_device, check_tensor, is_compiling
-from omniret_kernels._dispatch import resolve_backend
+from omniret_kernels._dispatch import plan, run
+from omniret_kernels._op import define_pair, reference_dtype
 
 __all__ = ["resampler_attention", "check_cu_seqlens"]
 
@@ -23,6 +25,8 @@ _OP = "resampler_attention"
 def _check_args(q, k, v, cu_seqlens):
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     B, H, _, d = q.shape
+    if d == 0:
+        raise ValueError(f"q: the head dim d (last dimension) must be > 0, got shape {tuple(q.shape)}")
     check_tensor("k", k, ndim=3, dtypes=(q.dtype,), shape=(None, None, d))
     check_tensor("v", v, ndim=3, dtypes=(q.dtype,), shape=tuple(k.shape))
     if k.shape[1] == 0 or H % k.shape[1] != 0:
@@ -47,15 +51,17 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Fake kernels and the backward formula, shared by the dispatcher ops and the Triton custom ops
+# omniret::resampler_attention_fwd / _bwd (C++ CPU kernel) and the Triton pair, registered by _op.define_pair
+# with one fake kernel per direction and one backward formula.
 # ----------------------------------------------------------------------------------------------------------
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+FWD_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, float scale) -> (Tensor, Tensor)"
+BWD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens, "
+              "float scale) -> (Tensor, Tensor, Tensor)")
 
 
 # The kernels return contiguous tensors whatever the inputs' strides, and so do the fakes.
 def _fake_fwd(q, k, v, cu_seqlens, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=reference_dtype(q.dtype))
 
 
 def _fake_bwd(grad_out, q, k, v, out, lse, cu_seqlens, scale):
@@ -70,61 +76,64 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)  # an auxiliary output for the backward, not part of the op's value
 
 
-def _backward_with(bwd_op):
-    def backward(ctx, grad_out, _grad_lse):
-        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = bwd_op(grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, ctx.scale)
-        return dq, dk, dv, None, None
-
-    return backward
+def _backward(ctx, bwd_op, grad_out, _grad_lse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = bwd_op(grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, ctx.scale)
+    return dq, dk, dv, None, None
 
 
-def _register_dispatcher_ops() -> bool:
-    """Fake kernels + autograd for omniret::resampler_attention_fwd/_bwd, when the C++ library defines them."""
-    if not _ext.cpu_extension_built() or not hasattr(torch.ops.omniret, f"{_OP}_fwd"):
-        return False
-    torch.library.register_fake(f"omniret::{_OP}_fwd")(_fake_fwd)
-    torch.library.register_fake(f"omniret::{_OP}_bwd")(_fake_bwd)
-    torch.library.register_autograd(f"omniret::{_OP}_fwd", _backward_with(torch.ops.omniret.resampler_attention_bwd),
-                                    setup_context=_setup_context)
-    return True
+def _triton_fwd(q, k, v, cu_seqlens, scale):
+    from omniret_kernels.triton.resampler_attention import forward
+    return forward(q, k, v, cu_seqlens, scale)
 
 
-def _register_triton_ops() -> bool:
-    if not _ext.triton_importable():
-        return False
-
-    @torch.library.custom_op(f"omniret::{_OP}_triton_fwd", mutates_args=())
-    def triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        from omniret_kernels.triton.resampler_attention import forward
-
-        return forward(q, k, v, cu_seqlens, scale)
-
-    @torch.library.custom_op(f"omniret::{_OP}_triton_bwd", mutates_args=())
-    def triton_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                   lse: torch.Tensor, cu_seqlens: torch.Tensor,
-                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from omniret_kernels.triton.resampler_attention import backward
-
-        return backward(grad_out, q, k, v, out, lse, cu_seqlens, scale)
-
-    triton_fwd.register_fake(_fake_fwd)
-    triton_bwd.register_fake(_fake_bwd)
-    triton_fwd.register_autograd(_backward_with(torch.ops.omniret.resampler_attention_triton_bwd),
-                                 setup_context=_setup_context)
-    return True
+def _triton_bwd(grad_out, q, k, v, out, lse, cu_seqlens, scale):
+    from omniret_kernels.triton.resampler_attention import backward
+    return backward(grad_out, q, k, v, out, lse, cu_seqlens, scale)
 
 
-_HAS_DISPATCHER_OPS = _register_dispatcher_ops()
-_HAS_TRITON_OPS = _register_triton_ops()
+OPS = define_pair(_OP, fwd_schema=FWD_SCHEMA, bwd_schema=BWD_SCHEMA, fwd_fake=_fake_fwd, bwd_fake=_fake_bwd,
+                  setup_context=_setup_context, backward=_backward, triton_fwd=_triton_fwd,
+                  triton_bwd=_triton_bwd)
 
 
-@torch.compiler.assume_constant_result
-def _resolve(device_type: str, device_index: int, backend: Optional[str]) -> str:
-    """The backend rule, evaluated once at trace time under torch.compile (its answer is a constant)."""
-    device = torch.device(device_type) if device_index < 0 else torch.device(device_type, device_index)
-    return resolve_backend(_OP, device, backend)
+# ----------------------------------------------------------------------------------------------------------
+# The flash kernels of torch (varlen_attn) and flash-attn: differentiable functions of their own. The op's
+# queries are latents, Nq per sample, so the queries are packed as (B * Nq, H, d) with cu_seqlens_q =
+# 0, Nq, 2 Nq, ...; the keys are packed already. Grouped-query heads map as ours do (q head h reads kv head
+# h // (H / Hk)), which both kernels implement natively.
+# ----------------------------------------------------------------------------------------------------------
+def _flash_arguments(q, k, cu_seqlens):
+    """(packed q (B * Nq, H, d), cu_seqlens_q, cu_seqlens_k, max_q, max_k) for a varlen flash kernel."""
+    B, H, Nq, d = q.shape
+    packed_q = q.transpose(1, 2).reshape(B * Nq, H, d)
+    cu_q = torch.arange(0, B * Nq + 1, Nq, dtype=torch.int32, device=q.device)
+    # max_k sizes the kernel's grid; any upper bound is correct, the exact one (a device sync) is cheaper to run.
+    max_k = k.shape[0] if is_compiling() else int(cu_seqlens.diff().max())
+    return packed_q, cu_q, cu_seqlens, Nq, max_k
+
+
+def _unpack_queries(out, q_shape):
+    B, H, Nq, d = q_shape
+    return out.view(B, Nq, H, d).transpose(1, 2)
+
+
+def _varlen_attn_forward(q, k, v, cu_seqlens, scale):
+    from torch.nn.attention import varlen
+
+    packed_q, cu_q, cu_k, max_q, max_k = _flash_arguments(q, k, cu_seqlens)
+    out = varlen.varlen_attn(packed_q, k, v, cu_q, cu_k, max_q, max_k, scale=scale,
+                             enable_gqa=q.shape[1] != k.shape[1])
+    return _unpack_queries(out, q.shape)
+
+
+def _flash_attn_forward(q, k, v, cu_seqlens, scale):
+    import flash_attn
+
+    packed_q, cu_q, cu_k, max_q, max_k = _flash_arguments(q, k, cu_seqlens)
+    out = flash_attn.flash_attn_varlen_func(packed_q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0,
+                                            softmax_scale=scale, causal=False)
+    return _unpack_queries(out, q.shape)
 
 
 def resampler_attention(q, k, v, cu_seqlens, *, scale: Optional[float] = None, check_finite: bool = False,
@@ -134,17 +143,27 @@ def resampler_attention(q, k, v, cu_seqlens, *, scale: Optional[float] = None, c
     out[b, h] = softmax(q[b, h] k_b^T * scale) v_b over sample b's keys only, kv head h // (H / Hk);
     scale = d ** -0.5 by default. float32/float16/bfloat16 compute in float32, float64 in float64.
     check_finite=True raises a ValueError naming q, k or v when it holds NaN or Inf (one pass over each).
+    On CUDA, float16/bfloat16 go to torch's varlen_attn (or flash-attn); the result may then be a strided view.
     """
     device = _check_args(q, k, v, cu_seqlens)
     if check_finite:
         for name, t in (("q", q), ("k", k), ("v", v)):
             _check_finite(name, t)
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    backend = _resolve(device.type, -1 if device.index is None else device.index, backend)
-    if backend == "reference":
-        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-        out = reference.resampler_attention(q.to(compute), k.to(compute), v.to(compute), cu_seqlens, scale=scale)
-        return out.to(q.dtype)
-    if backend == "triton":
-        return torch.ops.omniret.resampler_attention_triton_fwd(q, k, v, cu_seqlens, scale)[0]
-    return torch.ops.omniret.resampler_attention_fwd(q, k, v, cu_seqlens, scale)[0]
+    B, H, Nq, d = q.shape
+    scale = float(d ** -0.5 if scale is None else scale)
+    sizes = dict(H=H, Hk=k.shape[1], Nq=Nq, d=d)
+    backends = plan(_OP, device, q.dtype, backend, **sizes)
+
+    def call(chosen: str) -> torch.Tensor:
+        if chosen == "reference":
+            compute = reference_dtype(q.dtype)
+            out = reference.resampler_attention(q.to(compute), k.to(compute), v.to(compute), cu_seqlens,
+                                                scale=scale)
+            return out.to(q.dtype)
+        if chosen == "varlen_attn":
+            return _varlen_attn_forward(q, k, v, cu_seqlens, scale)
+        if chosen == "flash_attn":
+            return _flash_attn_forward(q, k, v, cu_seqlens, scale)
+        return OPS.fwd.get(chosen)(q, k, v, cu_seqlens, scale)[0]
+
+    return run(_OP, backends, call, device=device, dtype=q.dtype, **sizes)
