@@ -6,6 +6,8 @@ import torch
 
 from omniret_kernels import ASWPPool, _ext, aswp_pool, reference
 
+from conftest import device_backends, tolerance
+
 CPU_BUILT = _ext.cpu_extension_built()
 needs_cpu = pytest.mark.skipif(not CPU_BUILT, reason="omniret_kernels._C is not built")
 POOLINGS = ("stm", "max", "mean", "weighted")
@@ -291,12 +293,35 @@ needs_triton = pytest.mark.skipif(not (_ext.triton_importable() and _ext.triton_
                                   reason="Triton on CPU tensors needs triton and TRITON_INTERPRET=1")
 
 
-@needs_triton
-@pytest.mark.triton
+@pytest.mark.parametrize("device,backend", device_backends("aswp_pool"))
 @pytest.mark.parametrize("pooling", POOLINGS)
-def test_triton_matches_reference(pooling):
-    x, d, r, w, mask = make_inputs(2, 5, 7, 9, 6, dtype=torch.float32, masked=pooling in ("stm", "mean"))
-    assert_close_all(*run_both(pooling, x, d, r, w, mask, backend="triton", temperature=0.7), atol=1e-4, rtol=1e-4)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_matches_reference_on_each_device_backend(device, backend, pooling, dtype):
+    """Forward and gradients against the float64 reference on the same (rounded) inputs, on the backend's device.
+    The interpreter runs tiny float32 shapes (tl.sort is slow there); the CPU kernel and GPUs the odd-sized ones."""
+    interpreted = device == "cpu" and backend == "triton"
+    if interpreted and dtype != torch.float32:
+        pytest.skip("the Triton interpreter test runs float32 only (slow); the other dtypes run on a GPU")
+    shape = (2, 5, 7, 9, 6) if interpreted else (3, 37, 24, 70, 20)
+    x, d, r, w, mask = make_inputs(*shape, dtype=dtype, masked=pooling in ("stm", "mean") or not interpreted,
+                                   requires_grad=False)
+    leaves = (x, d, r) + ((w,) if pooling == "weighted" else ())
+    on_device = [t.to(device).requires_grad_() for t in leaves]
+    out = aswp_pool(*on_device[:3], None if mask is None else mask.to(device), pooling=pooling,
+                    weights=on_device[3] if pooling == "weighted" else None, temperature=0.7, backend=backend)
+    g = torch.randn(out.shape, dtype=torch.float64)
+    grads = torch.autograd.grad(out, on_device, g.to(device, out.dtype))
+    ref_leaves = [t.double().requires_grad_() for t in leaves]
+    ref = reference.aswp_pool(*ref_leaves[:3], mask, pooling=pooling,
+                              weights=ref_leaves[3] if pooling == "weighted" else None, temperature=0.7)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, g)
+    tol = tolerance(dtype, device)
+    atol = max(tol["atol"], tol["rtol"]) * (2 if dtype in (torch.bfloat16, torch.float16) else 1)
+    assert out.dtype == dtype and out.device.type == device
+    torch.testing.assert_close(out.cpu().double(), ref, atol=atol, rtol=atol)
+    for name, a, b in zip(("x", "directions", "references", "weights"), grads, ref_grads):
+        torch.testing.assert_close(a.cpu().double(), b, atol=4 * atol, rtol=4 * atol,
+                                   msg=lambda m: f"grad {name}: {m}")
 
 
 @needs_triton

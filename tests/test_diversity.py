@@ -9,13 +9,14 @@ from omniret_kernels import _ext, reference
 from omniret_kernels._counter_rng import keep_mask, keep_threshold, philox4x32
 from omniret_kernels.diversity_loss import diversity_loss
 
-from conftest import poison_like
+from conftest import device_backends, poison_like, tolerance
 
 FAST_BACKENDS = [
     pytest.param("cpu", marks=pytest.mark.skipif(not _ext.cpu_extension_built(), reason="_C not built")),
     pytest.param("triton", marks=pytest.mark.skipif(not _ext.triton_importable(), reason="no triton")),
 ]
 ALL_BACKENDS = [pytest.param("reference")] + FAST_BACKENDS
+PAIRS = device_backends("diversity_loss")  # (device, backend): the CPU ones here, the CUDA ones on a GPU
 
 
 def _reference_with_mask(m, keep, p, gamma=0.5, normalize=True):
@@ -26,11 +27,12 @@ def _reference_with_mask(m, keep, p, gamma=0.5, normalize=True):
     return loss.detach(), m.grad
 
 
-def _run(m, backend, **kw):
-    m = m.detach().clone().requires_grad_(True)
+def _run(m, backend, device="cpu", **kw):
+    """(loss, grad, keep) on CPU, computed on `device`."""
+    m = m.detach().to(device).clone().requires_grad_(True)
     loss, keep = diversity_loss(m, return_keep_mask=True, backend=backend, **kw)
     loss.backward()
-    return loss.detach(), m.grad, keep
+    return loss.detach().cpu(), m.grad.cpu(), keep.cpu()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -57,20 +59,19 @@ def test_keep_threshold_is_exact():
         keep_threshold(1.0)
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("device,backend", PAIRS)
 @pytest.mark.parametrize("p", [0.0, 0.9])
-def test_same_seed_same_mask_on_every_backend(backend, p):
+def test_same_seed_same_mask_on_every_backend(device, backend, p):
     """The kernels' own mask generators (C++ header / Triton) agree bit for bit with the Python one."""
-    op = {"cpu": torch.ops.omniret.diversity_keep_mask,
-          "triton": torch.ops.omniret.diversity_keep_mask_triton}[backend]
+    op = {"triton": torch.ops.omniret.diversity_keep_mask_triton}.get(backend, torch.ops.omniret.diversity_keep_mask)
     seeds = (0, 2**32 + 7, 2**63 - 2, 0x123456789ABCDEF)
     shapes = ((3, 37), (2, 1), (1, 70))
-    if backend == "triton":  # every interpreted launch costs ~0.5 s here
+    if device == "cpu" and backend == "triton":  # every interpreted launch costs ~0.5 s here
         seeds, shapes = seeds[2:], ((3, 37), (1, 70))
     for seed in seeds:
         s = torch.tensor(seed, dtype=torch.int64)
         for batch, n in shapes:
-            assert torch.equal(op(s, batch, n, p), keep_mask(s, batch, n, p)), (seed, batch, n)
+            assert torch.equal(op(s.to(device), batch, n, p).cpu(), keep_mask(s, batch, n, p)), (seed, batch, n)
 
 
 def test_different_seeds_different_masks():
@@ -118,14 +119,14 @@ def test_p_zero_keeps_everything_and_draws_nothing():
 # ------------------------------------------------------------------------------------------------------------
 # Values and gradients against the reference
 # ------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("device,backend", PAIRS)
 @pytest.mark.parametrize("p", [0.0, 0.5, 0.9])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_matches_reference_given_own_mask(backend, p, normalize):
+def test_matches_reference_given_own_mask(device, backend, p, normalize):
     m = torch.randn(3, 37, 19, dtype=torch.float64)
     if not normalize:
         m = m * 0.3  # raw dot products then straddle gamma, exercising both smooth-L1 branches
-    loss, grad, keep = _run(m, backend, p=p, gamma=0.5, normalize=normalize)
+    loss, grad, keep = _run(m, backend, device, p=p, gamma=0.5, normalize=normalize)
     ref_loss, ref_grad = _reference_with_mask(m, keep, p, 0.5, normalize)
     assert keep.shape == (3, 37, 37) and keep.dtype == torch.bool
     torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
@@ -143,20 +144,23 @@ def test_non_contiguous_and_gamma(backend):
     torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_float32(backend):
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_float32(device, backend):
     m = torch.randn(4, 24, 33)
-    loss, grad, keep = _run(m, backend, p=0.5)
+    loss, grad, keep = _run(m, backend, device, p=0.5)
     ref_loss, ref_grad = _reference_with_mask(m.double(), keep, 0.5)
     assert loss.dtype == torch.float32 and grad.dtype == torch.float32
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-7)
+    tf32 = tolerance(torch.float32, device)["rtol"] > 1e-3  # CUDA with tf32 matmuls allowed
+    torch.testing.assert_close(loss.double(), ref_loss, **(tolerance(torch.float32, device) if tf32 else
+                                                           dict(rtol=1e-5, atol=1e-6)))
+    torch.testing.assert_close(grad.double(), ref_grad, **(tolerance(torch.float32, device) if tf32 else
+                                                           dict(rtol=1e-4, atol=1e-7)))
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_bfloat16_inputs(backend):
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_bfloat16_inputs(device, backend):
     m = torch.randn(3, 20, 48).bfloat16()
-    loss, grad, keep = _run(m, backend, p=0.5)
+    loss, grad, keep = _run(m, backend, device, p=0.5)
     ref_loss, ref_grad = _reference_with_mask(m.double(), keep, 0.5)  # same bf16 values, exact math
     assert loss.dtype == torch.bfloat16 and grad.dtype == torch.bfloat16
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-2, atol=1e-4)
@@ -181,14 +185,14 @@ def test_feature_size_one(backend, normalize):
     torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_gradcheck_float64(backend):
-    m = torch.randn(2, 6, 5, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_gradcheck_float64(device, backend):
+    m = torch.randn(2, 6, 5, dtype=torch.float64, device=device, requires_grad=True)
     fast = backend == "triton"  # the interpreter is slow: check a random projection of the Jacobian
     assert torch.autograd.gradcheck(lambda x: diversity_loss(x, p=0.0, backend=backend), (m,), fast_mode=fast)
     # p > 0 with a freshly seeded generator per call, so that every evaluation draws the same mask
     assert torch.autograd.gradcheck(
-        lambda x: diversity_loss(x, p=0.5, generator=torch.Generator().manual_seed(11), backend=backend), (m,),
+        lambda x: diversity_loss(x, p=0.5, generator=torch.Generator(device).manual_seed(11), backend=backend), (m,),
         fast_mode=fast)
     assert torch.autograd.gradcheck(
         lambda x: diversity_loss(x, p=0.0, normalize=False, gamma=2.0, backend=backend), (m,), fast_mode=fast)
@@ -231,16 +235,16 @@ def test_rng_state_replay_gives_same_mask_and_loss(backend):
     assert torch.equal(keep4, keep5) and torch.equal(loss4, loss5)
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_backward_regenerates_forward_mask(backend):
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_backward_regenerates_forward_mask(device, backend):
     """Draws between forward and backward do not change the mask the backward uses (it comes from the seed)."""
-    m = torch.randn(2, 23, 10, dtype=torch.float64, requires_grad=True)
+    m = torch.randn(2, 23, 10, dtype=torch.float64, device=device, requires_grad=True)
     loss, keep = diversity_loss(m, p=0.7, return_keep_mask=True, backend=backend)
-    torch.rand(1000)
+    torch.rand(1000, device=device)
     diversity_loss(m.detach(), p=0.7, backend=backend)
     loss.backward()
-    _, ref_grad = _reference_with_mask(m, keep, 0.7)
-    torch.testing.assert_close(m.grad, ref_grad, rtol=1e-9, atol=1e-12)
+    _, ref_grad = _reference_with_mask(m.cpu(), keep.cpu(), 0.7)
+    torch.testing.assert_close(m.grad.cpu(), ref_grad, rtol=1e-9, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -1,18 +1,33 @@
-"""resampler_attention: every backend that runs here against reference.py, on fresh random ragged batches."""
+"""resampler_attention: every backend that runs here against reference.py, on fresh random ragged batches.
+
+Tests follow the device: (device, backend) pairs from conftest.device_backends, CUDA ones on a GPU only."""
 import pytest
 import torch
 
-from omniret_kernels import _ext, reference, resampler_attention
+from omniret_kernels import _dispatch, _ext, reference, resampler_attention
+
+from conftest import device_backends, tolerance
 
 needs_cpu = pytest.mark.skipif(not _ext.has_kernel("resampler_attention_fwd", "CPU"),
                                reason="CPU extension not built")
 needs_triton = pytest.mark.skipif(not (_ext.triton_importable() and _ext.triton_interpreting()),
                                   reason="triton not importable or TRITON_INTERPRET != 1")
-BACKENDS = [pytest.param("cpu", marks=needs_cpu), pytest.param("triton", marks=needs_triton)]
+PAIRS = device_backends("resampler_attention")
 
-# The CPU kernel sees the real lengths (1 key, a few, one SigLIP image, 30 s of audio); the Triton interpreter
-# is slow, so its batches stay small but still cross several key blocks and leave partial ones.
-LENGTHS = {"cpu": [1, 7, 729, 1500, 3], "triton": [1, 7, 70, 33]}
+# The CPU kernel and the GPU see the real lengths (1 key, a few, one SigLIP image, 30 s of audio); the Triton
+# interpreter is slow, so its batches stay small but still cross several key blocks and leave partial ones.
+LENGTHS = {"cpu": [1, 7, 729, 1500, 3], "interpreter": [1, 7, 70, 33]}
+
+
+def _interpreted(device, backend):
+    return device == "cpu" and backend == "triton"
+
+
+def _skip_unless_runs(device, backend, dtype, **sizes):
+    """Dtype and shape gates of the dispatch rule: a flash kernel does not take float32, for one."""
+    reason = _dispatch.why_not("resampler_attention", backend, torch.device(device), dtype, **sizes)
+    if reason is not None:
+        pytest.skip(reason)
 
 
 def _cu(lengths, device="cpu"):
@@ -32,40 +47,47 @@ def _inputs(lengths, H, Hk, Nq, d, dtype, shuffle=True):
     return q, k, v, cu
 
 
-def _run(backend, q, k, v, cu, grad, **kw):
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+def _run(backend, q, k, v, cu, grad, device="cpu", **kw):
+    """(out, dq, dk, dv) on CPU, from inputs moved to `device`."""
+    q, k, v = (t.detach().to(device).clone().requires_grad_() for t in (q, k, v))
+    cu, grad = cu.to(device), grad.to(device)
     if backend == "reference":
         out = reference.resampler_attention(q, k, v, cu, **kw)
     else:
         out = resampler_attention(q, k, v, cu, backend=backend, **kw)
     out.backward(grad)
-    return out.detach(), q.grad, k.grad, v.grad
+    return tuple(t.cpu() for t in (out.detach(), q.grad, k.grad, v.grad))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", PAIRS)
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (6, 1)], ids=["mha", "gqa2", "mqa"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_forward_backward_match_reference(backend, heads, dtype):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_forward_backward_match_reference(device, backend, heads, dtype):
     H, Hk = heads
-    Nq, d = (5, 24) if backend == "cpu" else (3, 20)
-    q, k, v, cu = _inputs(LENGTHS[backend], H, Hk, Nq, d, dtype)
+    interpreted = _interpreted(device, backend)
+    if interpreted and dtype in (torch.bfloat16, torch.float16):
+        pytest.skip("the Triton interpreter runs float32/float64 here; 16-bit Triton runs on a GPU")
+    Nq, d = (3, 20) if interpreted else (5, 24) if device == "cpu" else (8, 32)
+    _skip_unless_runs(device, backend, dtype, H=H, Hk=Hk, Nq=Nq, d=d)
+    q, k, v, cu = _inputs(LENGTHS["interpreter" if interpreted else "cpu"], H, Hk, Nq, d, dtype)
     grad = torch.randn(q.shape, dtype=dtype)
     want = _run("reference", q.double(), k.double(), v.double(), cu, grad.double())
-    got = _run(backend, q, k, v, cu, grad)
-    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
+    got = _run(backend, q, k, v, cu, grad, device=device)
+    tol = tolerance(dtype, device, backend)
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         assert g.dtype == dtype, name
         torch.testing.assert_close(g.double(), w, **tol, msg=lambda m: f"{backend} {name}: {m}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_explicit_scale(backend):
-    q, k, v, cu = _inputs([3, 17, 40], 2, 1, 4, 16, torch.float64)
-    grad = torch.randn(q.shape, dtype=torch.float64)
-    want = _run("reference", q, k, v, cu, grad, scale=0.37)
-    got = _run(backend, q, k, v, cu, grad, scale=0.37)
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_explicit_scale(device, backend):
+    dtype = torch.bfloat16 if backend in _dispatch.FLASH_BACKENDS else torch.float64
+    q, k, v, cu = _inputs([3, 17, 40], 2, 1, 4, 16, dtype)
+    grad = torch.randn(q.shape, dtype=dtype)
+    want = _run("reference", q.double(), k.double(), v.double(), cu, grad.double(), scale=0.37)
+    got = _run(backend, q, k, v, cu, grad, device=device, scale=0.37)
     for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(g.double(), w, **tolerance(dtype, device))
 
 
 @needs_cpu
@@ -81,9 +103,10 @@ def test_low_precision_inputs_accumulate_in_float32(dtype):
         torch.testing.assert_close(g.double(), w, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_gradcheck_float64(backend):
-    q, k, v, cu = _inputs([1, 3, 6], 2, 1, 2, 4, torch.float64)
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_gradcheck_float64(device, backend):
+    _skip_unless_runs(device, backend, torch.float64, d=8)
+    q, k, v, cu = (t.to(device) for t in _inputs([1, 3, 6], 2, 1, 2, 8, torch.float64))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     # fast_mode checks random projections of the Jacobian: a few calls instead of one per input element, which
     # the Triton interpreter could not afford
@@ -132,7 +155,8 @@ def test_sample_alone_equals_sample_in_batch():
         torch.testing.assert_close(alone[0], batched[b], rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu),
+                                     pytest.param("triton", marks=needs_triton)])
 def test_bad_arguments_raise_value_error(backend):
     q, k, v, cu = _inputs([3, 4], 4, 2, 2, 8, torch.float32, shuffle=False)
     call = lambda **kw: resampler_attention(**{"q": q, "k": k, "v": v, "cu_seqlens": cu, "backend": backend, **kw})
@@ -158,6 +182,8 @@ def test_bad_arguments_raise_value_error(backend):
         call(v=v.clone().index_fill_(0, torch.tensor([4]), float("nan")), check_finite=True)
     with pytest.raises(ValueError, match="q contains NaN or Inf"):
         call(q=q.clone().index_fill_(2, torch.tensor([1]), float("inf")), check_finite=True)
+    with pytest.raises(ValueError, match="head dim"):  # d = 0 once raised ZeroDivisionError from d ** -0.5
+        call(q=q[..., :0], k=k[..., :0], v=v[..., :0])
 
 
 @needs_cpu
@@ -169,7 +195,7 @@ def test_cpu_kernel_checks_cu_seqlens_itself():
             torch.ops.omniret.resampler_attention_fwd(q, k, v, torch.tensor(bad, dtype=torch.int32), 0.5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_cpu), pytest.param("triton", marks=needs_triton)])
 def test_opcheck(backend):
     q, k, v, cu = _inputs([1, 6, 20], 4, 2, 3, 16, torch.float32)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
@@ -210,17 +236,97 @@ def test_cuda_kernels_registered_when_built():
     assert _ext.has_kernel("resampler_attention_bwd", "CUDA")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_non_contiguous_inputs(backend):
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_non_contiguous_inputs(device, backend):
     """Strided views (heads-major q, k and v split from one fused projection) give the contiguous-input result."""
-    q, k, v, cu = _inputs([2, 9, 40], 4, 2, 3, 16, torch.float64)
-    grad = torch.randn(q.shape, dtype=torch.float64)
-    want = _run("reference", q, k, v, cu, grad)
-    q_strided = q.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # (B, Nq, H, d) memory
-    kv = torch.stack([k, v], dim=1).requires_grad_()  # (T, 2, Hk, d), as from one fused to_kv Linear
+    dtype = torch.bfloat16 if backend in _dispatch.FLASH_BACKENDS else torch.float64
+    q, k, v, cu = _inputs([2, 9, 40], 4, 2, 3, 16, dtype)
+    grad = torch.randn(q.shape, dtype=dtype)
+    want = _run("reference", q.double(), k.double(), v.double(), cu, grad.double())
+    q_strided = q.to(device).transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # (B, Nq, H, d) memory
+    kv = torch.stack([k, v], dim=1).to(device).requires_grad_()  # (T, 2, Hk, d), as from one fused to_kv Linear
     assert not q_strided.is_contiguous() and not kv[:, 0].is_contiguous()
-    out = resampler_attention(q_strided, kv[:, 0], kv[:, 1], cu, backend=backend)
-    out.backward(grad)
+    out = resampler_attention(q_strided, kv[:, 0], kv[:, 1], cu.to(device), backend=backend)
+    out.backward(grad.to(device))
     got = (out.detach(), q_strided.grad, kv.grad[:, 0], kv.grad[:, 1])
     for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(g.cpu().double(), w, **tolerance(dtype, device))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The flash kernels (torch's varlen_attn, flash-attn): they need a GPU, so here the argument marshalling is checked
+# on CPU against a stand-in that computes packed varlen attention from the arguments it is given. Not run on a GPU
+# in this repository's CI.
+# ---------------------------------------------------------------------------------------------------------
+def _packed_varlen_attention(seen):
+    """A varlen attention over packed queries and keys (the flash kernels' contract), recording its arguments."""
+    def attention(query, key, value, cu_q, cu_k, max_q, max_k, scale, gqa):
+        seen.append(dict(query=query, cu_q=cu_q.clone(), cu_k=cu_k.clone(), max_q=max_q, max_k=max_k, scale=scale,
+                         gqa=gqa))
+        group = query.shape[1] // key.shape[1]
+        outs = []
+        for b in range(cu_q.numel() - 1):
+            qs, qe, ks, ke = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
+            qb = query[qs:qe].transpose(0, 1)  # (H, nq, d)
+            kb = key[ks:ke].transpose(0, 1).repeat_interleave(group, 0)  # q head h reads kv head h // group
+            vb = value[ks:ke].transpose(0, 1).repeat_interleave(group, 0)
+            probs = torch.softmax(torch.einsum("hqd,hkd->hqk", qb, kb) * scale, dim=-1)
+            outs.append(torch.einsum("hqk,hkd->hqd", probs, vb).transpose(0, 1))
+        return torch.cat(outs)
+    return attention
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2)], ids=["mha", "gqa3"])
+@pytest.mark.parametrize("flash", ["varlen_attn", "flash_attn"])
+def test_flash_kernel_arguments(monkeypatch, heads, flash):
+    import sys
+    import types
+
+    from torch.nn.attention import varlen
+
+    module = __import__("importlib").import_module("omniret_kernels.resampler_attention")
+    seen = []
+    attention = _packed_varlen_attention(seen)
+    if flash == "varlen_attn":
+        def fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, enable_gqa=False, **kw):
+            assert not kw
+            assert enable_gqa == (query.shape[1] != key.shape[1])
+            return attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, enable_gqa)
+        monkeypatch.setattr(varlen, "varlen_attn", fake)
+        forward = module._varlen_attn_forward
+    else:
+        def fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal):
+            assert dropout_p == 0.0 and causal is False
+            return attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, None)
+        monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=fake))
+        forward = module._flash_attn_forward
+    H, Hk = heads
+    lengths = [5, 1, 40, 17]
+    q, k, v, cu = _inputs(lengths, H, Hk, 3, 16, torch.float64, shuffle=False)
+    grad = torch.randn(q.shape, dtype=torch.float64)
+    want = _run("reference", q, k, v, cu, grad, scale=0.3)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    out = forward(qg, kg, vg, cu, 0.3)
+    out.backward(grad)
+    for g, w in zip((out.detach(), qg.grad, kg.grad, vg.grad), want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    (call,) = seen
+    B, Nq = len(lengths), 3
+    assert call["query"].shape == (B * Nq, H, 16)
+    assert torch.equal(call["cu_q"], torch.arange(0, B * Nq + 1, Nq, dtype=torch.int32))
+    assert call["cu_q"].dtype == torch.int32 and torch.equal(call["cu_k"], cu)
+    assert call["max_q"] == Nq and call["max_k"] == max(lengths) and call["scale"] == 0.3
+
+
+def test_flash_gates():
+    cuda = torch.device("cuda")  # a device object only: the dtype and head-dim gates come before any device query
+    why = lambda backend, dtype, d: _dispatch.why_not("resampler_attention", backend, cuda, dtype, d=d)  # noqa: E731
+    assert "float16 or bfloat16" in why("varlen_attn", torch.float32, 64)
+    assert "multiple of 8" in why("varlen_attn", torch.bfloat16, 20)
+    assert "multiple of 8" in why("varlen_attn", torch.float16, 512)
+    assert "CUDA tensors" in _dispatch.why_not("resampler_attention", "varlen_attn", torch.device("cpu"),
+                                               torch.bfloat16, d=64)
+    assert "resampler_attention only" in _dispatch.why_not("aswp_pool", "varlen_attn", cuda, torch.bfloat16)
+    with pytest.raises(ValueError, match="unavailable"):
+        q, k, v, cu = _inputs([3, 4], 2, 2, 2, 8, torch.bfloat16)
+        resampler_attention(q, k, v, cu, backend="varlen_attn")
