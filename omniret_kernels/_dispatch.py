@@ -102,10 +102,12 @@ def _why_not_triton(op, device, dtype, sizes):
         return f"{op} has no Triton kernel"
     if device.type == "cuda" and _capability(device) < TRITON_MIN_CAPABILITY:
         return "the Triton kernels need compute capability 8.0 or newer (sm_80+)"
-    # The kernels' documented limits: MAX_N (diversity_loss), or a function saying why a shape does not fit.
-    max_n = getattr(module, "MAX_N", None)
-    if max_n is not None and sizes.get("N", 0) > max_n:
-        return f"the Triton {op} supports N <= {max_n}, got N = {sizes['N']}"
+    # The kernels' documented limits (module constants: MAX_N of diversity_loss, MAX_HEAD_DIM of
+    # resampler_attention), or a function of the module saying why a shape does not fit.
+    for constant, size in (("MAX_N", "N"), ("MAX_HEAD_DIM", "d")):
+        limit = getattr(module, constant, None)
+        if limit is not None and sizes.get(size, 0) > limit:
+            return f"the Triton {op} supports {size} <= {limit}, got {size} = {sizes[size]}"
     unsupported = getattr(module, "unsupported_reason", None)
     if callable(unsupported) and sizes:
         return unsupported(device=device, dtype=dtype, **sizes)
