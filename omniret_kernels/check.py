@@ -177,6 +177,23 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).abs().max()) / max(float(want.abs().max()), 1e-12)
 
 
+_REFERENCE_CACHE: dict = {}
+
+
+def _reference_and_grads(case: Case, inputs: dict, leaves, grad_out, dtype):
+    """The float64 reference on the same (rounded) inputs; the inputs are seeded, so one per case and dtype is
+    computed (the diversity loss's depends on the backend's keep mask: never cached)."""
+    key = (case.name, dtype, str(grad_out.device))
+    if case.op != "diversity_loss" and key in _REFERENCE_CACHE:
+        return _REFERENCE_CACHE[key]
+    ref_inputs = dict(inputs, leaves=[t.detach().double().requires_grad_() for t in leaves])
+    want = case.run(ref_inputs, "reference")
+    result = (want.detach(), torch.autograd.grad(want, ref_inputs["leaves"], grad_out))
+    if case.op != "diversity_loss":
+        _REFERENCE_CACHE[key] = result
+    return result
+
+
 def check_case(case: Case, backend: str, dtype: torch.dtype, device: torch.device) -> tuple[str, str]:
     """(status, detail): status "ok", "FAIL" or "n/a" (a documented limit of the backend)."""
     reason = _dispatch.why_not(case.op, backend, device, dtype, **case.sizes)
@@ -190,9 +207,7 @@ def check_case(case: Case, backend: str, dtype: torch.dtype, device: torch.devic
         grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
     except KernelLimitError as exc:
         return "n/a", f"limit: {exc}"
-    ref_inputs = dict(inputs, leaves=[t.detach().double().requires_grad_() for t in leaves])
-    want = case.run(ref_inputs, "reference")
-    want_grads = torch.autograd.grad(want, ref_inputs["leaves"], grad_out)
+    want, want_grads = _reference_and_grads(case, inputs, leaves, grad_out, dtype)
     errors = [_relative_error(out, want)] + [_relative_error(g, w) for g, w in zip(grads, want_grads)]
     limit = threshold(dtype, device)
     detail = "fwd {:.1e}, grads {}".format(errors[0], " ".join(f"{e:.1e}" for e in errors[1:]))
