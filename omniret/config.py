@@ -148,7 +148,9 @@ class OmniRetConfig:
         return cls(**d).validate()
 
     def to_json(self, path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        from omniret.files import atomic_write_json
+
+        atomic_write_json(path, self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, path) -> "OmniRetConfig":

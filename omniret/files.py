@@ -27,7 +27,7 @@ from omniret.errors import InputError, RunLockedError
 
 __all__ = ["atomic_path", "atomic_open", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
            "atomic_torch_save", "atomic_savez", "replace_directory", "RunLock", "append_jsonl", "read_jsonl_log",
-           "fsync_dir", "interrupted_replacements", "dumps_lines"]
+           "fsync_dir", "interrupted_replacements", "dumps_lines", "load_safetensors"]
 
 
 def fsync_dir(directory) -> None:
@@ -269,3 +269,14 @@ def dumps_lines(records) -> str:
     for r in records:
         buf.write(json.dumps(r) + "\n")
     return buf.getvalue()
+
+
+def load_safetensors(path) -> dict:
+    """The tensors of a safetensors file; a damaged or foreign file raises InputError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except SafetensorError as exc:
+        raise InputError(f"{path}: not a readable safetensors file ({exc}); save the model again") from None

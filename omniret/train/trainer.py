@@ -34,6 +34,7 @@ import torch.nn as nn
 
 from omniret.losses import LearnableTemperature
 from omniret.train import distributed as tdist
+from omniret.errors import check_field_types
 from omniret.files import RunLock, append_jsonl, atomic_write_text, dumps_lines, read_jsonl_log
 from omniret.train.checkpoint import CheckpointManager, capture_rng, restore_rng
 from omniret.train.grad_cache import GradCache
@@ -98,6 +99,8 @@ class TrainConfig:
             stage_keys = {f.name for f in fields(StageConfig)}
             stages = []
             for i, s in enumerate(d["stages"]):
+                if not isinstance(s, dict):
+                    raise ValueError(f"train config: stages[{i}] must be a mapping, got {s!r}")
                 bad = set(s) - stage_keys
                 if bad:
                     raise ValueError(f"train config: stages[{i}] has unknown keys {sorted(bad)}")
@@ -109,9 +112,11 @@ class TrainConfig:
         return cls(**d).validate()
 
     def validate(self) -> "TrainConfig":
+        check_field_types(self, "train")
         if not self.stages:
             raise ValueError("stages: at least one stage")
         for i, s in enumerate(self.stages):
+            check_field_types(s, f"train.stages[{i}]")
             if s.steps < 0 or s.batch_size < 1:
                 raise ValueError(f"stages[{i}]: steps must be >= 0 and batch_size >= 1")
         if self.grad_accum < 1 or self.chunk_size < 1:
