@@ -77,6 +77,12 @@ def atomic_path(path) -> Iterator[Path]:
         finally:
             os.close(fd)
         os.replace(tmp, path)
+    except OSError as exc:
+        _remove(tmp)
+        if exc.errno is None:
+            raise
+        # the same error (ENOSPC, EACCES ...) naming the file the user asked for, not our temporary name
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc  # (OSError picks the subclass by errno)
     except BaseException:
         _remove(tmp)
         raise
@@ -123,7 +129,7 @@ def atomic_savez(path, **arrays) -> None:
         np.savez(f, **arrays)
 
 
-def replace_directory(path, write: Callable[[Path], None], manifest: str, what: str = "directory") -> None:
+def replace_directory(path, write: Callable[[Path], None], manifest: str, what: str = "an output of ours") -> None:
     """Build a directory output with `write(tmp_dir)`, then swap it in for `path`.
 
     `path`, when it exists, must be a directory holding `manifest` (one we wrote): anything else (a file, the
@@ -134,10 +140,10 @@ def replace_directory(path, write: Callable[[Path], None], manifest: str, what: 
     target = path.absolute()
     if path.exists() or path.is_symlink():
         if not path.is_dir() or path.is_symlink():
-            raise InputError(f"{path}: exists and is not a {what} directory; refusing to replace it "
+            raise InputError(f"{path}: exists and is not a directory; refusing to replace it "
                              "(remove it or choose another output path)")
         if not (path / manifest).is_file():
-            raise InputError(f"{path}: exists and is not a {what} (no {manifest}); refusing to replace it "
+            raise InputError(f"{path}: exists and is not {what} (no {manifest}); refusing to replace it "
                              "(remove it or choose another output path)")
         if target == Path.cwd().absolute():
             raise InputError(f"{path}: is the current directory; choose another output path")

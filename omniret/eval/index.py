@@ -139,7 +139,7 @@ class SearchIndex:
                 "count": len(self), "metric": "cosine (inner product, L2-normalised)", "model": self.model},
                 indent=2)
 
-        replace_directory(path, write, MANIFEST, what="index bundle")
+        replace_directory(path, write, MANIFEST, what="an index bundle")
 
     @classmethod
     def load(cls, path: str) -> "SearchIndex":
