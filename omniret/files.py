@@ -60,10 +60,11 @@ def _remove(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path) -> Iterator[Path]:
+def atomic_path(path, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `path` for a writer that takes a file name (safetensors, FAISS, savefig).
     When the block ends normally the file is fsynced and renamed over `path`; when it raises (KeyboardInterrupt
-    included) the temporary file is removed and `path` is untouched."""
+    included) the temporary file is removed and `path` is untouched. `durable=False` skips the fsyncs, for many
+    small files that can be made again (a killed process still leaves whole files; a power cut may not)."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(21, "Is a directory", str(path))
@@ -71,11 +72,12 @@ def atomic_path(path) -> Iterator[Path]:
     tmp = _temp_beside(path)
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if durable:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
     except OSError as exc:
         _remove(tmp)
@@ -86,7 +88,8 @@ def atomic_path(path) -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 @contextlib.contextmanager

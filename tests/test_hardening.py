@@ -479,3 +479,27 @@ def test_mbeir_media_paths_outside_the_root_are_refused(tmp_path):
     assert flagged == {2, 3, 4, 5}, mbeir.format_report(problems)
     opened = [c.media.get("image") for c in cands if c.media.get("image")]
     assert opened == [os.path.join(str(root), "img/ok.png")]
+
+
+def test_damaged_audio_cache_is_made_again(tmp_path, monkeypatch):
+    """A damaged entry of the demo's speech cache (a 0-byte .npy) is synthesised again with a notice, not a
+    traceback. (Synthesis is stubbed: the cache logic is what is tested.)"""
+    from types import SimpleNamespace
+
+    from omniret.data import digits
+
+    monkeypatch.setattr(digits.tts, "require_tools", lambda: None)
+    monkeypatch.setattr(digits.tts, "list_voices", lambda: [])
+    monkeypatch.setattr(digits.tts, "tool_versions", lambda: {})
+    clip = (3, SimpleNamespace(voice=SimpleNamespace(key="v"), accent=None, speed=1.0, pitch=50))
+    monkeypatch.setattr(digits, "_audio_plan", lambda split, cfg: {"test": [clip]})
+    made = []
+    monkeypatch.setattr(digits, "_synthesize_all",
+                        lambda clips, workers, progress: made.append(1) or [np.ones(10, np.float32) for _ in clips])
+    cfg, logged = digits.DigitsConfig(), []
+    digits.build_audio(cfg, cache_dir=str(tmp_path), log=logged.append)
+    (waves,) = list(tmp_path.glob("audio-*/test_waves.npy"))
+    waves.write_bytes(b"")
+    out = digits.build_audio(cfg, cache_dir=str(tmp_path), log=logged.append)
+    assert made == [1, 1] and out["test"]["waves"][0].tolist() == [1.0] * 10
+    assert any("damaged" in line for line in logged)

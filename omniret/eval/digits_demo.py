@@ -361,14 +361,16 @@ def export_gallery(split, root: str) -> list:
     records = []
     for i in range(len(split.image_labels)):
         path = os.path.join(root, "images", f"{i:04d}_digit{int(split.image_labels[i])}.png")
-        if not os.path.exists(path):
-            Image.fromarray((split.images[i].numpy() * 255).round().astype(np.uint8), mode="L").save(path)
+        if not os.path.exists(path):  # (written whole or not at all: a kept file is never a torn one)
+            with atomic_path(path, durable=False) as tmp:
+                Image.fromarray((split.images[i].numpy() * 255).round().astype(np.uint8), mode="L").save(tmp)
         records.append({"id": f"image:{i}", "modality": "image", "digit": int(split.image_labels[i]), "path": path})
     for j in range(len(split.audio_labels)):
         voice = split.audio_voices[j].replace(":", "-")
         path = os.path.join(root, "audio", f"{j:04d}_digit{int(split.audio_labels[j])}_{voice}.wav")
         if not os.path.exists(path):
-            sf.write(path, split.waves[j], 16000, subtype="PCM_16")
+            with atomic_path(path, durable=False) as tmp:
+                sf.write(tmp, split.waves[j], 16000, subtype="PCM_16")
         records.append({"id": f"audio:{j}", "modality": "audio", "digit": int(split.audio_labels[j]),
                         "voice": split.audio_voices[j], "path": path})
     return records
