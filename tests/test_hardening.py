@@ -409,6 +409,20 @@ def test_bad_train_configs_are_one_line(tmp_path, capsys, name, text, expected):
     assert expected in err
 
 
+@pytest.mark.parametrize("config,expected", [
+    ({"media_latents": "eight"}, "media_latents"), ([1, 2], "mapping"), ({"llm": 5}, "llm"),
+    ({"llm": {"kind": "llm", "pathh": "x"}}, "pathh"), ({"llm": {"path": "x"}}, "llm.kind"),
+], ids=["wrong-type", "not-a-mapping", "backbone-not-a-mapping", "unknown-backbone-key", "missing-kind"])
+def test_bad_model_configs_are_one_line(tmp_path, capsys, config, expected):
+    """A model config (`omniret info --config`, a model directory's config.json) with a field of the wrong type,
+    an unknown or missing key: one line naming the field, exit 2."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    rc, err = run_cli(["info", "--config", path], capsys)
+    assert_one_line_error(rc, err, "info")
+    assert expected in err
+
+
 def test_non_image_file_and_directory_as_file_are_one_line(models, bundle, corpus, tmp_path, capsys):
     """A text file given as --image, and a directory given as --input: one line each, exit 2."""
     notes = tmp_path / "notes.txt"
