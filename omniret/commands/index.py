@@ -26,9 +26,9 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from omniret.commands.encode import encode_file
-    from omniret.fingerprint import fingerprint_model
     from omniret.eval.index import SearchIndex, ann_recall
     from omniret.eval.io import load_model
+    from omniret.fingerprint import fingerprint_model
 
     model = load_model(args.model)
     ids, items, meta, emb = encode_file(model, args.corpus, root=args.root, batch_size=args.batch_size)

@@ -9,7 +9,8 @@
     }
 A `factory` is code by design: `omniret train` imports the named module and calls the function, so a config is
 as trusted as a script; train only from config files you wrote or checked (model directories and checkpoints, in
-contrast, never run code). Relative paths in the config are relative to the config file. Under `torchrun` (WORLD_SIZE > 1) the process
+contrast, never run code).
+Relative paths in the config are relative to the config file. Under `torchrun` (WORLD_SIZE > 1) the process
 group is initialised here (nccl on GPUs, gloo on CPU) and rank 0 writes the checkpoints and metrics;
 `--strategy fsdp` shards the model with FSDP2 instead of replicating it (DDP).
 """

@@ -15,7 +15,8 @@ import torch
 from omniret.config import BackboneConfig
 from omniret.errors import InputError
 
-__all__ = ["WEIGHT_PACKAGES", "resolve_backbone_path", "is_hub_name", "from_pretrained_kwargs", "torch_dtype", "read_local_config"]
+__all__ = ["WEIGHT_PACKAGES", "resolve_backbone_path", "is_hub_name", "from_pretrained_kwargs", "torch_dtype",
+           "read_local_config"]
 
 # the packages a `pkg:<module>` backbone path may import (each ships weights and a get_model_path()): a fixed
 # list, so that a model directory's config can never import a module of its choosing
