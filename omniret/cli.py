@@ -49,13 +49,27 @@ def main(argv=None) -> int:
         raise
     try:
         return int(module.run(args) or 0)
-    except (ValueError, FileNotFoundError, FloatingPointError) as exc:
-        # bad input (our checks raise ValueError naming the flag or field) or a diverged run: one line, no traceback
-        # (OMNIRET_DEBUG=1 shows it)
+    except (ValueError, OSError, FloatingPointError) as exc:
+        # expected failures, one line and no traceback (OMNIRET_DEBUG=1 shows it): bad input (ValueError, with
+        # InputError for files and configs, naming the flag, field or file), the file system (a missing,
+        # unreadable or non-image file, a directory given as a file, permissions, a full disk: OSError), or a
+        # diverged run (FloatingPointError). Anything else is a bug and keeps its traceback.
         if os.environ.get("OMNIRET_DEBUG"):
             raise
-        print(f"omniret {args.command}: error: {exc}", file=sys.stderr)
+        print(f"omniret {args.command}: error: {describe(exc)}", file=sys.stderr)
         return 1 if isinstance(exc, FloatingPointError) else 2
+
+
+def describe(exc: BaseException) -> str:
+    """OSErrors as "<what went wrong>: <file>"; ValueErrors as written (a validator's report lists its problems
+    a line each); anything else by its first line."""
+    if isinstance(exc, OSError) and exc.strerror:
+        files = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        return f"{exc.strerror}: {files}" if files else exc.strerror
+    text = str(exc).strip()
+    if isinstance(exc, ValueError):
+        return text or type(exc).__name__
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 if __name__ == "__main__":

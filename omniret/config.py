@@ -135,6 +135,10 @@ class OmniRetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "OmniRetConfig":
+        from omniret.errors import InputError, check_field_types  # a config from a file: types checked by name
+
+        if not isinstance(d, dict):
+            raise InputError(f"an OmniRetConfig must be a mapping, got {type(d).__name__}")
         d = dict(d)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
@@ -142,13 +146,23 @@ class OmniRetConfig:
             raise ValueError(f"unknown OmniRetConfig fields {unknown}")
         for key in ("image_encoder", "audio_encoder", "llm"):
             if isinstance(d.get(key), dict):
+                bad = sorted(set(d[key]) - {f.name for f in dataclasses.fields(BackboneConfig)})
+                if bad:
+                    raise InputError(f"unknown {key} fields {bad}")
+                if "kind" not in d[key]:
+                    raise InputError(f"{key}.kind is required")
                 d[key] = BackboneConfig(**d[key])
-        if "video_grid" in d:
+                check_field_types(d[key], key)
+        if isinstance(d.get("video_grid"), list):
             d["video_grid"] = tuple(d["video_grid"])
-        return cls(**d).validate()
+        config = cls(**d)
+        check_field_types(config, "config")
+        return config.validate()
 
     def to_json(self, path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        from omniret.files import atomic_write_json
+
+        atomic_write_json(path, self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, path) -> "OmniRetConfig":

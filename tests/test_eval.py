@@ -210,7 +210,7 @@ def test_eval_command_on_mbeir_files_with_the_tiny_preset(tmp_path, capsys):
     assert set(metrics) == {"R@1", "R@5"} and metrics["R@5"] == 1.0  # 5 candidates: top 5 holds everything
     assert data["details"]["toy_task0"]["queries"] == 3 and data["details"]["toy_task0"]["candidates"] == 5
     assert "| toy_task0 | composed |" in (out / "results.md").read_text()
-    assert len(list((out / "embedding_cache").glob("*.npy"))) == 1
+    assert len(list((out / "embedding_cache").glob("*.npz"))) == 1
     # a broken file stops the run before any encoding, naming the line
     with open(root / "query" / "test" / "mbeir_toy_task0_test.jsonl", "a") as f:
         f.write("{oops\n")

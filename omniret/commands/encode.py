@@ -1,11 +1,10 @@
 """`omniret encode`: embed queries or a corpus from a jsonl file to an .npz (embeddings + ids)."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from omniret.commands._args import positive_int
+from omniret.files import atomic_savez
 
 
 def add_arguments(p) -> None:
@@ -39,7 +38,7 @@ def run(args) -> int:
 
     model = load_model(args.model)
     ids, _, _, emb = encode_file(model, args.input, args.queries, args.instruction, args.root, args.batch_size)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    np.savez(args.output, embeddings=emb, ids=np.array(ids))
+    # atomic: a kill or a full disk leaves the previous file, never a truncated one
+    atomic_savez(args.output, embeddings=emb, ids=np.array(ids))
     print(f"encoded {len(ids)} {'queries' if args.queries else 'candidates'} -> {args.output} {emb.shape}")
     return 0

@@ -61,9 +61,10 @@ def run(args) -> int:
     if problems and not args.force:
         print("omniret eval: fix the problems above (or pass --force) before a long run", file=sys.stderr)
         return 1
-    from omniret.eval.cache import EmbeddingCache, fingerprint_model
+    from omniret.eval.cache import EmbeddingCache
     from omniret.eval.evaluate import evaluate, write_results
     from omniret.eval.io import load_model
+    from omniret.fingerprint import fingerprint_model
 
     model = load_model(args.model, args.preset)
     tasks, pool_objs = build_tasks(loaded, pools, table, args.seed)

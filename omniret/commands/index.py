@@ -11,7 +11,8 @@ from omniret.commands._args import positive_int
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="a save_pretrained directory; recorded in the bundle for search")
     p.add_argument("--corpus", required=True, help="jsonl of items or M-BEIR candidates (see `omniret encode`)")
-    p.add_argument("--output", required=True, help="bundle directory to write")
+    p.add_argument("--output", required=True, help="bundle directory to write; an existing bundle there is replaced "
+                                                   "once the new one is complete, anything else is refused")
     p.add_argument("--kind", default="flat", choices=("flat", "ivf", "hnsw"))
     p.add_argument("--nlist", type=positive_int, default=None, help="IVF cells (default ~4 sqrt(N))")
     p.add_argument("--nprobe", type=positive_int, default=None, help="IVF cells searched (default nlist / 8)")
@@ -25,9 +26,9 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from omniret.commands.encode import encode_file
-    from omniret.eval.cache import fingerprint_model
     from omniret.eval.index import SearchIndex, ann_recall
     from omniret.eval.io import load_model
+    from omniret.fingerprint import fingerprint_model
 
     model = load_model(args.model)
     ids, items, meta, emb = encode_file(model, args.corpus, root=args.root, batch_size=args.batch_size)

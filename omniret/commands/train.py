@@ -7,6 +7,9 @@
       "train": {...TrainConfig fields, "stages": [{"stage": 1, "steps": 100, "batch_size": 64}, ...]},
       "save_to": DIR                                     # optional: model.save_pretrained(DIR) at the end
     }
+A `factory` is code by design: `omniret train` imports the named module and calls the function, so a config is
+as trusted as a script; train only from config files you wrote or checked (model directories and checkpoints, in
+contrast, never run code).
 Relative paths in the config are relative to the config file. Under `torchrun` (WORLD_SIZE > 1) the process
 group is initialised here (nccl on GPUs, gloo on CPU) and rank 0 writes the checkpoints and metrics;
 `--strategy fsdp` shards the model with FSDP2 instead of replicating it (DDP).
@@ -41,9 +44,15 @@ def load_config(path) -> dict:
             import yaml
         except ImportError as exc:
             raise ValueError("--config: YAML configs need PyYAML (pip install pyyaml); or use JSON") from exc
-        cfg = yaml.safe_load(text)
+        try:
+            cfg = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--config: {path} is not valid YAML ({' '.join(str(exc).split())})") from None
     else:
-        cfg = json.loads(text)
+        try:
+            cfg = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"--config: {path} is not valid JSON ({exc})") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"--config: {path} must hold a mapping at the top level")
     unknown = set(cfg) - {"model", "data", "train", "save_to"}
@@ -57,7 +66,14 @@ def _call_factory(spec: dict, what: str):
     if not isinstance(target, str) or ":" not in target:
         raise ValueError(f"{what}.factory must be 'package.module:function', got {target!r}")
     module, _, name = target.partition(":")
-    fn = getattr(importlib.import_module(module), name, None)
+    # code by design: the user's own config file names the function that builds their model or data
+    try:
+        imported = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not (module == exc.name or module.startswith(exc.name + ".")):
+            raise  # the factory's module exists but fails to import: its own traceback says why
+        raise ValueError(f"{what}.factory: no module named {exc.name!r} (is it installed, or on PYTHONPATH?)") from None
+    fn = getattr(imported, name, None)
     if fn is None:
         raise ValueError(f"{what}.factory: {module} has no {name}")
     return fn(**spec.get("kwargs", {}))

@@ -178,7 +178,11 @@ def build_audio(cfg: DigitsConfig, cache_dir: str | None = None, workers: int = 
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     root = os.path.join(cache_dir or default_cache_dir(), f"audio-{key}")
     if os.path.exists(os.path.join(root, "meta.json")):
-        return _load_audio(root)
+        try:
+            return _load_audio(root)
+        except (OSError, ValueError, EOFError, KeyError) as exc:  # a damaged entry (0 bytes, torn): make it again
+            log(f"audio cache {root} is damaged ({type(exc).__name__}: {exc}); synthesising it again")
+            shutil.rmtree(root, ignore_errors=True)
     plan = _audio_plan(split, cfg)
     total = sum(len(v) for v in plan.values())
     log(f"synthesising {total} spoken digits with espeak-ng and flite (cached in {root}) ...")

@@ -12,7 +12,8 @@ Layout under a root directory (the files of one task share the stem `mbeir_<name
                                                          dataset_id, prompt_1 .. prompt_n
 
 ids look like `<dataset_id>:<n>`; modalities are comma-separated ("image,text"). Media paths are relative to
-the root. `validate` reports every malformed line and missing media file before a long run starts.
+the root and must stay inside it (absolute paths, `..` and symlinks leading out are refused). `validate` reports
+every malformed line, missing media file and path outside the root before a long run starts.
 """
 from __future__ import annotations
 
@@ -97,11 +98,31 @@ def _check_media(obj: dict, modality: str, fields: dict, root: str, path: str, n
             if not isinstance(value, str) or not value:
                 problems.append(Problem(path, n, f"modality {modality!r} needs a {key}"))
                 continue
-            full = value if os.path.isabs(value) else os.path.join(root, value)
+            escape = outside_root(value, root, resolve_links=check_files)
+            if escape:  # refused: never opened, even under --force
+                problems.append(Problem(path, n, f"{key} {value!r}: {escape}"))
+                continue
+            full = os.path.join(root, value)
             if check_files and not os.path.exists(full):
                 problems.append(Problem(path, n, f"missing {mod} file {full}"))
             media[mod] = full
     return media
+
+
+def outside_root(value: str, root: str, resolve_links: bool = True) -> str | None:
+    """Why the media path `value` would read outside the data root `root` (None when it stays inside): it is
+    absolute, climbs with "..", or (`resolve_links`) goes through a symlink that leads out of the root. A data
+    set's files must not make a run read the rest of the machine."""
+    if os.path.isabs(value) or value.startswith("~"):
+        return "an absolute path; media paths must be relative to the data root"
+    if ".." in value.replace("\\", "/").split("/"):
+        return "climbs out of the data root with '..'"
+    if resolve_links:
+        real_root = os.path.realpath(root)
+        real = os.path.realpath(os.path.join(root, value))
+        if os.path.commonpath([real_root, real]) != real_root:
+            return f"a symlink to {real}, outside the data root {real_root}"
+    return None
 
 
 def _text_field(obj: dict, key: str, modality: str, path: str, n: int, problems: list) -> str | None:

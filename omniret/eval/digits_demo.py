@@ -19,6 +19,7 @@ import torch
 from omniret.data import digits
 from omniret.eval.evaluate import EvalTask, Pool, Results, evaluate, write_results
 from omniret.eval.recall import task_group
+from omniret.files import append_jsonl, atomic_path, atomic_write_text
 
 GOALS = {"composed": 0.90, "single": 0.97}  # Recall@5 goals of the issue
 
@@ -276,8 +277,7 @@ def train(model, bench: dict, opts: DemoOptions, log=print, log_path: str | None
                 rec = {"step": step, "time": now, "lr": opts.lr * factor, **stats}
                 history.append(rec)
                 if log_path:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(rec) + "\n")
+                    append_jsonl(log_path, rec)
                 if bar is not None:
                     bar.set_postfix(loss=f"{stats['loss']:.3f}", pairs_s=f"{step * len(queries) / now:.0f}")
                     bar.update(1 if opts.steps else int(now) - bar.n)
@@ -308,7 +308,8 @@ def eval_tasks(split, opts: DemoOptions) -> tuple[list, dict]:
 
 
 def evaluate_model(model, split, opts: DemoOptions, log=print) -> Results:
-    from omniret.eval.cache import EmbeddingCache, fingerprint_model
+    from omniret.eval.cache import EmbeddingCache
+    from omniret.fingerprint import fingerprint_model
 
     tasks, pools = eval_tasks(split, opts)
     cache = EmbeddingCache(os.path.join(opts.output, "embedding_cache"))
@@ -344,7 +345,8 @@ def plot_curve(history: list, path: str) -> None:
     axes[1].set_xlabel("step")
     axes[1].set_title("diversity loss (Eq. 5-6)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
@@ -359,27 +361,30 @@ def export_gallery(split, root: str) -> list:
     records = []
     for i in range(len(split.image_labels)):
         path = os.path.join(root, "images", f"{i:04d}_digit{int(split.image_labels[i])}.png")
-        if not os.path.exists(path):
-            Image.fromarray((split.images[i].numpy() * 255).round().astype(np.uint8), mode="L").save(path)
+        if not os.path.exists(path):  # (written whole or not at all: a kept file is never a torn one)
+            with atomic_path(path, durable=False) as tmp:
+                Image.fromarray((split.images[i].numpy() * 255).round().astype(np.uint8), mode="L").save(tmp)
         records.append({"id": f"image:{i}", "modality": "image", "digit": int(split.image_labels[i]), "path": path})
     for j in range(len(split.audio_labels)):
         voice = split.audio_voices[j].replace(":", "-")
         path = os.path.join(root, "audio", f"{j:04d}_digit{int(split.audio_labels[j])}_{voice}.wav")
         if not os.path.exists(path):
-            sf.write(path, split.waves[j], 16000, subtype="PCM_16")
+            with atomic_path(path, durable=False) as tmp:
+                sf.write(tmp, split.waves[j], 16000, subtype="PCM_16")
         records.append({"id": f"audio:{j}", "modality": "audio", "digit": int(split.audio_labels[j]),
                         "voice": split.audio_voices[j], "path": path})
     return records
 
 
-def build_gallery_index(results: Results, split, opts: DemoOptions, model_dir: str, log=print) -> dict:
+def build_gallery_index(results: Results, split, opts: DemoOptions, model_dir: str, log=print,
+                        fingerprint: str | None = None) -> dict:
     """One index over the whole test gallery (images, then audio), from the embeddings the evaluation just
     computed; reports the recall of IVF and HNSW against exact search on the evaluation's queries."""
     from omniret.eval.index import SearchIndex, ann_recall
 
     records = export_gallery(split, os.path.join(opts.output, "gallery"))
     emb = torch.cat([results.pool_embeddings["image"], results.pool_embeddings["audio"]])
-    ref = {"path": os.path.abspath(model_dir), "preset": "demo", "pooling": opts.pooling}
+    ref = {"path": os.path.abspath(model_dir), "preset": "demo", "pooling": opts.pooling, "fingerprint": fingerprint}
     exact = SearchIndex.build(emb, ids=[r["id"] for r in records], items=records, kind="flat", model=ref)
     exact.save(os.path.join(opts.output, "index"))
     report = {"count": len(exact), "dim": exact.dim, "path": os.path.join(opts.output, "index")}
@@ -439,7 +444,10 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
     t1 = time.perf_counter()
     results = evaluate_model(model, bench["test"], opts, log)
     t_eval = time.perf_counter() - t1
-    index_report = build_gallery_index(results, bench["test"], opts, model_dir, log) if opts.build_index else None
+    from omniret.fingerprint import fingerprint_model  # recorded in the bundle: `omniret search` checks it
+
+    index_report = (build_gallery_index(results, bench["test"], opts, model_dir, log, fingerprint_model(model))
+                    if opts.build_index else None)
     info = {
         "pooling": opts.pooling, "steps": len(history),
         "pairs_seen": len(history) * sum(task_counts(opts).values()),
@@ -451,7 +459,6 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
         "data": asdict(opts.data), "index": index_report,
     }
     write_results(results, os.path.join(opts.output, "results.json"), None, goals=check_goals(results), info=info)
-    with open(os.path.join(opts.output, "results.md"), "w") as f:
-        f.write(results_markdown(results, info))
+    atomic_write_text(os.path.join(opts.output, "results.md"), results_markdown(results, info))
     print_table(results, log)
     return {"results": results, "info": info, "history": history}

