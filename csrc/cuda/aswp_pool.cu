@@ -24,31 +24,7 @@ namespace {
 
 using namespace omniret::aswp;
 
-constexpr int kThreads = 128;
-constexpr int kMaxCols = 32;
-
-int floor_pow2(int v) {
-  int p = 1;
-  while (p * 2 <= v) p *= 2;
-  return p;
-}
-
-int log2_int(int pow2) {
-  int k = 0;
-  while ((1 << k) < pow2) ++k;
-  return k;
-}
-
-// Columns per block: as many as keep the block's working set near 16-24 KB, so several blocks share an SM.
-int forward_cols(int n_pow2) {
-  const int cols = 2048 / n_pow2;
-  return cols < 1 ? 1 : (cols > kMaxCols ? kMaxCols : cols);
-}
-
-int backward_cols(int n, int m) {
-  const int cols = floor_pow2(4096 / (n + m) > 0 ? 4096 / (n + m) : 1);
-  return cols > kMaxCols ? kMaxCols : cols;
-}
+using namespace aswp_launch;
 
 // Tree reduction over the groups of a (groups x cols) thread grid in shared memory; afterwards slot c holds
 // column c's result. Every thread of the block must call it (it synchronises).
@@ -280,23 +256,11 @@ cudaError_t allow_shared(Kernel kernel, size_t bytes) {
 
 }  // namespace
 
-size_t aswp_pool_forward_shared_bytes(int N, int M) {
-  const int n_pow2 = next_pow2(N), cols = forward_cols(n_pow2);
-  return size_t(n_pow2) * cols * sizeof(uint64_t) + size_t(N) * cols * sizeof(float) + kThreads * sizeof(float) +
-         size_t(M) * (sizeof(int) + sizeof(float));
-}
-
-size_t aswp_pool_backward_shared_bytes(int N, int M) {
-  const int cols = backward_cols(N, M);
-  return size_t(N + M) * cols * sizeof(float) + size_t(M) * (sizeof(int) + sizeof(float)) +
-         size_t(2 * (N + 1)) * sizeof(int) + size_t(kThreads) * (2 * sizeof(float) + 2 * sizeof(int));
-}
-
 cudaError_t aswp_pool_forward(const float* proj, const uint8_t* valid, const int* n_valid, const float* ref_sorted,
                               const float* weight_sorted, int B, int N, int L, int M, int pooling, float* out,
                               float* sorted, void* sorted_tokens, bool rank_u8, cudaStream_t stream) {
   const int n_pow2 = next_pow2(N), cols = forward_cols(n_pow2), log_cols = log2_int(cols);
-  const size_t shared = aswp_pool_forward_shared_bytes(N, M);
+  const size_t shared = forward_shared_bytes(N, M);
   const dim3 grid((L + cols - 1) / cols, B);
   cudaError_t err;
   if (rank_u8) {
@@ -318,7 +282,7 @@ cudaError_t aswp_pool_backward(const float* grad, const int* n_valid, const floa
                                bool rank_u8, int B, int N, int L, int M, int pooling, float inv_temperature,
                                float* dp, float* dref_partial, float* dweight_partial, cudaStream_t stream) {
   const int cols = backward_cols(N, M), log_cols = log2_int(cols);
-  const size_t shared = aswp_pool_backward_shared_bytes(N, M);
+  const size_t shared = backward_shared_bytes(N, M);
   const dim3 grid((L + cols - 1) / cols, B);
   cudaError_t err;
   if (rank_u8) {

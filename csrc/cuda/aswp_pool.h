@@ -8,14 +8,14 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "aswp_pool_launch.h"
+
 namespace omniret {
 namespace cuda {
 
-// Dynamic shared memory one block of each kernel needs at these sizes. The glue compares them with the device's
-// opt-in limit (cudaDevAttrMaxSharedMemoryPerBlockOptin) and refuses larger shapes before launch; the launchers
-// opt in to more than the default 48 KiB when a shape needs it.
-size_t aswp_pool_forward_shared_bytes(int N, int M);
-size_t aswp_pool_backward_shared_bytes(int N, int M);
+// The dynamic shared memory of one block, aswp_launch::forward_shared_bytes / backward_shared_bytes (in
+// aswp_pool_launch.h), is what the glue compares with the device's opt-in limit before launch; the launchers opt
+// in to more than the default 48 KiB when a shape needs it.
 
 // proj (B * N, L) float32; valid (B, N) uint8 or nullptr (all valid); n_valid (B) int32, each >= 1 (a sample
 // without a valid token gets NaN); ref_sorted and weight_sorted (M, L) float32 in rank order (weight_sorted only

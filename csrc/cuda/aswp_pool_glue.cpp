@@ -69,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aswp_pool_fwd_cuda(
   TORCH_CHECK_VALUE(code != 3 || weights.has_value(), "weights: pooling='weighted' needs weights");
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2), L = directions.size(0), M = references.size(0);
   cuda::check_shared_memory_fits("aswp_pool forward", aswp_shape(N, M),
-                                 cuda::aswp_pool_forward_shared_bytes(int(N), int(M)));
+                                 cuda::aswp_launch::forward_shared_bytes(int(N), int(M)));
   AswpPrepared P = aswp_prepare(x, directions, references, mask, weights, code == 3, normalize_directions);
   at::Tensor proj = at::mm(x.to(at::kFloat).reshape({B * N, D}), P.theta.t()).contiguous();
   at::Tensor out = at::empty({B, L}, x.options().dtype(at::kFloat));
@@ -103,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aswp_pool_bwd_cuda(
   TORCH_CHECK_VALUE(sorted_tokens.scalar_type() == at::kByte || sorted_tokens.scalar_type() == at::kInt,
                     "aswp_pool backward: sorted_tokens must be uint8 or int32, got ", sorted_tokens.scalar_type());
   cuda::check_shared_memory_fits("aswp_pool backward", aswp_shape(N, M),
-                                 cuda::aswp_pool_backward_shared_bytes(int(N), int(M)));
+                                 cuda::aswp_launch::backward_shared_bytes(int(N), int(M)));
   AswpPrepared P = aswp_prepare(x, directions, references, mask, weights, code == 3, normalize_directions);
   at::Tensor g = grad_out.to(at::kFloat).contiguous();
   at::Tensor s = sorted.to(at::kFloat).contiguous(), tr = sorted_tokens.contiguous();

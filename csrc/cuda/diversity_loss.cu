@@ -16,7 +16,7 @@ namespace omniret {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = kDiversityThreads;
 constexpr int kWarps = kThreads / 32;
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -137,8 +137,6 @@ cudaError_t launch_inverse_norms(const float* m, int rows, int D, bool normalize
 }
 
 }  // namespace
-
-size_t diversity_loss_backward_shared_bytes(int N) { return (static_cast<size_t>(N) + kWarps) * sizeof(float); }
 
 cudaError_t diversity_loss_forward(const float* m, const int64_t* seed, int B, int N, int D, uint32_t threshold,
                                    float scale, float gamma, bool normalize, float* inv_norm, float* partial,

@@ -28,7 +28,11 @@ cudaError_t diversity_keep_mask(const int64_t* seed, int B, int N, uint32_t thre
 
 // Dynamic shared memory of one backward block: row i's N coefficients and the per-warp sums. The glue checks it
 // against the device's opt-in limit before launch; the launcher opts in when it exceeds the default 48 KiB.
-size_t diversity_loss_backward_shared_bytes(int N);
+// (Plain C++ so the CPU test in tests/test_cuda_compile.py can report it at the paper's shapes.)
+constexpr int kDiversityThreads = 256;
+inline size_t diversity_loss_backward_shared_bytes(int N) {
+  return (static_cast<size_t>(N) + kDiversityThreads / 32) * sizeof(float);
+}
 
 }  // namespace cuda
 }  // namespace omniret
