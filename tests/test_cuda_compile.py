@@ -255,6 +255,23 @@ def test_float32_quantile_table_matches_the_float64_position(compiled):
     assert weight_mismatch == 0, f"{weight_mismatch} of {checked} weights differ by more than one float32 ulp"
 
 
+def test_built_extension_carries_ptx_for_newer_gpus():
+    """The built _C_cuda reports its targets, and they include generic PTX at least as new as its newest SASS, so
+    GPUs newer than any SASS target JIT-compile it (arch-specific compute_XXa PTX would JIT on X.X only)."""
+    from omniret_kernels import _ext
+
+    if not _ext.cuda_extension_built():
+        pytest.skip("omniret_kernels._C_cuda is not built here")
+    import omniret_kernels._C_cuda as cuda_ext
+
+    archs = cuda_ext.built_archs()
+    sass = [int(re.search(r"\d+", a).group()) for a in archs if a.startswith("sm_")]
+    ptx = [int(a[len("compute_"):]) for a in archs if re.fullmatch(r"compute_\d+", a)]
+    assert sass and ptx, f"_C_cuda carries {archs}: no SASS or no generic PTX"
+    assert max(ptx) >= max(sass), f"_C_cuda carries {archs}: its PTX is older than its newest SASS"
+    assert "sm_80" in archs, f"_C_cuda carries {archs}: no sm_80 SASS for the 8.x GPUs"
+
+
 if __name__ == "__main__":
     if NVCC is None:
         sys.exit("nvcc not found (set CUDA_HOME)")
