@@ -7,10 +7,14 @@ has a stack frame (local memory), and the dynamic shared memory of each kernel a
 arch's opt-in limit. A small host program also checks the float32 quantile table of the ASWP kernel
 (csrc/cuda/aswp_quantile.h) against the float64 position of the shared header for every rank at n, M <= 300.
 
-These kernels are COMPILED ONLY on the development machine (no GPU): this checks how they compile, not what they
-compute. Skipped when nvcc is absent. The table is printed (pytest -s) and kept in docs/cuda_compile.md:
+These kernels are COMPILED ONLY on the development machine (no GPU). What the ASWP kernels compute is checked by
+running them on the CPU: csrc/cuda/emulation/cuda_on_cpu.h stands in for blocks, threads, shared memory and
+__syncthreads (each block as 128 std::threads at a std::barrier), and the forward and backward kernels' outputs are
+compared with the float64 reference for every pooling on ragged masks. That executes their thread layout and
+reductions; it is not a GPU run (no warps, no coalescing, no timing). Skipped when nvcc is absent. The ptxas table
+is printed (pytest -s) and kept in docs/cuda_compile.md:
     python tests/test_cuda_compile.py            # prints the markdown table that docs/cuda_compile.md holds
-Takes ~30-60 s on 2 cores (4 cubins + one host program, two compiles at a time).
+Takes ~40-60 s on 2 cores (4 cubins, one host probe, the emulator build and 16 emulated cases).
 """
 from __future__ import annotations
 
@@ -253,6 +257,109 @@ def test_float32_quantile_table_matches_the_float64_position(compiled):
     assert checked == sum(range(1, 301)) * 300
     assert position_mismatch == 0, f"{position_mismatch} of {checked} (rank, n, M) give another lo/hi"
     assert weight_mismatch == 0, f"{weight_mismatch} of {checked} weights differ by more than one float32 ulp"
+
+
+# ---- The ASWP kernels' thread layout, executed on the CPU (csrc/cuda/emulation): not a GPU run ----
+POOLING_CODES = {"stm": 0, "max": 1, "mean": 2, "weighted": 3}
+
+
+@pytest.fixture(scope="module")
+def aswp_emulator(tmp_path_factory):
+    """The ASWP CUDA kernels built with g++ against the CPU stand-in for blocks, threads, shared memory and
+    __syncthreads (csrc/cuda/emulation/cuda_on_cpu.h)."""
+    cuda_include = Path(NVCC).resolve().parents[1] / "include"
+    binary = tmp_path_factory.mktemp("emulator") / "aswp_pool_emulated"
+    build = subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", f"-I{ROOT / 'csrc' / 'include'}",
+                            f"-I{cuda_include}", "-o", str(binary),
+                            str(CUDA_DIR / "emulation" / "aswp_pool_emulated.cpp")],
+                           capture_output=True, text=True, timeout=300)
+    if build.returncode != 0 and shutil.which("g++") is None:
+        pytest.skip("g++ not found: the CPU emulation of the CUDA kernels needs a host C++20 compiler")
+    assert build.returncode == 0, f"the emulated ASWP kernels did not build:\n{build.stderr[-4000:]}"
+    return binary
+
+
+def run_aswp_emulated(binary, tmp_path, proj, valid, references, weights, grad, pooling, temperature, rank_u8):
+    import numpy as np
+    import torch
+
+    B, N, L = proj.shape
+    M = references.shape[0]
+    ref_sorted, order = torch.sort(references, dim=0, stable=True)
+    weighted = pooling == "weighted"
+    header = np.array([B, N, L, M, POOLING_CODES[pooling], int(rank_u8), 1, int(weighted)], dtype=np.int32)
+    parts = [header.tobytes(), np.float32(1.0 / temperature).tobytes(), proj.numpy().tobytes(),
+             valid.to(torch.uint8).numpy().tobytes(), valid.sum(1).to(torch.int32).numpy().tobytes(),
+             ref_sorted.numpy().tobytes(), order.to(torch.int32).numpy().tobytes()]
+    if weighted:
+        parts.append(weights.gather(0, order).numpy().tobytes())
+    parts.append(grad.numpy().tobytes())
+    (tmp_path / "in.bin").write_bytes(b"".join(parts))
+    subprocess.run([str(binary), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")], check=True, timeout=300)
+    flat = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.float32))
+    sizes = {"out": (B, L), "sorted": (B, N, L), "tokens": (B, N, L), "dp": (B, N, L), "dref": (B, M, L)}
+    if weighted:
+        sizes["dweight"] = (B, M, L)
+    result, at = {}, 0
+    for name, shape in sizes.items():
+        count = int(np.prod(shape))
+        result[name] = flat[at:at + count].view(shape)
+        at += count
+    assert at == flat.numel(), "the emulator wrote an unexpected amount of output"
+    # reference and weight gradients: the glue sums the per-sample partials and scatters them back from rank order
+    result["dref"] = torch.empty(M, L).scatter_(0, order, result["dref"].sum(0))
+    if weighted:
+        result["dweight"] = torch.empty(M, L).scatter_(0, order, result["dweight"].sum(0))
+    return result
+
+
+@pytest.mark.parametrize("pooling", ["stm", "max", "mean", "weighted"])
+@pytest.mark.parametrize("B,N,M,L,rank_u8", [
+    (3, 13, 7, 37, True),     # M < N, L not a multiple of the 32 columns per block
+    (2, 21, 50, 9, False),    # M > N: positions read by several ranks; int32 tokens
+    (2, 300, 200, 11, False),  # 4 and 8 columns per block (forward, backward): 32 / 16 thread groups per column
+    (1, 2100, 30, 3, False),  # one column per block: 128 thread groups, a 4096-key sort
+])
+def test_emulated_aswp_kernels_match_the_float64_reference(aswp_emulator, tmp_path, pooling, B, N, M, L, rank_u8):
+    """The forward and backward CUDA kernels, run by the CPU stand-in, give the float64 reference's output,
+    sorted values and tokens, and gradients for x (dp), references and weights, with a ragged mask."""
+    import torch
+
+    from omniret_kernels import reference
+
+    gen = torch.Generator().manual_seed(hash((pooling, B, N, M, L)) % 2**31)
+    proj = torch.randn(B, N, L, generator=gen)
+    valid = torch.rand(B, N, generator=gen) < 0.7
+    valid[:, 0] = True
+    valid[-1] = True  # one sample without padding
+    references = torch.randn(M, L, generator=gen)
+    weights = torch.rand(M, L, generator=gen) / M
+    grad = torch.randn(B, L, generator=gen)
+    temperature = 0.3
+    got = run_aswp_emulated(aswp_emulator, tmp_path, proj, valid, references, weights, grad, pooling, temperature,
+                            rank_u8)
+
+    x = proj.double().requires_grad_()
+    refs = references.double().requires_grad_()
+    w = weights.double().requires_grad_()
+    out = reference.aswp_pool(x, torch.eye(L, dtype=torch.float64), refs, valid, pooling=pooling,
+                              weights=w if pooling == "weighted" else None, normalize_directions=False,
+                              temperature=temperature)
+    (out * grad.double()).sum().backward()
+
+    tol = dict(atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(got["out"].double(), out.detach(), **tol)
+    torch.testing.assert_close(got["dp"].double(), x.grad, **tol)
+    torch.testing.assert_close(got["dref"].double(), refs.grad, **tol)
+    if pooling == "weighted":
+        torch.testing.assert_close(got["dweight"].double(), w.grad, **tol)
+    for b in range(B):
+        n_b = int(valid[b].sum())
+        tokens = valid[b].nonzero().flatten()
+        expected = torch.sort(proj[b][valid[b]], dim=0, stable=True)
+        assert torch.equal(got["sorted"][b, :n_b], expected.values)
+        assert torch.equal(got["tokens"][b, :n_b].long(), tokens[expected.indices])
+        assert torch.all(got["sorted"][b, n_b:] == 0) and torch.all(got["tokens"][b, n_b:] == 0)
 
 
 def test_built_extension_carries_ptx_for_newer_gpus():

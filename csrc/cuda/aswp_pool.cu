@@ -247,6 +247,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+#ifndef OMNIRET_CUDA_EMULATION  // csrc/cuda/emulation runs the kernels above on the CPU, without the launchers
 // Raises the kernel's dynamic shared-memory limit when a launch needs more than the default 48 KiB.
 template <class Kernel>
 cudaError_t allow_shared(Kernel kernel, size_t bytes) {
@@ -254,8 +255,11 @@ cudaError_t allow_shared(Kernel kernel, size_t bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
 }
 
+#endif  // OMNIRET_CUDA_EMULATION
+
 }  // namespace
 
+#ifndef OMNIRET_CUDA_EMULATION
 cudaError_t aswp_pool_forward(const float* proj, const uint8_t* valid, const int* n_valid, const float* ref_sorted,
                               const float* weight_sorted, int B, int N, int L, int M, int pooling, float* out,
                               float* sorted, void* sorted_tokens, bool rank_u8, cudaStream_t stream) {
@@ -298,6 +302,7 @@ cudaError_t aswp_pool_backward(const float* grad, const int* n_valid, const floa
   }
   return cudaGetLastError();
 }
+#endif  // OMNIRET_CUDA_EMULATION
 
 }  // namespace cuda
 }  // namespace omniret
