@@ -7,14 +7,14 @@ has a stack frame (local memory), and the dynamic shared memory of each kernel a
 arch's opt-in limit. A small host program also checks the float32 quantile table of the ASWP kernel
 (csrc/cuda/aswp_quantile.h) against the float64 position of the shared header for every rank at n, M <= 300.
 
-These kernels are COMPILED ONLY on the development machine (no GPU). What the ASWP kernels compute is checked by
-running them on the CPU: csrc/cuda/emulation/cuda_on_cpu.h stands in for blocks, threads, shared memory and
-__syncthreads (each block as 128 std::threads at a std::barrier), and the forward and backward kernels' outputs are
-compared with the float64 reference for every pooling on ragged masks. That executes their thread layout and
-reductions; it is not a GPU run (no warps, no coalescing, no timing). Skipped when nvcc is absent. The ptxas table
+These kernels are COMPILED ONLY on the development machine (no GPU). What they compute is checked by running them
+on the CPU: csrc/cuda/emulation/cuda_on_cpu.h stands in for blocks, threads, shared memory, __syncthreads (each
+block as blockDim std::threads at a std::barrier) and warp shuffles, and the ASWP forward/backward (every pooling,
+ragged masks) and diversity kernels (keep mask, loss, gradient) are compared with the float64 reference. That
+executes their thread layout and reductions; it is not a GPU run (no lockstep, no coalescing, no timing). Skipped when nvcc is absent. The ptxas table
 is printed (pytest -s) and kept in docs/cuda_compile.md:
     python tests/test_cuda_compile.py            # prints the markdown table that docs/cuda_compile.md holds
-Takes ~40-60 s on 2 cores (4 cubins, one host probe, the emulator build and 16 emulated cases).
+Takes ~40-60 s on 2 cores (4 cubins, one host probe, two emulator builds and 19 emulated cases).
 """
 from __future__ import annotations
 
@@ -143,6 +143,7 @@ int main(int argc, char** argv) {
   std::printf("quantile %lld %lld %lld\n", checked, position_mismatch, weight_mismatch);
   std::printf("smem aswp_pool forward_kernel %zu\n", cuda::aswp_launch::forward_shared_bytes(@ASWP_N@, @ASWP_M@));
   std::printf("smem aswp_pool backward_kernel %zu\n", cuda::aswp_launch::backward_shared_bytes(@ASWP_N@, @ASWP_M@));
+  std::printf("smem diversity_loss forward_kernel %zu\n", cuda::diversity_loss_forward_shared_bytes());
   std::printf("smem diversity_loss backward_kernel %zu\n", cuda::diversity_loss_backward_shared_bytes(@DIV_N@));
   std::printf("smem diversity_loss backward_kernel@max_n %zu\n", cuda::diversity_loss_backward_shared_bytes(@DIV_MAX_N@));
   return 0;
@@ -194,7 +195,9 @@ def dynamic_smem_column(report: KernelReport, facts: dict) -> str:
         return "0"
     if report.source == "aswp_pool":
         return f"{paper:,} (N=M={PAPER_ASWP_N})"
-    at_max = facts["smem"][(report.source, report.kernel + "@max_n")]
+    at_max = facts["smem"].get((report.source, report.kernel + "@max_n"))
+    if at_max is None:
+        return f"{paper:,} (any N)"
     return f"{paper:,} (N={PAPER_DIVERSITY_N}); {at_max:,} (N={DIVERSITY_MAX_N})"
 
 
@@ -263,20 +266,28 @@ def test_float32_quantile_table_matches_the_float64_position(compiled):
 POOLING_CODES = {"stm": 0, "max": 1, "mean": 2, "weighted": 3}
 
 
+def build_emulator(tmp_path_factory, op: str) -> Path:
+    """csrc/cuda/<op>.cu built with g++ against the CPU stand-in for blocks, threads, shared memory, __syncthreads
+    and warp shuffles (csrc/cuda/emulation/cuda_on_cpu.h)."""
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not found: the CPU emulation of the CUDA kernels needs a host C++20 compiler")
+    cuda_include = Path(NVCC).resolve().parents[1] / "include"
+    binary = tmp_path_factory.mktemp("emulator") / f"{op}_emulated"
+    build = subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", f"-I{ROOT / 'csrc' / 'include'}",
+                            f"-I{cuda_include}", "-o", str(binary), str(CUDA_DIR / "emulation" / f"{op}_emulated.cpp")],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, f"the emulated {op} kernels did not build:\n{build.stderr[-4000:]}"
+    return binary
+
+
 @pytest.fixture(scope="module")
 def aswp_emulator(tmp_path_factory):
-    """The ASWP CUDA kernels built with g++ against the CPU stand-in for blocks, threads, shared memory and
-    __syncthreads (csrc/cuda/emulation/cuda_on_cpu.h)."""
-    cuda_include = Path(NVCC).resolve().parents[1] / "include"
-    binary = tmp_path_factory.mktemp("emulator") / "aswp_pool_emulated"
-    build = subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", f"-I{ROOT / 'csrc' / 'include'}",
-                            f"-I{cuda_include}", "-o", str(binary),
-                            str(CUDA_DIR / "emulation" / "aswp_pool_emulated.cpp")],
-                           capture_output=True, text=True, timeout=300)
-    if build.returncode != 0 and shutil.which("g++") is None:
-        pytest.skip("g++ not found: the CPU emulation of the CUDA kernels needs a host C++20 compiler")
-    assert build.returncode == 0, f"the emulated ASWP kernels did not build:\n{build.stderr[-4000:]}"
-    return binary
+    return build_emulator(tmp_path_factory, "aswp_pool")
+
+
+@pytest.fixture(scope="module")
+def diversity_emulator(tmp_path_factory):
+    return build_emulator(tmp_path_factory, "diversity_loss")
 
 
 def run_aswp_emulated(binary, tmp_path, proj, valid, references, weights, grad, pooling, temperature, rank_u8):
@@ -360,6 +371,42 @@ def test_emulated_aswp_kernels_match_the_float64_reference(aswp_emulator, tmp_pa
         assert torch.equal(got["sorted"][b, :n_b], expected.values)
         assert torch.equal(got["tokens"][b, :n_b].long(), tokens[expected.indices])
         assert torch.all(got["sorted"][b, n_b:] == 0) and torch.all(got["tokens"][b, n_b:] == 0)
+
+
+@pytest.mark.parametrize("B,N,D,p,normalize", [
+    (2, 9, 37, 0.0, True),    # no dropout; D not a multiple of the 32 lanes
+    (3, 13, 70, 0.5, True),   # dropout: only kept pairs, keep bits from the Philox stream
+    (2, 21, 5, 0.3, False),   # D < 32: most lanes idle; no normalization
+])
+def test_emulated_diversity_kernels_match_the_float64_reference(diversity_emulator, tmp_path, B, N, D, p, normalize):
+    """The diversity CUDA kernels (keep mask, inverse norms, forward partial sums, backward), run by the CPU stand-in,
+    give the CPU op's keep mask bit for bit and the float64 reference's loss and gradient."""
+    import numpy as np
+    import torch
+
+    import omniret_kernels  # noqa: F401  (registers torch.ops.omniret)
+    from omniret_kernels import reference
+
+    gen = torch.Generator().manual_seed(B * 1000 + N * 10 + D)
+    m = torch.randn(B, N, D, generator=gen) + 0.3  # a shared offset: many positive cosines, so relu is active
+    seed, gamma, grad = 1234567, 0.5, 0.75
+    header = np.array([B, N, D, int(normalize)], dtype=np.int32)
+    (tmp_path / "in.bin").write_bytes(header.tobytes() + np.array([p, gamma], dtype=np.float32).tobytes()
+                                      + np.int64(seed).tobytes() + m.numpy().tobytes() + np.float32(grad).tobytes())
+    subprocess.run([str(diversity_emulator), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")], check=True,
+                   timeout=300)
+    flat = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.float32))
+    keep_got = flat[:B * N * N].view(B, N, N)
+    partial = flat[B * N * N:B * N * N + B * N]
+    grad_got = flat[B * N * N + B * N:].view(B, N, D)
+
+    keep = torch.ops.omniret.diversity_keep_mask(torch.tensor(seed, dtype=torch.int64), B, N, p)
+    assert torch.equal(keep_got.bool(), keep) and torch.all((keep_got == 0) | (keep_got == 1))
+    md = m.double().requires_grad_()
+    loss = reference.diversity_loss(md, keep if p > 0 else None, p=p, gamma=gamma, normalize=normalize)
+    (loss * grad).backward()
+    torch.testing.assert_close(partial.double().sum() / (B * N * N), loss.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grad_got.double(), md.grad, atol=1e-6, rtol=1e-4)
 
 
 def test_built_extension_carries_ptx_for_newer_gpus():

@@ -65,7 +65,7 @@ __global__ void forward_kernel(const float* __restrict__ m, const int64_t* __res
     const float g = warp_dot(xi, x + static_cast<int64_t>(j) * D, D, lane) * inv_norm[row] * inv_norm[b * N + j];
     acc += diversity_pair_loss(g, j == i, scale, gamma);
   }
-  __shared__ float warp_sums[kWarps];
+  extern __shared__ float warp_sums[];  // kWarps floats (dynamic, like the backward's row)
   if (lane == 0) warp_sums[warp] = acc;
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -129,6 +129,7 @@ __global__ void keep_mask_kernel(const int64_t* __restrict__ seed_ptr, int B, in
   keep[idx] = keep_pair(static_cast<uint64_t>(*seed_ptr), b, i, j, threshold) ? 1 : 0;
 }
 
+#ifndef OMNIRET_CUDA_EMULATION  // csrc/cuda/emulation runs the kernels above on the CPU, without the launchers
 cudaError_t launch_inverse_norms(const float* m, int rows, int D, bool normalize, float* inv_norm,
                                  cudaStream_t stream) {
   const int blocks = static_cast<int>((static_cast<int64_t>(rows) * 32 + kThreads - 1) / kThreads);
@@ -136,14 +137,17 @@ cudaError_t launch_inverse_norms(const float* m, int rows, int D, bool normalize
   return cudaGetLastError();
 }
 
+#endif  // OMNIRET_CUDA_EMULATION
+
 }  // namespace
 
+#ifndef OMNIRET_CUDA_EMULATION
 cudaError_t diversity_loss_forward(const float* m, const int64_t* seed, int B, int N, int D, uint32_t threshold,
                                    float scale, float gamma, bool normalize, float* inv_norm, float* partial,
                                    cudaStream_t stream) {
   cudaError_t err = launch_inverse_norms(m, B * N, D, normalize, inv_norm, stream);
   if (err != cudaSuccess) return err;
-  forward_kernel<<<B * N, kThreads, 0, stream>>>(m, seed, N, D, threshold, scale, gamma, inv_norm, partial);
+  forward_kernel<<<B * N, kThreads, diversity_loss_forward_shared_bytes(), stream>>>(m, seed, N, D, threshold, scale, gamma, inv_norm, partial);
   return cudaGetLastError();
 }
 
@@ -170,6 +174,8 @@ cudaError_t diversity_keep_mask(const int64_t* seed, int B, int N, uint32_t thre
   keep_mask_kernel<<<blocks, kThreads, 0, stream>>>(seed, B, N, threshold, keep);
   return cudaGetLastError();
 }
+
+#endif  // OMNIRET_CUDA_EMULATION
 
 }  // namespace cuda
 }  // namespace omniret

@@ -30,6 +30,7 @@ cudaError_t diversity_keep_mask(const int64_t* seed, int B, int N, uint32_t thre
 // against the device's opt-in limit before launch; the launcher opts in when it exceeds the default 48 KiB.
 // (Plain C++ so the CPU test in tests/test_cuda_compile.py can report it at the paper's shapes.)
 constexpr int kDiversityThreads = 256;
+inline size_t diversity_loss_forward_shared_bytes() { return (kDiversityThreads / 32) * sizeof(float); }
 inline size_t diversity_loss_backward_shared_bytes(int N) {
   return (static_cast<size_t>(N) + kDiversityThreads / 32) * sizeof(float);
 }
