@@ -1,10 +1,15 @@
 """Builds omniret_kernels._C (CPU, always) and omniret_kernels._C_cuda (when torch has CUDA and nvcc is found).
 
-OMNIRET_BUILD_CUDA=0/1 forces the CUDA extension off/on; TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0;9.0a".
+OMNIRET_BUILD_CUDA=0/1 forces the CUDA extension off/on; TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0+PTX": SASS for
+sm_80 (runs on every 8.x GPU: A100, A10, L4, L40, RTX 30xx/40xx) and sm_90 (H100/H200), plus compute_90 PTX that the
+driver JIT-compiles on newer GPUs (Blackwell 10.x/12.x). Not 9.0a: the kernels use no sm_90a-only instruction, and
+compute_90a PTX ("9.0a+PTX") is architecture-specific, so it would JIT on nothing but 9.0. The extension records what
+it carries: omniret_kernels._C_cuda.built_archs() (csrc/cuda/cuda_build_info.cpp).
 Build against the torch you will run with: `pip install -e . --no-build-isolation`.
 """
 import glob
 import os
+import re
 import sys
 
 from setuptools import find_packages, setup
@@ -71,22 +76,38 @@ build_cuda, why = _want_cuda()
 cu_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
 if build_cuda and not cu_sources:
     build_cuda, why = False, "no .cu sources"
+
+
+def _cuda_build_targets():
+    """The -gencode code= targets torch builds for TORCH_CUDA_ARCH_LIST, e.g. ['sm_80', 'sm_90', 'compute_90']."""
+    from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+    targets = set()
+    for flag in _get_cuda_arch_flags():  # -gencode=arch=compute_90,code=sm_90 (or code=[sm_90,compute_90])
+        if ",code=" in flag:
+            targets.update(re.findall(r"(?:sm|compute)_\w+", flag.split(",code=", 1)[1]))
+    return sorted(targets, key=lambda t: (int(re.search(r"\d+", t).group()), t.startswith("compute"), t))
+
+
 if build_cuda:
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0;9.0a")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    cuda_targets = _cuda_build_targets()
     ext_modules.append(
         CUDAExtension(
             "omniret_kernels._C_cuda",
-            sources=cu_sources + ["csrc/cuda/register_cuda.cpp"],
+            # one glue file per op (csrc/cuda/<op>_glue.cpp) + the module and its build-info op
+            sources=cu_sources + _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp"))),
             include_dirs=INCLUDE,
             extra_compile_args={
-                "cxx": ["-O3", "-std=c++20"],
+                "cxx": ["-O3", "-std=c++20", "-DOMNIRET_CUDA_BUILD_ARCHS=" + ",".join(cuda_targets)],
                 "nvcc": ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"],
             },
         )
     )
 print(
     "omniret: building extensions: omniret_kernels._C (CPU)"
-    + (f", omniret_kernels._C_cuda (CUDA, arch {os.environ['TORCH_CUDA_ARCH_LIST']})" if build_cuda else "")
+    + (f", omniret_kernels._C_cuda (CUDA, TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}: "
+       f"{','.join(cuda_targets)})" if build_cuda else "")
     + f"; CUDA extension {'on' if build_cuda else 'off'}: {why}",
     file=sys.stderr,
 )
