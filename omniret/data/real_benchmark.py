@@ -127,8 +127,8 @@ class Builder:
     def audio(self, kind: str, key: str, src: str) -> str:
         return self._media(f"media/{kind}/{key}.wav", common.write_audio, src)
 
-    def speech(self, text: str, split: str, rng: np.random.Generator) -> str:
-        """A seeded voice of `split` speaks `text`; returns the WAV's path (synthesised later, once)."""
+    def speech(self, text: str, split: str, rng: np.random.Generator) -> tuple:
+        """A seeded voice of `split` speaks `text`; returns (the WAV's path, synthesised later once, the voice)."""
         from omniret.data import tts
 
         voice = self.voices[split][int(rng.integers(len(self.voices[split])))]
@@ -136,7 +136,7 @@ class Builder:
         digest = hashlib.sha256(json.dumps([text, asdict(rendering)], sort_keys=True).encode()).hexdigest()[:20]
         rel = f"media/tts/{digest}.wav"
         self.speech_jobs.setdefault(rel, (text, rendering))
-        return rel
+        return rel, voice.key
 
     def add_candidate(self, task: str, split: str, modality: str, txt=None, img=None, audio=None) -> str:
         did = self._id(task)
@@ -192,8 +192,8 @@ class Builder:
             rng = self.rng("tuxpaint-speech", caption_key)
             count = self.cfg.spoken_test if split == "test" else self.cfg.spoken_train
             for _ in range(count):
-                self.add_query("tuxpaint_audio2image", split, dids, audio=self.speech(caption, split, rng),
-                               speaker="synthetic")
+                wav, voice = self.speech(caption, split, rng)
+                self.add_query("tuxpaint_audio2image", split, dids, audio=wav, speaker=voice)
             for s in group:
                 if s.spoken:
                     self.add_query("tuxpaint_audio2image", split, dids,
@@ -242,8 +242,9 @@ class Builder:
                            txt=change, img=images[p.base.unified])
             if p.base.unified not in spoken:  # one spoken name per base emoji, shared by its changes
                 spoken[p.base.unified] = self.speech(p.base.name, split, self.rng("emoji-speech", p.base.unified))
+            wav, voice = spoken[p.base.unified]
             self.add_query("emoji_audiotext2image", split, [dids["emoji_audiotext2image"][p.target.unified]],
-                           txt=change, audio=spoken[p.base.unified])
+                           txt=change, audio=wav, speaker=voice)
 
     # ------------------------------------------------------------------ media and files
     def make_media(self) -> dict:
