@@ -127,6 +127,26 @@ def test_a_malformed_file_is_reported_with_its_line(built, tmp_path):
     assert any(p.path == path and p.line > 0 and "not valid JSON" in p.message for p in problems)
 
 
+def test_records_are_deterministic_and_the_seed_moves_the_split():
+    missing = _missing()
+    if missing:
+        pytest.skip(f"real benchmark sources not installed: {missing}")
+    from omniret.data import digits, tts
+
+    def records(seed: int) -> dict:
+        cfg = real_benchmark.RealConfig(seed=seed, max_items=30)
+        builder = real_benchmark.Builder("unused", cfg, log=lambda *a: None)
+        builder.voices = digits.split_voices(tts.list_voices(), digits.DigitsConfig(seed=seed))
+        builder.add_tuxpaint()
+        builder.add_asterisk()
+        return {name: {s: (d.queries, d.pool) for s, d in splits.items()} for name, splits in builder.tasks.items()}
+
+    first, again, other = records(0), records(0), records(1)
+    assert first == again
+    stamps = lambda recs: {q["query_img_path"] for q in recs["tuxpaint_image2text"]["test"][0]}
+    assert stamps(first) != stamps(other)
+
+
 # ------------------------------------------------------------------------------------------- frozen features
 
 def _encoders():
@@ -154,6 +174,15 @@ def test_feature_cache_computes_once_and_returns_the_same(built, tmp_path):
             assert np.array_equal(a, b)
     assert first[0].shape[0] >= 1 and all(f.shape == (ff.IMAGE_TOKENS, ff.IMAGE_DIM)
                                            for f in ff.FeatureCache(str(tmp_path), image_encoder).get(images, progress=False))
+
+
+def test_media_listing_names_a_malformed_line(tmp_path):
+    from omniret.data import frozen_features as ff
+
+    (tmp_path / "query" / "test").mkdir(parents=True)
+    (tmp_path / "query" / "test" / "mbeir_x_test.jsonl").write_text('{"qid": "1:1"}\n{"qid": \n')
+    with pytest.raises(ValueError, match=r"mbeir_x_test.jsonl:2: not valid JSON"):
+        ff.media_files(str(tmp_path))
 
 
 def test_feature_cache_names_a_damaged_entry(tmp_path):

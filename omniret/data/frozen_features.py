@@ -206,8 +206,11 @@ def media_files(root: str) -> dict:
     for pattern in patterns:
         for path in glob.glob(pattern):
             with open(path, encoding="utf-8") as f:
-                for line in f:
-                    rec = json.loads(line)
+                for n, line in enumerate(f, 1):
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
                     for key, mod in (("query_img_path", "image"), ("img_path", "image"),
                                      ("query_audio_path", "audio"), ("audio_path", "audio")):
                         if rec.get(key):
