@@ -1,7 +1,7 @@
 """Asterisk's English prompts (Debian's `asterisk-core-sounds-en-wav`, one speaker, Allison), each a real
 recording with its transcript in `asterisk-core-sounds-en`'s doc folder (`core-sounds-en.txt.gz`:
-`<path>: <transcript>` lines). Prompts whose transcript is a bracketed description of a tone, not words, are
-left out.
+`<path>: <transcript>` lines). Prompts whose transcript describes a sound instead of words ("[ascending tones]",
+"(1 second of silence)") are left out.
 """
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ def prompts(sounds: str = SOUNDS, transcripts: str = TRANSCRIPTS) -> list:
     out = []
     for key, text in read_transcripts(transcripts).items():
         audio = os.path.join(sounds, key + ".wav")
-        words = re.sub(r"\[[^\]]*\]", " ", text)
+        # notes, not words: "[ascending tones]", "(1 second of silence)", "(simple tone sound plays)"
+        words = re.sub(r"\[[^\]]*\]|\([^)]*\)", " ", text)
         if os.path.exists(audio) and re.search(r"[A-Za-z0-9]", words):
             out.append(Prompt(key, audio, " ".join(words.split())))
     return sorted(out, key=lambda p: p.key)

@@ -17,7 +17,7 @@ from omniret.data.sources.common import normalize_text, require_paths
 ROOT = "/usr/share/openclipart/svg"
 INSTALL_HINT = "apt-get install openclipart-svg librsvg2-bin"
 GENERIC_WORDS = {"clipart", "collection", "theme", "icons", "iconset", "submission", "untitled", "various",
-                 "cliparts", "symbol signs", "gradient"}
+                 "cliparts", "gradient", "openclipart"}
 
 
 @dataclass(frozen=True)
