@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -270,7 +271,7 @@ class Builder:
                 else:
                     fn, src = job
                     fn(src, dst)
-            except (RuntimeError, OSError, ValueError) as exc:
+            except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as exc:  # one bad file, not the build
                 return rel, str(exc)
             return rel, None
 
