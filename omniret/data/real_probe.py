@@ -138,6 +138,11 @@ def probe(root: str, cache_dir: str | None = None, threads: int = 1, log=print) 
         row = {"gallery": len(pool), "queries": len(task.queries), "train_pairs": len(x), "ridge": best,
                "ridge_probe": recall_at(_unit(queries @ w) @ gallery.T, relevant),
                "chance": chance_at(len(pool), relevant)}
+        human = _human_queries(root, task)
+        if human:  # people's recordings among the spoken queries: scored on their own too
+            scores = _unit(queries[human] @ w) @ gallery.T
+            row["ridge_probe_human_recordings"] = recall_at(scores, [relevant[i] for i in human])
+            row["human_recordings"] = len(human)
         if task.name == "emoji_imagetext2image":
             base = _unit(np.stack([feat.part("image", None, q.media) for q in task.queries]))
             images = _unit(np.stack([feat.part("image", None, c.media) for c in pool]))
@@ -145,6 +150,14 @@ def probe(root: str, cache_dir: str | None = None, threads: int = 1, log=print) 
         results[task.name] = row
         log(f"{task.name}: gallery {len(pool)}, R@5 probe {row['ridge_probe'][5]:.3f}, chance {row['chance'][5]:.3f}")
     return results
+
+
+def _human_queries(root: str, task) -> list:
+    """Indices of the task's test queries whose `speaker` is "human" (a person's recording)."""
+    path = os.path.join(root, "query", "test", f"mbeir_{task.name}_test.jsonl")
+    with open(path, encoding="utf-8") as f:
+        human = {rec["qid"] for rec in map(json.loads, f) if rec.get("speaker") == "human"}
+    return [i for i, q in enumerate(task.queries) if q.qid in human]
 
 
 def _pair_r1(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
