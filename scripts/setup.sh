@@ -15,7 +15,7 @@ command -v flite >/dev/null 2>&1 || missing+=(flite)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     echo "setup: installing ${missing[*]}"
-    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    apt-get update -qq >/dev/null && apt_updated=1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   else
     echo "setup: warning: ${missing[*]} missing; the demo needs them: sudo apt-get install ${missing[*]}" >&2
   fi
@@ -33,7 +33,7 @@ command -v rsvg-convert >/dev/null 2>&1 || real_missing+=(librsvg2-bin)
 if [ ${#real_missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     echo "setup: installing ${real_missing[*]} (real benchmark media)"
-    { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    { { [ -n "${apt_updated:-}" ] || apt-get update -qq >/dev/null; } && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         "${real_missing[@]}" >/dev/null; } || echo "setup: warning: could not install ${real_missing[*]}; the real benchmark's tests will skip" >&2
   else
     echo "setup: warning: ${real_missing[*]} missing; the real benchmark needs them: sudo apt-get install ${real_missing[*]}" >&2
