@@ -83,8 +83,8 @@ def test_splits_share_no_media_voice_or_wording(built):
             files.update(rec.get(k) for k in ("query_img_path", "query_audio_path", "img_path", "audio_path"))
         files.discard(None)
         media[split] = {_content(root, p) for p in files}  # by content: a copy under another name counts
-        texts[split] = {(q["task"], normalize_text(q["query_txt"])) for q in queries if q.get("query_txt")}
-        texts[split] |= {("cand", normalize_text(c["txt"])) for c in pool if c.get("txt")}
+        texts[split] = {normalize_text(q["query_txt"]) for q in queries if q.get("query_txt")}
+        texts[split] |= {normalize_text(c["txt"]) for c in pool if c.get("txt")}
         voices[split] = {q["speaker"] for q in queries if q.get("speaker") not in (None, "human")}
         if split == "train":
             assert not any(q.get("speaker") == "human" for q in queries)  # people's recordings are test queries

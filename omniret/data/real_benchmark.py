@@ -12,8 +12,9 @@ as M-BEIR-format files (the layout `omniret.data.mbeir` reads and `omniret eval`
 | emoji_audiotext2image | the emoji's name spoken + the same change -> that variant | emoji + espeak-ng / flite |
 
 The split is seeded and deterministic (`sources.common.is_test` on a group key): items that share a caption,
-a transcript or an emoji (with all its variants) share a split, so no test image, recording or wording is in
-training; stamps with a person's recording go to test. Spoken queries use the digits benchmark's voice split
+a transcript or an emoji (with all its variants) share a split, and so do groups whose media files are the same
+bytes (found after a first pass makes the media), so no test image, recording or wording is in training;
+stamps with a person's recording go to test. Spoken queries use the digits benchmark's voice split
 (`digits.split_voices`): no test voice speaks in training. Change wordings are held out too.
 
 Layout under the root: M-BEIR's (`mbeir` module docstring); the local pool of a task is its test gallery and
@@ -68,7 +69,7 @@ CHANGE_WORDINGS = {
 }
 
 MANIFEST = "real_benchmark.json"
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -103,13 +104,17 @@ def _subset(items: list, key, cfg: RealConfig) -> list:
 class Builder:
     """Collects records and media for every task, then writes the M-BEIR files."""
 
-    def __init__(self, root: str, cfg: RealConfig, log=print):
+    def __init__(self, root: str, cfg: RealConfig, log=print, alias: dict | None = None, forced: set | None = None):
         self.root, self.cfg, self.log = root, cfg, log
+        self.alias = alias or {}  # group -> the group it is merged with (same media content): one split
+        self.forced_test = set(forced or ())  # representative groups that must be test
+        self.forced: set = set()  # groups this builder was asked to put in test
+        self.links: dict = {}  # ("file", relative path) or ("text", wording) -> the groups that use it
+        self._group = None
         self.tasks = {name: {s: TaskData() for s in SPLITS} for name in TASKS}
         self.counters = {name: 0 for name in TASKS}
         self.media_jobs: dict = {}  # destination (relative) -> (function, source)
         self.speech_jobs: dict = {}  # destination (relative) -> (text, rendering)
-        self.sources: dict = {}  # source -> "ok" or why it is missing
         self.voices = None
 
     # ------------------------------------------------------------------ ids and media
@@ -119,6 +124,7 @@ class Builder:
 
     def _media(self, rel: str, fn, src: str) -> str:
         self.media_jobs.setdefault(rel, (fn, src))
+        self.links.setdefault(("file", rel), set()).add(self._group)
         return rel
 
     def image(self, kind: str, key: str, src: str) -> str:
@@ -155,8 +161,50 @@ class Builder:
         rec.update(extra)
         self.tasks[task][split].queries.append(rec)
 
-    def split_of(self, group: str) -> str:
-        return "test" if is_test(group, self.cfg.seed, self.cfg.test_fraction) else "train"
+    def split_of(self, group: str, force_test: bool = False) -> str:
+        """The group's split; the media added next belong to this group. Merged groups share their
+        representative's split, and a component with a group forced to test is test."""
+        self._group = group
+        if force_test:
+            self.forced.add(group)
+        rep = self.alias.get(group, group)
+        if force_test or rep in self.forced_test:
+            return "test"
+        return "test" if is_test(rep, self.cfg.seed, self.cfg.test_fraction) else "train"
+
+    def wording(self, text: str) -> None:
+        """The current group uses this wording (a caption, title, transcript or spoken name)."""
+        self.links.setdefault(("text", normalize_text(text)), set()).add(self._group)
+
+    def content_aliases(self) -> dict:
+        """Groups that share media bytes (a flag drawn twice, two emoji that Google draws alike) or a wording
+        (a stamp captioned "Four." and the prompt "four"), merged: group -> the smallest group of its
+        component."""
+        from omniret.data.frozen_features import file_sha256
+
+        parent: dict = {}
+
+        def find(g):
+            while parent.setdefault(g, g) != g:
+                parent[g] = parent[parent[g]]
+                g = parent[g]
+            return g
+
+        by_content: dict = {}
+        for (kind, name), groups in sorted(self.links.items()):
+            if kind == "file":
+                path = os.path.join(self.root, name)
+                if not os.path.exists(path):
+                    continue
+                name = file_sha256(path)
+            by_content.setdefault((kind, name), set()).update(groups)
+        for groups in by_content.values():
+            first, *rest = sorted(groups)
+            for g in rest:
+                a, b = find(first), find(g)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+        return {g: find(g) for g in parent if find(g) != g}
 
     def rng(self, *key) -> np.random.Generator:
         words = [int.from_bytes(hashlib.sha256(str(k).encode()).digest()[:4], "big") for k in key]
@@ -171,6 +219,7 @@ class Builder:
         task = "openclipart_text2image"
         for title_key, group in sorted(by_title.items()):
             split = self.split_of(f"openclipart\0{title_key}")
+            self.wording(group[0].title)
             dids = [self.add_candidate(task, split, "image", img=self.image("openclipart", d.key, d.path))
                     for d in group]
             self.add_query(task, split, dids, txt=group[0].title)
@@ -183,8 +232,9 @@ class Builder:
         for caption_key, group in sorted(by_caption.items()):
             # a person's recording of a caption is a test query: its whole caption group goes to test
             recorded = any(s.spoken for s in group)
-            split = "test" if recorded else self.split_of(f"tuxpaint\0{caption_key}")
+            split = self.split_of(f"tuxpaint\0{caption_key}", force_test=recorded)
             caption = group[0].caption
+            self.wording(caption)
             text_did = self.add_candidate("tuxpaint_image2text", split, "text", txt=caption)
             images = [self.image("tuxpaint", s.key, s.image) for s in group]
             for img in images:
@@ -207,6 +257,7 @@ class Builder:
             by_text.setdefault(normalize_text(p.transcript), []).append(p)
         for text_key, group in sorted(by_text.items()):
             split = self.split_of(f"asterisk\0{text_key}")
+            self.wording(group[0].transcript)
             clips = [self.audio("asterisk", p.key, p.audio) for p in group]
             dids = [self.add_candidate("asterisk_text2audio", split, "audio", audio=a) for a in clips]
             self.add_query("asterisk_text2audio", split, dids, txt=group[0].transcript)
@@ -242,13 +293,14 @@ class Builder:
             self.add_query("emoji_imagetext2image", split, [dids["emoji_imagetext2image"][p.target.unified]],
                            txt=change, img=images[p.base.unified])
             if p.base.unified not in spoken:  # one spoken name per base emoji, shared by its changes
+                self.wording(p.base.name)
                 spoken[p.base.unified] = self.speech(p.base.name, split, self.rng("emoji-speech", p.base.unified))
             wav, voice = spoken[p.base.unified]
             self.add_query("emoji_audiotext2image", split, [dids["emoji_audiotext2image"][p.target.unified]],
                            txt=change, audio=wav, speaker=voice)
 
     # ------------------------------------------------------------------ media and files
-    def make_media(self) -> dict:
+    def make_media(self, speech: bool = True) -> dict:
         """Render, convert and synthesise every media file not already in the root; returns failures
         (relative path -> message). Failed items are dropped from the records by `drop_failed`."""
         from tqdm.auto import tqdm
@@ -257,8 +309,8 @@ class Builder:
 
         todo = [(rel, job) for rel, job in sorted(self.media_jobs.items())
                 if not os.path.exists(os.path.join(self.root, rel))]
-        speech = [(rel, job) for rel, job in sorted(self.speech_jobs.items())
-                  if not os.path.exists(os.path.join(self.root, rel))]
+        spoken = [(rel, job) for rel, job in sorted(self.speech_jobs.items())
+                  if speech and not os.path.exists(os.path.join(self.root, rel))]
         failed = {}
 
         def run(item):
@@ -276,8 +328,8 @@ class Builder:
             return rel, None
 
         with ThreadPoolExecutor(max_workers=max(1, self.cfg.workers)) as pool, \
-                tqdm(total=len(todo) + len(speech), desc="media", unit="file", leave=False) as bar:
-            for rel, err in pool.map(run, todo + speech):
+                tqdm(total=len(todo) + len(spoken), desc="media", unit="file", leave=False) as bar:
+            for rel, err in pool.map(run, todo + spoken):
                 bar.update(1)
                 if err:
                     failed[rel] = err
@@ -370,13 +422,22 @@ def build(root: str, cfg: RealConfig | None = None, log=print) -> dict:
     if missing:
         raise SourceMissing("the real benchmark needs every source; missing:\n  " + "\n  ".join(missing.values()))
     start = time.perf_counter()
-    builder = Builder(root, cfg, log)
     voices = digits.split_voices(tts.list_voices(), digits.DigitsConfig(seed=cfg.seed))
+    # Two passes: the first makes the images and recordings and finds groups whose media are the same bytes;
+    # the second puts each such component in one split, then speaks the queries.
+    first = Builder(root, cfg, log)
+    first.voices = voices
+    for _, method in SOURCES:
+        getattr(first, method)()
+    log(f"real benchmark: {len(first.media_jobs)} media files under {root}")
+    first.make_media(speech=False)
+    alias = first.content_aliases()
+    builder = Builder(root, cfg, log, alias=alias, forced={alias.get(g, g) for g in first.forced})
     builder.voices = voices
     for _, method in SOURCES:
         getattr(builder, method)()
-    log(f"real benchmark: {len(builder.media_jobs)} media files and {len(builder.speech_jobs)} spoken queries "
-        f"under {root}")
+    log(f"real benchmark: {len(alias)} groups merged with another of the same media; "
+        f"{len(builder.speech_jobs)} spoken queries")
     failed = builder.make_media()
     if failed:
         log(f"real benchmark: {len(failed)} media files could not be made and are left out, e.g. "
@@ -385,6 +446,7 @@ def build(root: str, cfg: RealConfig | None = None, log=print) -> dict:
     counts = builder.write()
     manifest = {
         "version": BUILD_VERSION, "config": asdict(cfg), "counts": counts, "failed_media": sorted(failed),
+        "merged_groups": len(alias),
         "voices": {s: [v.key for v in vs] for s, vs in voices.items()}, "tools": tts.tool_versions(),
         "build_seconds": round(time.perf_counter() - start, 1),
     }
