@@ -93,8 +93,9 @@ class TaskData:
 
 
 def _subset(items: list, key, cfg: RealConfig) -> list:
-    """The first `max_items` by a seeded hash of each item's key (all when max_items is None). The split does
-    not depend on this choice, so a subset's split agrees with the full benchmark's."""
+    """The first `max_items` by a seeded hash of each item's key (all when max_items is None). A group's split
+    does not depend on this choice, so a subset agrees with the full benchmark, except for groups that the full
+    benchmark merges through media or wordings the subset does not hold."""
     if cfg.max_items is None or len(items) <= cfg.max_items:
         return items
     rank = sorted(items, key=lambda it: hashlib.sha256(f"{cfg.seed}\0subset\0{key(it)}".encode()).digest())
