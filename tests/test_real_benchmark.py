@@ -118,12 +118,12 @@ def test_media_are_in_the_benchmark_format(built):
 def test_a_malformed_file_is_reported_with_its_line(built, tmp_path):
     root, _ = built
     copy = str(tmp_path / "real")
-    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("media"))
-    os.symlink(os.path.join(root, "media"), os.path.join(copy, "media"))
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("media"))  # the records only
     path = os.path.join(copy, "query", "test", "mbeir_asterisk_text2audio_test.jsonl")
+    assert mbeir.validate(copy, "test", check_files=False)[0] == []
     with open(path, "a") as f:
         f.write('{"qid": "4:x", "query_modality": "text"\n')
-    problems, _ = mbeir.validate(copy, "test")
+    problems, _ = mbeir.validate(copy, "test", check_files=False)
     assert any(p.path == path and p.line > 0 and "not valid JSON" in p.message for p in problems)
 
 
