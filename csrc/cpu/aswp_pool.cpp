@@ -38,6 +38,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "omniret/aswp_pool_checks.h"
 #include "omniret/aswp_pool_math.h"
 
 namespace omniret {
@@ -50,7 +51,17 @@ constexpr int64_t kSliceTile = 1024;  // GEMM tile width: MKL's (1024 x 1536) x 
                                       // w = 256 than untiled, ~5% at 512; end to end 1024 was fastest (the 4 MiB
                                       // tile is read from L2/L3 by the packing, which costs less than the GEMM loss)
 constexpr int64_t kGemmRows = 1024;  // rows of x per GEMM tile (whole samples)
-constexpr int64_t kBackwardChunk = 1024;  // slices of dp alive at once in backward (multiple of kSortWidth)
+constexpr int64_t kBackwardChunk = 1024;  // most slices of dp alive at once in backward (multiple of kSortWidth)
+constexpr int64_t kBackwardChunkElements = int64_t(1) << 19;  // most elements of dp alive at once (see backward)
+
+// Slices per backward chunk for `rows` = B * N rows of dp: a multiple of kSortWidth, at most kBackwardChunk and
+// kBackwardChunkElements / rows, at least two column blocks per thread.
+inline int64_t backward_chunk(int64_t rows, int64_t L) {
+  const int64_t floor_slices = 2 * kSortWidth * int64_t(at::get_num_threads());
+  int64_t chunk = std::min(kBackwardChunk, kBackwardChunkElements / std::max<int64_t>(rows, 1));
+  chunk = std::max(floor_slices, chunk / kSortWidth * kSortWidth);
+  return std::min(L, chunk);
+}
 
 // sum_k v[k]^2 accumulated in float64 (as the reference's norm of a float32 row is accurate to float32), with
 // four independent vector accumulators: one sequential float64 add chain per row cost as much as the rest of
@@ -129,15 +140,6 @@ inline void stm_softmax_row_cpu(const float* psi, const float* best, float inv_t
 inline void stm_softmax_row_cpu(const double* psi, const double* best, double inv_t, double* e, double* z,
                                 double* num, int width) {
   stm_softmax_row(psi, best, inv_t, e, z, num, width);
-}
-
-int pooling_code(c10::string_view pooling) {
-  if (pooling == "stm") return kStm;
-  if (pooling == "max") return kMax;
-  if (pooling == "mean") return kMean;
-  if (pooling == "weighted") return kWeighted;
-  TORCH_CHECK_VALUE(false, "pooling must be one of stm, max, mean, weighted, got ", pooling);
-  return kStm;
 }
 
 // ---- the AVX-512 column sort ---------------------------------------------------------------------------------
@@ -412,9 +414,9 @@ void pack_sort_unpack(const scalar_t* src, int64_t src_stride, const scalar_t* s
   sort_key_block(keys, n_pow2);
   for (int i = 0; i < n_valid; ++i) {
     const auto* row = keys + size_t(i) * W;
-    for (int c = 0; c < width; ++c) blk[i * W + c] = K::value(row[c]);
+    for (int c = 0; c < width; ++c) blk[size_t(i) * W + c] = K::value(row[c]);
     if (s_dst == nullptr) continue;
-    for (int c = 0; c < width; ++c) s_dst[i * L + c] = blk[i * W + c];
+    for (int c = 0; c < width; ++c) s_dst[i * L + c] = blk[size_t(i) * W + c];
     for (int c = 0; c < width; ++c) t_dst[i * L + c] = index_t(K::index(row[c]));
   }
 }
@@ -431,6 +433,7 @@ __attribute__((target("avx512f"))) void pack_sort_unpack_avx512(const float* src
                                                                 float* blk) {
   constexpr int W = kSortWidth;
   const __m512 scale0 = _mm512_loadu_ps(scale), scale1 = _mm512_loadu_ps(scale + 16), zero = _mm512_setzero_ps();
+  const __m512 qnan = _mm512_set1_ps(bits_float(kCanonicalNaN));
   const __m512i sign = _mm512_set1_epi32(int(0x80000000u)), pad = _mm512_set1_epi64(-1);
   int k = 0;  // valid tokens first, as in pack_sort_unpack
   for (int i = 0; i < n; ++i) {
@@ -440,8 +443,9 @@ __attribute__((target("avx512f"))) void pack_sort_unpack_avx512(const float* src
       const __m512i index = _mm512_set1_epi64(i);
       for (int h = 0; h < 2; ++h) {
         // float_to_ordered: +0.0 folds -0 into +0; negative values flip every bit, the others the sign bit
-        const __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(src + i * src_stride + 16 * h),
-                                                     h == 0 ? scale0 : scale1), zero);
+        __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(src + i * src_stride + 16 * h),
+                                               h == 0 ? scale0 : scale1), zero);
+        v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), qnan);  // every NaN sorts last
         const __m512i b = _mm512_castps_si512(v);
         const __m512i ordered = _mm512_xor_si512(b, _mm512_or_si512(_mm512_srai_epi32(b, 31), sign));
         const __m512i lo = _mm512_cvtepu32_epi64(_mm512_castsi512_si256(ordered));
@@ -466,7 +470,7 @@ __attribute__((target("avx512f"))) void pack_sort_unpack_avx512(const float* src
       const __m256i ordered = _mm512_cvtepi64_epi32(_mm512_srli_epi64(k, 32));
       const __m256i flip = _mm256_or_si256(_mm256_xor_si256(_mm256_srai_epi32(ordered, 31), ones8), sign8);
       const __m256 value = _mm256_castsi256_ps(_mm256_xor_si256(ordered, flip));
-      _mm256_storeu_ps(blk + i * W + 8 * q, value);
+      _mm256_storeu_ps(blk + size_t(i) * W + 8 * q, value);
       if constexpr (!kSave) continue;
       if (stream)
         _mm256_stream_ps(s_dst + i * L + 8 * q, value);
@@ -530,7 +534,7 @@ void pack_sort_values(const scalar_t* src, int64_t src_stride, const scalar_t* s
   for (; k < n_pow2; ++k) std::fill_n(keys + size_t(k) * W, W, kPadValueKey);
   sort_key_block(keys, n_pow2);
   for (int i = 0; i < n_valid; ++i)
-    for (int c = 0; c < width; ++c) blk[i * W + c] = ordered_to_float(keys[size_t(i) * W + c]);
+    for (int c = 0; c < width; ++c) blk[size_t(i) * W + c] = ordered_to_float(keys[size_t(i) * W + c]);
 }
 
 // The same for a full block with AVX-512; decodes in place (the sorted block is `keys` read as float afterwards).
@@ -539,14 +543,16 @@ __attribute__((target("avx512f"))) void pack_sort_values_avx512(const float* src
                                                                 int n_valid, int n_pow2, uint32_t* keys) {
   constexpr int W = kSortWidth;
   const __m512 scale0 = _mm512_loadu_ps(scale), scale1 = _mm512_loadu_ps(scale + 16), zero = _mm512_setzero_ps();
+  const __m512 qnan = _mm512_set1_ps(bits_float(kCanonicalNaN));
   const __m512i sign = _mm512_set1_epi32(int(0x80000000u)), pad = _mm512_set1_epi32(-1);
   int k = 0;  // valid tokens first, as in pack_sort_unpack
   for (int i = 0; i < n; ++i) {
     if (!valid[i]) continue;
     uint32_t* row = keys + size_t(k++) * W;
     for (int h = 0; h < 2; ++h) {  // float_to_ordered, as in pack_sort_unpack_avx512
-      const __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(src + i * src_stride + 16 * h),
-                                                   h == 0 ? scale0 : scale1), zero);
+      __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(src + i * src_stride + 16 * h),
+                                             h == 0 ? scale0 : scale1), zero);
+      v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), qnan);  // every NaN sorts last
       const __m512i b = _mm512_castps_si512(v);
       _mm512_storeu_si512(row + 16 * h, _mm512_xor_si512(b, _mm512_or_si512(_mm512_srai_epi32(b, 31), sign)));
     }
@@ -658,7 +664,7 @@ template <class scalar_t>
 void sort_references(const at::Tensor& references, bool need_order, at::Tensor& ref_sorted, at::Tensor& order) {
   constexpr int W = kSortWidth;
   const int64_t M = references.size(0), L = references.size(1);
-  const int m_pow2 = next_pow2(int(M));
+  const int m_pow2 = int(next_pow2(M));  // M <= 2^30 (aswp_pool_checks.h)
   // Fresh huge pages (fully written): from the allocator, these came back as fresh small pages on every call.
   ref_sorted = fresh_zero_tensor({M, L}, references.options(), /*huge=*/true);
   if (need_order) order = fresh_zero_tensor({M, L}, references.options().dtype(at::kInt), /*huge=*/true);
@@ -821,7 +827,7 @@ void forward_kernel(const Prepared<scalar_t>& P, int pooling, at::Tensor& out, a
   constexpr int W = kSortWidth;
   constexpr bool kFloat = std::is_same_v<scalar_t, float>;
   const int64_t B = P.B, N = P.N, L = P.L, M = P.M;
-  const int n_pow2 = next_pow2(int(N));
+  const int n_pow2 = int(next_pow2(N));  // N <= 2^30 (aswp_pool_checks.h)
   const int64_t group = std::max<int64_t>(1, std::min<int64_t>(B, kGemmRows / N));
   const int64_t tile = std::min<int64_t>(kSliceTile, L);
   const int64_t n_groups = (B + group - 1) / group, n_tiles = (L + tile - 1) / tile;
@@ -859,7 +865,7 @@ void forward_kernel(const Prepared<scalar_t>& P, int pooling, at::Tensor& out, a
           const int64_t b = b0 + bl;
           const int n_b = P.n_valid[b];
           // Only the valid tokens are sorted (packed first): a ragged sample of 40 tokens sorts 64 rows, not 128.
-          const int rows_b = next_pow2(n_b);
+          const int rows_b = int(next_pow2(n_b));
           const uint8_t* valid = P.valid.data() + b * N;
           const scalar_t* src = pj + bl * N * tile + c0;
           // The next block's projection rows (next sample, or the next columns of the first): 4 KiB apart,
@@ -898,16 +904,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aswp_pool_fwd_cpu(
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& weights, c10::string_view pooling,
     bool normalize_directions, double temperature, bool save_for_backward) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen calls inside are not part of the graph
-  TORCH_CHECK_VALUE(x.dim() == 3, "x must be (B, N, D), got ", x.sizes());
-  TORCH_CHECK_VALUE(directions.dim() == 2 && directions.size(1) == x.size(2), "directions must be (L, D), got ",
-                    directions.sizes());
-  TORCH_CHECK_VALUE(references.dim() == 2 && references.size(1) == directions.size(0),
-                    "references must be (M, L), got ", references.sizes());
-  TORCH_CHECK_VALUE(x.size(0) > 0 && x.size(1) > 0 && directions.size(0) > 0 && references.size(0) > 0,
-                    "x, directions and references must be non-empty");
-  TORCH_CHECK_VALUE(temperature > 0, "temperature must be > 0");
-  const int code = pooling_code(pooling);
-  TORCH_CHECK_VALUE(code != kWeighted || weights.has_value(), "weights: pooling='weighted' needs weights");
+  const int code = check_aswp_pool_fwd_args(x, directions, references, mask, weights, pooling, temperature);
   const int64_t B = x.size(0), N = x.size(1), L = directions.size(0);
   const auto compute = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto index_dtype = N <= 256 ? at::kByte : at::kInt;
@@ -934,8 +931,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aswp_pool_fwd_cpu(
 template <class scalar_t, class index_t>
 void backward_kernel(const Prepared<scalar_t>& P, int pooling, scalar_t temperature, const at::Tensor& grad,
                      const at::Tensor& sorted, const at::Tensor& sorted_tokens, int64_t l_begin, int64_t l_end,
-                     scalar_t* dq, int64_t ld, at::Tensor& dref_s,
-                     at::Tensor& dweight_s) {
+                     scalar_t* dq, int64_t ld, at::Tensor& dref, at::Tensor& dweight) {
   constexpr int W = kSortWidth;
   const int64_t B = P.B, N = P.N, L = P.L, M = P.M;
   const scalar_t* g_p = grad.data_ptr<scalar_t>();
@@ -946,8 +942,8 @@ void backward_kernel(const Prepared<scalar_t>& P, int pooling, scalar_t temperat
   const scalar_t* w_s = P.weight_sorted.defined() ? P.weight_sorted.template data_ptr<scalar_t>() : nullptr;
   // dq holds columns [l_begin, l_end) of dp, row stride ld
   scalar_t* dp_p = dq - l_begin;
-  scalar_t* dref_p = dref_s.data_ptr<scalar_t>();
-  scalar_t* dw_p = dweight_s.defined() ? dweight_s.data_ptr<scalar_t>() : nullptr;
+  scalar_t* dref_p = dref.data_ptr<scalar_t>();
+  scalar_t* dw_p = dweight.defined() ? dweight.data_ptr<scalar_t>() : nullptr;
   const int64_t n_blocks = (l_end - l_begin + W - 1) / W;
   const scalar_t inv_t = scalar_t(1) / temperature;
   const bool needs_argmax = pooling == kStm || pooling == kMax;
@@ -955,15 +951,16 @@ void backward_kernel(const Prepared<scalar_t>& P, int pooling, scalar_t temperat
   at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> block(size_t(N) * W), ds(size_t(N) * W), psi(size_t(M) * W), e(size_t(M) * W),
         scattered(size_t(N) * W);
+    // The block's reference and weight gradients in rank order, summed over the batch, then written once into
+    // their (M, L) tensors in reference order (no (M, L) rank-order copy to permute afterwards).
+    std::vector<scalar_t> dref_block(size_t(M) * W), dw_block(dw_p ? size_t(M) * W : 0);
     scalar_t best[W], z[W], num[W], dpsi[W];
     int best_j[W], best_r[W];
     for (int64_t blk_i = begin; blk_i < end; ++blk_i) {
       const int64_t l = l_begin + blk_i * W;
       const int width = int(std::min<int64_t>(W, l_end - l));
-      for (int64_t r = 0; r < M; ++r) {
-        std::fill_n(dref_p + r * L + l, width, scalar_t(0));
-        if (dw_p) std::fill_n(dw_p + r * L + l, width, scalar_t(0));
-      }
+      std::fill(dref_block.begin(), dref_block.end(), scalar_t(0));
+      std::fill(dw_block.begin(), dw_block.end(), scalar_t(0));
       for (int64_t b = 0; b < B; ++b) {
         const int n_b = P.n_valid[b];
         const int* lo = P.q_lo.data() + b * M;
@@ -995,10 +992,10 @@ void backward_kernel(const Prepared<scalar_t>& P, int pooling, scalar_t temperat
           const scalar_t* psi_r = psi.data() + r * W;
           pool_grad_row(pooling, int(M), int(r), psi_r, e.data() + r * W, z, num, best_r,
                         w_s ? w_s + r * L + l : nullptr, g, inv_t, dpsi, width);
-          scalar_t* dr = dref_p + r * L + l;
+          scalar_t* dr = dref_block.data() + r * W;
           for (int c = 0; c < width; ++c) dr[c] -= dpsi[c];
           if (dw_p) {
-            scalar_t* dw = dw_p + r * L + l;
+            scalar_t* dw = dw_block.data() + r * W;
             for (int c = 0; c < width; ++c) dw[c] += g[c] * psi_r[c];
           }
           couple_row_backward(dpsi, qw[r], ds.data() + size_t(lo[r]) * W, ds.data() + size_t(hi[r]) * W, width);
@@ -1015,6 +1012,12 @@ void backward_kernel(const Prepared<scalar_t>& P, int pooling, scalar_t temperat
         }
         for (int64_t n = 0; n < N; ++n)
           std::copy_n(scattered.data() + n * W, width, dp_p + (b * N + n) * ld + l);
+      }
+      for (int64_t r = 0; r < M; ++r) {
+        const int* j = order + r * L + l;
+        for (int c = 0; c < width; ++c) dref_p[j[c] * L + l + c] = dref_block[r * W + c];
+        if (dw_p)
+          for (int c = 0; c < width; ++c) dw_p[j[c] * L + l + c] = dw_block[r * W + c];
       }
     }
   });
@@ -1044,29 +1047,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aswp_pool_bwd_cpu(
     const at::Tensor& sorted_tokens, c10::string_view pooling, bool normalize_directions, double temperature, bool need_x,
     bool need_directions) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const int code = pooling_code(pooling);
+  const int code = check_aswp_pool_bwd_args(grad_out, x, directions, references, mask, weights, sorted, sorted_tokens,
+                                            pooling, temperature);
   const int64_t B = x.size(0), N = x.size(1), L = directions.size(0), M = references.size(0);
-  TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == B && grad_out.size(1) == L,
-                    "grad_out must be (B, L)");
-  TORCH_CHECK(sorted.numel() > 0 || B * N * L == 0,
-              "aswp_pool backward: the forward ran with save_for_backward=False and kept nothing for backward; "
-              "run it with save_for_backward=True (aswp_pool() does when grad is enabled and an input requires grad)");
-  TORCH_CHECK_VALUE(sorted.sizes() == sorted_tokens.sizes() && sorted.dim() == 3 && sorted.size(0) == B &&
-                        sorted.size(1) == N && sorted.size(2) == L,
-                    "sorted/sorted_tokens must be (B, N, L)");
+  check_aswp_pool_sorted_tokens(sorted_tokens, N);  // the scatter through the sort indexes with these
   const auto compute = sorted.scalar_type();
   at::Tensor grad_x, grad_dir;
-  at::Tensor grad_ref_s = at::empty({M, L}, sorted.options());  // in rank order, unpermuted at the end
-  at::Tensor grad_w_s = code == kWeighted ? at::empty({M, L}, sorted.options()) : at::Tensor();
+  at::Tensor grad_ref_c = at::empty({M, L}, sorted.options());  // written by the kernel in reference order
+  at::Tensor grad_w_c = code == kWeighted ? at::empty({M, L}, sorted.options()) : at::Tensor();
   at::Tensor grad_ref, grad_w;
   std::optional<at::Tensor> wopt = code == kWeighted ? weights : std::nullopt;
   AT_DISPATCH_FLOATING_TYPES(compute, "aswp_pool_bwd_cpu", [&] {
     auto P = prepare<scalar_t>(x, directions, references, mask, wopt, normalize_directions, need_directions, true);
     at::Tensor g = grad_out.to(compute).contiguous();
     at::Tensor s = sorted.contiguous(), pm = sorted_tokens.contiguous();
-    // dp (B * N, L) is produced and consumed in chunks of slices (a quarter of the paper shape's 16 MiB at a
-    // time): each chunk's d(directions) rows are one GEMM into their place, and dx accumulates chunk by chunk.
-    const int64_t chunk = std::min<int64_t>(L, kBackwardChunk);
+    // dp (B * N, L) is produced and consumed in chunks of slices: each chunk's d(directions) rows are one GEMM
+    // into their place, and dx accumulates chunk by chunk. The chunk holds at most kBackwardChunkElements
+    // (2 MiB of float32, an eighth of the paper shape's dp) so that this buffer does not grow with the batch,
+    // but at least two column blocks per thread (the kernel parallelises over column blocks).
+    const int64_t chunk = backward_chunk(B * N, L);
     at::Tensor dq = at::empty({B * N, chunk}, sorted.options());
     at::Tensor dx = need_x ? at::zeros({B * N, x.size(2)}, sorted.options()) : at::Tensor();
     at::Tensor dtheta = need_directions ? at::empty({L, x.size(2)}, sorted.options()) : at::Tensor();
@@ -1074,10 +1073,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aswp_pool_bwd_cpu(
       const int64_t w = std::min(chunk, L - c0);
       if (pm.scalar_type() == at::kByte)
         backward_kernel<scalar_t, uint8_t>(P, code, scalar_t(temperature), g, s, pm, c0, c0 + w,
-                                           dq.data_ptr<scalar_t>(), chunk, grad_ref_s, grad_w_s);
+                                           dq.data_ptr<scalar_t>(), chunk, grad_ref_c, grad_w_c);
       else
         backward_kernel<scalar_t, int32_t>(P, code, scalar_t(temperature), g, s, pm, c0, c0 + w,
-                                           dq.data_ptr<scalar_t>(), chunk, grad_ref_s, grad_w_s);
+                                           dq.data_ptr<scalar_t>(), chunk, grad_ref_c, grad_w_c);
       at::Tensor dq_view = dq.narrow(1, 0, w);
       if (need_x) dx.addmm_(dq_view, P.dir.narrow(0, c0, w));
       if (need_directions) {
@@ -1085,8 +1084,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aswp_pool_bwd_cpu(
         at::mm_out(rows, dq_view.t(), P.x2d);
       }
     }
-    grad_ref = permute_ranks<scalar_t>(grad_ref_s, P.order32, false).to(references.scalar_type());
-    if (code == kWeighted) grad_w = permute_ranks<scalar_t>(grad_w_s, P.order32, false).to(weights->scalar_type());
+    grad_ref = grad_ref_c.to(references.scalar_type());
+    if (code == kWeighted) grad_w = grad_w_c.to(weights->scalar_type());
     if (need_x) grad_x = dx.view({B, N, x.size(2)}).to(x.scalar_type());
     if (need_directions) {
       if (normalize_directions) normalize_backward<scalar_t>(dtheta, P.dir, P.scale);

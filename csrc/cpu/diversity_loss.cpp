@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "omniret/counter_rng.h"
+#include "omniret/diversity_loss_checks.h"
 #include "omniret/diversity_loss_math.h"
 
 namespace omniret {
@@ -445,22 +446,6 @@ double run_all(const at::Tensor& mc, const LossParams& params, double grad_out, 
   return sum / count;
 }
 
-void check_args(const at::Tensor& m, const at::Tensor& seed, double p, double gamma) {
-  TORCH_CHECK_VALUE(m.dim() == 3, "diversity_loss: m must have shape (B, N, D), got ", m.sizes());
-  TORCH_CHECK_VALUE(at::isFloatingType(m.scalar_type()), "diversity_loss: m must be floating point, got ",
-                    m.scalar_type());
-  TORCH_CHECK_VALUE(m.size(0) > 0 && m.size(1) > 0 && m.size(2) > 0,
-                    "diversity_loss: m must be non-empty, got shape ", m.sizes());
-  TORCH_CHECK_VALUE(m.size(1) <= (int64_t(1) << 31) && m.size(0) <= (int64_t(1) << 32),
-                    "diversity_loss: B and N must fit the 32-bit Philox counter");
-  TORCH_CHECK_VALUE(m.size(1) <= 46340, "diversity_loss: N must be <= 46340 (N^2 pair indices fit int32), got ",
-                    m.size(1));
-  TORCH_CHECK_VALUE(seed.scalar_type() == at::kLong && seed.numel() == 1,
-                    "diversity_loss: seed must be a one-element int64 tensor");
-  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "diversity_loss: p must be in [0, 1), got ", p);
-  TORCH_CHECK_VALUE(gamma > 0.0, "diversity_loss: gamma must be > 0, got ", gamma);
-}
-
 // The compute copy of m: float for float/half/bfloat16, double for double; contiguous.
 at::Tensor compute_copy(const at::Tensor& m) {
   const auto dtype = m.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -491,7 +476,7 @@ LossParams make_params(const at::Tensor& seed, double p, double gamma, bool norm
 // The loss, and the gradient grad_out * dloss/dm in m's dtype when want_grad.
 std::tuple<at::Tensor, at::Tensor> loss_and_grad(const at::Tensor& m, const at::Tensor& seed, double p,
                                                  double gamma, bool normalize, bool want_grad, double grad_out) {
-  check_args(m, seed, p, gamma);
+  check_diversity_loss_args(m, seed, p, gamma);
   const at::Tensor mc = compute_copy(m);
   const LossParams params = make_params(seed, p, gamma, normalize);
   at::Tensor grad;
@@ -514,7 +499,7 @@ at::Tensor diversity_loss_fwd_cpu(const at::Tensor& m, const at::Tensor& seed, d
 
 at::Tensor diversity_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& m, const at::Tensor& seed,
                                   double p, double gamma, bool normalize) {
-  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "diversity_loss: grad must be a scalar, got ", grad_loss.sizes());
+  check_diversity_loss_grad(grad_loss);
   return std::get<1>(loss_and_grad(m, seed, p, gamma, normalize, /*want_grad=*/true, grad_loss.item<double>()));
 }
 
@@ -524,10 +509,7 @@ std::tuple<at::Tensor, at::Tensor> diversity_loss_fwd_grad_cpu(const at::Tensor&
 }
 
 at::Tensor diversity_keep_mask_cpu(const at::Tensor& seed, int64_t batch, int64_t n, double p) {
-  TORCH_CHECK_VALUE(batch >= 0 && n >= 0, "diversity_keep_mask: batch and n must be >= 0");
-  TORCH_CHECK_VALUE(seed.scalar_type() == at::kLong && seed.numel() == 1,
-                    "diversity_keep_mask: seed must be a one-element int64 tensor");
-  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "diversity_keep_mask: p must be in [0, 1), got ", p);
+  check_diversity_keep_mask_args(seed, batch, n, p);
   at::Tensor mask = at::empty({batch, n, n}, seed.options().dtype(at::kBool));
   bool* out = mask.mutable_data_ptr<bool>();
   const uint64_t s = static_cast<uint64_t>(seed.item<int64_t>());

@@ -14,6 +14,7 @@
 #include <numeric>
 #include <vector>
 
+#include "omniret/resampler_attention_checks.h"
 #include "omniret/resampler_attention_math.h"
 
 // The BLAS that ATen itself calls for float/double mm on x86 wheels (MKL, linked into libtorch_cpu). Declared
@@ -199,35 +200,13 @@ void backward_kernel(const Problem& p, const T* dout, const T* q, const T* k, co
   }
 }
 
-void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens) {
-  TORCH_CHECK_VALUE(q.dim() == 4, "resampler_attention: q must be (B, H, Nq, d), got ", q.sizes());
-  TORCH_CHECK_VALUE(k.dim() == 3 && k.size(2) == q.size(3), "resampler_attention: k must be (T, Hk, d) with d = ",
-                    q.size(3), ", got ", k.sizes());
-  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "resampler_attention: v must have k's shape ", k.sizes(), ", got ",
-                    v.sizes());
-  TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "resampler_attention: q heads (", q.size(1),
-                    ") must be a multiple of k/v heads (", k.size(1), ")");
-  TORCH_CHECK_VALUE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-                    "resampler_attention: q, k, v must share a dtype");
-  TORCH_CHECK_VALUE(cu_seqlens.scalar_type() == at::kInt && cu_seqlens.dim() == 1 &&
-                        cu_seqlens.size(0) == q.size(0) + 1,
-                    "resampler_attention: cu_seqlens must be int32 of shape (B + 1,) = (", q.size(0) + 1, ",)");
-  const auto cu = cu_seqlens.contiguous();
-  const int32_t* c = cu.data_ptr<int32_t>();
-  TORCH_CHECK_VALUE(c[0] == 0 && c[q.size(0)] == k.size(0), "resampler_attention: cu_seqlens must run from 0 to T = ",
-                    k.size(0));
-  for (int64_t b = 0; b < q.size(0); ++b)
-    TORCH_CHECK_VALUE(c[b + 1] > c[b], "resampler_attention: cu_seqlens must be strictly increasing (sample ", b,
-                      " has no keys)");
-}
-
 // float32 computes as is, float64 in double; half and bfloat16 are computed in float32 and cast back.
 at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 std::tuple<at::Tensor, at::Tensor> resampler_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                                                const at::Tensor& v, const at::Tensor& cu_seqlens,
                                                                double scale) {
-  check_inputs(q, k, v, cu_seqlens);
+  check_resampler_attention_fwd_args(q, k, v, cu_seqlens);
   const auto ct = compute_type(q.scalar_type());
   const auto qc = q.to(ct).contiguous(), kc = k.to(ct).contiguous(), vc = v.to(ct).contiguous();
   const auto cu = cu_seqlens.contiguous();
@@ -246,11 +225,7 @@ std::tuple<at::Tensor, at::Tensor> resampler_attention_fwd_cpu(const at::Tensor&
 std::tuple<at::Tensor, at::Tensor, at::Tensor> resampler_attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& cu_seqlens, double scale) {
-  check_inputs(q, k, v, cu_seqlens);
-  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
-                    "resampler_attention_bwd: grad_out and out must have q's shape ", q.sizes());
-  TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
-                    "resampler_attention_bwd: lse must be (B, H, Nq)");
+  check_resampler_attention_bwd_args(grad_out, q, k, v, out, lse, cu_seqlens);
   const auto ct = compute_type(q.scalar_type());
   const auto qc = q.to(ct).contiguous(), kc = k.to(ct).contiguous(), vc = v.to(ct).contiguous();
   const auto doc = grad_out.to(ct).contiguous();

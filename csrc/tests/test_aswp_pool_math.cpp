@@ -3,6 +3,7 @@
 // exp_approx. Returns nonzero on the first failure.
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <cstdio>
 #include <numeric>
 #include <random>
@@ -201,8 +202,42 @@ static void test_exp() {
   }
 }
 
+// Non-finite values: NaN of either sign sorts after +inf (torch.sort's order) and before the pad keys, in the
+// packed float32 keys and the float64 pairs; max pooling keeps a NaN; STM's forward is NaN for any +-inf or NaN.
+static void test_non_finite() {
+  const float nan_neg = -std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  EXPECT(float_to_ordered(nan_neg) > float_to_ordered(inf), "negative NaN must sort after +inf");
+  EXPECT(float_to_ordered(nan_neg) < kPadValueKey, "NaN must sort before the value-only pad key");
+  EXPECT(pack_key(std::nanf(""), 5) < kPadKey && pack_key(std::nanf(""), 5) > pack_key(inf, 0), "NaN key order");
+  EXPECT(std::isnan(key_value(pack_key(nan_neg, 3))) && key_index(pack_key(nan_neg, 3)) == 3, "NaN key decodes");
+  std::vector<KeyF64> keys = {{std::nan(""), 0}, {1.0, 1}, {-std::nan(""), 2}, {-INFINITY, 3}, {INFINITY, 4},
+                              {0.0, 5}, {0.0, -1}, {0.0, -1}};
+  bitonic_sort(keys.data(), 8, 1);
+  const int want[6] = {3, 5, 1, 4, 0, 2};  // -inf, 0, 1, inf, then the NaNs by index, then padding
+  for (int i = 0; i < 6; ++i) EXPECT(keys[i].index == want[i], "float64 NaN sort: row %d holds %d", i, keys[i].index);
+  EXPECT(keys[6].index < 0 && keys[7].index < 0, "padding last");
+  for (int pooling : {kStm, kMax}) {
+    const float rows[3][3] = {{1.f, 2.f, 3.f}, {std::nanf(""), -inf, inf}, {5.f, 5.f, 5.f}};
+    float acc[3];
+    for (float& a : acc) a = pool_initial<float>(pooling);
+    for (const auto& row : rows) pool_accumulate_row<float>(pooling, row, nullptr, acc, 3);
+    EXPECT(std::isnan(acc[0]), "pooling %d: a NaN psi must give NaN", pooling);
+    EXPECT(pooling == kStm ? std::isnan(acc[1]) : acc[1] == 5.f, "pooling %d: -inf psi gives %g", pooling, acc[1]);
+    EXPECT(pooling == kStm ? std::isnan(acc[2]) : acc[2] == inf, "pooling %d: +inf psi gives %g", pooling, acc[2]);
+  }
+}
+
+// next_pow2 in int64: past 2^30 it doubled an int into overflow and looped forever.
+static void test_next_pow2() {
+  EXPECT(next_pow2(1) == 1 && next_pow2(3) == 4 && next_pow2(128) == 128, "next_pow2 small");
+  EXPECT(next_pow2((int64_t(1) << 30) + 1) == (int64_t(1) << 31), "next_pow2(2^30 + 1)");
+  EXPECT(next_pow2(INT32_MAX) == (int64_t(1) << 31), "next_pow2(2^31 - 1)");
+}
+
 int main() {
   std::mt19937 rng(1234);
+  test_non_finite();
+  test_next_pow2();
   test_keys(rng);
   test_sort(rng);
   test_quantiles();

@@ -23,6 +23,9 @@ static void test_fast_exp() {
   CHECK(fast_exp(-1000.0f) < 1e-37f);  // clamped: effectively 0, never NaN or a denormal storm
   CHECK(fast_exp(-1000.0f) >= 0.0f);
   CHECK(std::isfinite(fast_exp(1000.0f)));
+  CHECK(std::isnan(fast_exp(std::nanf(""))));  // a NaN score poisons its row, as std::exp does
+  CHECK(std::isnan(fast_exp(-std::nanf(""))));
+  CHECK(fast_exp(-INFINITY) == 0.0f);
 }
 
 // Running online_softmax_step over blocks, with the rescaling of an accumulator, gives the softmax-weighted sum and

@@ -42,10 +42,15 @@ OMNIRET_HD float bits_float(uint32_t b) {
 #endif
 }
 
-// Monotone map float -> uint32 (a < b as floats  <=>  ordered(a) < ordered(b) as unsigned). -0 becomes +0 first
-// so that the two zeros tie (and then order by index), as they do in a stable comparison sort.
+// The one NaN a sort key holds (the positive quiet NaN): every NaN, whatever its sign and payload, becomes it, so
+// that NaN sorts after +inf (torch.sort's order; a negative NaN's bits would sort before -inf) and never ties
+// with the pad keys.
+constexpr uint32_t kCanonicalNaN = 0x7fc00000u;
+
+// Monotone map float -> uint32 (a < b as floats  <=>  ordered(a) < ordered(b) as unsigned), NaN last. -0 becomes
+// +0 first so that the two zeros tie (and then order by index), as they do in a stable comparison sort.
 OMNIRET_HD uint32_t float_to_ordered(float v) {
-  uint32_t b = float_bits(v + 0.0f);
+  const uint32_t b = v != v ? kCanonicalNaN : float_bits(v + 0.0f);
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
@@ -67,8 +72,8 @@ OMNIRET_HD void compare_exchange(uint64_t& a, uint64_t& b) {
 
 // Value-only keys: float_to_ordered(v) alone, for a sort whose caller needs the sorted values but not which token
 // each came from (the forward when nothing is saved for backward). Equal keys are equal values, so the sorted
-// values are those of the (value, index) sort bit for bit. Padding is all ones, which sorts last (a NaN whose key
-// is all ones ties with it and decodes to the same bits).
+// values are those of the (value, index) sort bit for bit. Padding is all ones, which sorts last, after the NaN
+// key (ordered(kCanonicalNaN) = 0xffc00000).
 constexpr uint32_t kPadValueKey = ~uint32_t(0);
 
 OMNIRET_HD void compare_exchange(uint32_t& a, uint32_t& b) {
@@ -83,10 +88,14 @@ struct KeyF64 {
   int32_t index;  // -1 marks padding
 };
 
+// NaN is greater than every number (torch.sort's order) and NaNs order by index, so the network still sorts.
 OMNIRET_HD bool key_less(const KeyF64& a, const KeyF64& b) {
   if (a.index < 0) return false;  // padding is never less
   if (b.index < 0) return true;
-  return a.value < b.value || (a.value == b.value && a.index < b.index);
+  const bool a_nan = a.value != a.value, b_nan = b.value != b.value;
+  if (a_nan != b_nan) return b_nan;
+  if (!a_nan && a.value != b.value) return a.value < b.value;
+  return a.index < b.index;
 }
 
 OMNIRET_HD void compare_exchange(KeyF64& a, KeyF64& b) {
@@ -103,8 +112,10 @@ OMNIRET_HD void compare_exchange(KeyF64& a, KeyF64& b) {
 // key[first] <= key[second] afterwards. The CPU kernel applies each comparator to a whole row of columns with
 // vector min/max; the CUDA kernel spreads a stage's comparators over the threads of a block.
 // ---------------------------------------------------------------------------------------------------------
-OMNIRET_HD int next_pow2(int n) {
-  int p = 1;
+// In int64: an int doubling past 2^30 overflowed and looped forever for n > 2^30. The kernels accept n <= 2^30
+// (aswp_pool_checks.h), whose power of two still fits the int row indices of the network.
+OMNIRET_HD int64_t next_pow2(int64_t n) {
+  int64_t p = 1;
   while (p < n) p <<= 1;
   return p;
 }
@@ -188,11 +199,18 @@ OMNIRET_HD T pool_initial(int pooling) {
 }
 
 // Forward accumulation of row r: the max (stm, max; STM's forward value is the max), the sum (mean) or the
-// weighted sum (weighted).
+// weighted sum (weighted). Non-finite psi give what the reference gives: max takes a NaN and keeps it (as
+// torch.max does); STM's forward is NaN when any psi of the column is NaN or +-inf (the reference's
+// psi * (hard - y + y) is inf * 0 or its softmax inf - inf there), which `psi * 0` (0, or NaN) adds to acc.
 template <class T>
 OMNIRET_HD void pool_accumulate_row(int pooling, const T* psi, const T* weight, T* acc, int width) {
-  if (pooling == kStm || pooling == kMax) {
-    for (int c = 0; c < width; ++c) acc[c] = psi[c] > acc[c] ? psi[c] : acc[c];
+  if (pooling == kStm) {
+    for (int c = 0; c < width; ++c) {
+      const T m = (psi[c] > acc[c] || psi[c] != psi[c]) ? psi[c] : acc[c];
+      acc[c] = m + psi[c] * T(0);
+    }
+  } else if (pooling == kMax) {
+    for (int c = 0; c < width; ++c) acc[c] = (psi[c] > acc[c] || psi[c] != psi[c]) ? psi[c] : acc[c];
   } else if (pooling == kMean) {
     for (int c = 0; c < width; ++c) acc[c] += psi[c];
   } else {

@@ -47,8 +47,11 @@ OMNIRET_HD int32_t float_to_bits(float f) {
 // two parts (Cody-Waite, so f keeps full precision even for |x| ~ 87), |f| <= ln2 / 2, and e^f by its Taylor
 // series to degree 7: relative error < 1e-7 wherever the result is a normal float. Below x ~ -87.3 the result
 // is exactly 0 (the exponent is clamped as an integer and the value masked), above 88 it saturates near 2^127;
-// the kernels only feed it scores minus the running max or the log-sum-exp, i.e. x <= ~0, finite.
+// the kernels only feed it scores minus the running max or the log-sum-exp, i.e. x <= ~0. A NaN x gives NaN (as
+// std::exp, so a NaN score poisons its row as in the reference's softmax): the masking that zeroes the underflow
+// would otherwise turn it into 0. The NaN test is on the integer bits, which vectorises like the rest.
 OMNIRET_HD float fast_exp(float x) {
+  const int32_t nan = -static_cast<int32_t>((float_to_bits(x) & 0x7fffffff) > 0x7f800000);  // all ones for NaN
   const float n = (x * 1.4426950408889634f + 12582912.0f) - 12582912.0f;  // round(x log2 e), |x| < 2.9e6
   const float f = (x - n * 0.693359375f) + n * 2.12194440e-4f;           // ln2 ~ 0.693359375 - 2.12194440e-4
   float p = 1.9841269841269841e-4f;                                      // 1/7!
@@ -63,7 +66,7 @@ OMNIRET_HD float fast_exp(float x) {
   const int32_t keep = -static_cast<int32_t>(e > 0);  // all ones, or 0 when 2^n is below the normal range
   e = e < 1 ? 1 : e;
   e = e > 254 ? 254 : e;
-  return bits_to_float(float_to_bits(p * bits_to_float(e << 23)) & keep);
+  return bits_to_float(float_to_bits(p * bits_to_float(e << 23)) & (keep | nan));
 }
 
 // The exp each precision uses: the vectorisable one for float, the exact one for double (tests, gradcheck).
