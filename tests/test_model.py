@@ -363,6 +363,11 @@ def test_frozen_features_are_computed_once_and_reused_by_subsets(monkeypatch):
             if idx[0] == 8:
                 torch.testing.assert_close(emb, direct, rtol=1e-9, atol=1e-10)
     assert seen == {"image": 0, "audio": 0}
+    # without the preprocessed media (a step keeps one of the two) the kept tokens still embed the same
+    lean = m.encode_frozen_media(m.prepare(items), keep_media=False)
+    assert all(x is None for mod in lean.features for x in lean.media[mod])
+    with torch.no_grad():
+        torch.testing.assert_close(m(lean.subset([8, 2, 7, 0]))[0], direct, rtol=1e-9, atol=1e-10)
 
 
 def test_trainable_towers_run_in_every_call(monkeypatch):

@@ -308,10 +308,12 @@ class OmniRet(nn.Module):
         enc = self._encoder_for(modality)
         return enc.trainable and any(p.requires_grad for p in enc.parameters())
 
-    def encode_frozen_media(self, batch: PreparedBatch) -> PreparedBatch:
+    def encode_frozen_media(self, batch: PreparedBatch, *, keep_media: bool = True) -> PreparedBatch:
         """Run the encoders that take no gradient over the batch's media, once and without autograd, and keep
         their tokens in `batch.features`: later calls on the batch or on its subsets start from them (GradCache
-        embeds chunks twice; the second pass then recomputes none of this). Returns the batch."""
+        embeds chunks twice; the second pass then recomputes none of this). `keep_media=False` drops the
+        preprocessed media those tokens came from (their entries become None), so a step holds one of the two.
+        Returns the batch."""
         for modality, xs in batch.media.items():
             if not xs or modality in batch.features or self.takes_gradient(modality):
                 continue
@@ -319,6 +321,8 @@ class OmniRet(nn.Module):
                 tokens, cu = self.encode_media(modality, xs)
             bounds = cu.tolist()
             batch.features[modality] = [tokens[bounds[i]:bounds[i + 1]] for i in range(len(xs))]
+            if not keep_media:
+                batch.media[modality] = [None] * len(xs)
         return batch
 
     def _media_tokens(self, batch: PreparedBatch, modality: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -189,14 +189,16 @@ class GradCache:
         any other model gets the item list."""
         net = self._forward_module()
         prepare = getattr(net, "prepare", None)
-        if not _is_prepared(items):
+        ours = not _is_prepared(items)
+        if ours:
             if not callable(prepare):
                 return items
             items = prepare(items)
         encode_frozen = getattr(net, "encode_frozen_media", None)
         if callable(encode_frozen):
             with torch.no_grad(), self._autocast():
-                encode_frozen(items)
+                # a batch prepared here lives for this step only: the frozen media's features replace them
+                encode_frozen(items, keep_media=not ours)
         return items
 
     def _embed_chunks(self, items, keep: int) -> tuple:
