@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from omniret.config import preset
-from omniret.model import OmniRet
+from omniret.model import OmniRet, PreparedBatch
 from omniret.model.composer import parse_item
 from omniret_kernels import diversity_loss
 
@@ -363,11 +363,19 @@ def test_frozen_features_are_computed_once_and_reused_by_subsets(monkeypatch):
             if idx[0] == 8:
                 torch.testing.assert_close(emb, direct, rtol=1e-9, atol=1e-10)
     assert seen == {"image": 0, "audio": 0}
-    # without the preprocessed media (a step keeps one of the two) the kept tokens still embed the same
-    lean = m.encode_frozen_media(m.prepare(items), keep_media=False)
+    # without the preprocessed media (a step keeps one of the two), encoded at most 3 media per call, or prepared
+    # in pieces and concatenated, the kept tokens still embed the same
+    lean = m.encode_frozen_media(m.prepare(items), keep_media=False, max_media=3)
     assert all(x is None for mod in lean.features for x in lean.media[mod])
+    pieces = PreparedBatch.concat([m.encode_frozen_media(m.prepare(items[a:b])) for a, b in ((0, 2), (2, 7), (7, 9))])
+    assert pieces.media_offsets == batch.media_offsets and pieces.sequences == batch.sequences
     with torch.no_grad():
-        torch.testing.assert_close(m(lean.subset([8, 2, 7, 0]))[0], direct, rtol=1e-9, atol=1e-10)
+        for b in (lean, pieces):
+            torch.testing.assert_close(m(b.subset([8, 2, 7, 0]))[0], direct, rtol=1e-9, atol=1e-10)
+    with pytest.raises(ValueError, match="max_media"):
+        m.encode_frozen_media(m.prepare(items), max_media=0)
+    with pytest.raises(ValueError, match="image"):  # features for some pieces only: not one batch
+        PreparedBatch.concat([m.prepare(items[1:2]), m.encode_frozen_media(m.prepare(items[1:2]))])
 
 
 def test_trainable_towers_run_in_every_call(monkeypatch):

@@ -69,6 +69,29 @@ class PreparedBatch:
     def num_media(self) -> int:
         return sum(len(v) for v in self.media.values())
 
+    @classmethod
+    def concat(cls, batches: Sequence["PreparedBatch"]) -> "PreparedBatch":
+        """The items of `batches`, in order, as one batch (e.g. prepared chunk by chunk to bound peak memory)."""
+        if not batches:
+            raise ValueError("batches is empty")
+        modalities = list(batches[0].media)
+        featured = {m for b in batches for m in b.features}
+        for m in featured:
+            if any(b.media.get(m) and m not in b.features for b in batches):
+                raise ValueError(f"batches: some have {m} features and some have {m} media without them")
+        media = {m: [] for m in modalities}
+        features = {m: [] for m in featured}
+        sequences, offsets = [], []
+        for b in batches:
+            base = {m: len(media[m]) for m in modalities}
+            sequences.extend(b.sequences)
+            offsets.extend({m: base[m] + off[m] for m in modalities} for off in b.media_offsets)
+            for m in modalities:
+                media[m].extend(b.media.get(m, []))
+            for m in featured:
+                features[m].extend(b.features.get(m, []))
+        return cls(sequences, offsets, media, features)
+
 
 class OmniRet(nn.Module):
     def __init__(self, config: OmniRetConfig, *, _skip_seed: bool = False):
@@ -308,19 +331,27 @@ class OmniRet(nn.Module):
         enc = self._encoder_for(modality)
         return enc.trainable and any(p.requires_grad for p in enc.parameters())
 
-    def encode_frozen_media(self, batch: PreparedBatch, *, keep_media: bool = True) -> PreparedBatch:
+    def encode_frozen_media(self, batch: PreparedBatch, *, keep_media: bool = True,
+                            max_media: Optional[int] = None) -> PreparedBatch:
         """Run the encoders that take no gradient over the batch's media, once and without autograd, and keep
         their tokens in `batch.features`: later calls on the batch or on its subsets start from them (GradCache
         embeds chunks twice; the second pass then recomputes none of this). `keep_media=False` drops the
         preprocessed media those tokens came from (their entries become None), so a step holds one of the two.
-        Returns the batch."""
+        `max_media`: encode at most this many media items per call (bounds the encoders' peak memory on a large
+        batch). Returns the batch."""
+        if max_media is not None and max_media < 1:
+            raise ValueError(f"max_media must be >= 1 or None, got {max_media}")
         for modality, xs in batch.media.items():
             if not xs or modality in batch.features or self.takes_gradient(modality):
                 continue
-            with torch.no_grad():
-                tokens, cu = self.encode_media(modality, xs)
-            bounds = cu.tolist()
-            batch.features[modality] = [tokens[bounds[i]:bounds[i + 1]] for i in range(len(xs))]
+            step = max_media or len(xs)
+            feats = []
+            for start in range(0, len(xs), step):
+                with torch.no_grad():
+                    tokens, cu = self.encode_media(modality, xs[start:start + step])
+                bounds = cu.tolist()
+                feats.extend(tokens[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1))
+            batch.features[modality] = feats
             if not keep_media:
                 batch.media[modality] = [None] * len(xs)
         return batch

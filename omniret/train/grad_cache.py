@@ -184,22 +184,31 @@ class GradCache:
         return self.temperature() if self.temperature is not None else self.tau
 
     def _prepare(self, items):
-        """One side of the batch as the model takes it for chunking: a model that prepares batches (OmniRet) gets
-        one PreparedBatch (unless the items come prepared) with its frozen encoders' features computed once;
-        any other model gets the item list."""
+        """One side of the batch as the model takes it for chunking: a model that prepares batches (OmniRet:
+        `prepare(items, positions=)`, `encode_frozen_media`, `PreparedBatch.concat`) gets one PreparedBatch
+        (unless the items come prepared) with its frozen encoders' features computed once; any other model gets
+        the item list."""
         net = self._forward_module()
         prepare = getattr(net, "prepare", None)
-        ours = not _is_prepared(items)
-        if ours:
-            if not callable(prepare):
-                return items
-            items = prepare(items)
         encode_frozen = getattr(net, "encode_frozen_media", None)
-        if callable(encode_frozen):
+        if _is_prepared(items):
+            if callable(encode_frozen):
+                with torch.no_grad(), self._autocast():
+                    encode_frozen(items, max_media=self.chunk_size)
+            return items
+        if not callable(prepare):
+            return items
+        if not callable(encode_frozen):
+            return prepare(items)
+        # chunk by chunk, each chunk's frozen media replaced by their tokens right away: the step never holds the
+        # whole batch's decoded media, nor the frozen encoders' activations over more than one chunk
+        parts = []
+        for start in range(0, len(items), self.chunk_size):
+            stop = min(start + self.chunk_size, len(items))
+            part = prepare(items[start:stop], positions=list(range(start, stop)))  # errors name the batch index
             with torch.no_grad(), self._autocast():
-                # a batch prepared here lives for this step only: the frozen media's features replace them
-                encode_frozen(items, keep_media=not ours)
-        return items
+                parts.append(encode_frozen(part, keep_media=False))
+        return type(parts[0]).concat(parts) if len(parts) > 1 else parts[0]
 
     def _embed_chunks(self, items, keep: int) -> tuple:
         """Step 2 for one side: every chunk without autograd, except the last `keep`, whose graphs are kept."""
