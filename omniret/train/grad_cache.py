@@ -97,15 +97,15 @@ def _is_prepared(items) -> bool:
     return callable(getattr(items, "subset", None))
 
 
-def _chunks(items: Sequence[Any], size: int):
-    """Consecutive chunks of `size` items: subsets of a prepared batch, slices of a list."""
-    for i in range(0, len(items), size):
-        yield items.subset(range(i, min(i + size, len(items)))) if _is_prepared(items) else items[i:i + size]
+def _take(items, rows: slice):
+    """The items at `rows`: a subset of a prepared batch (built when needed, so a step holds one chunk's subset
+    at a time), a slice of a list."""
+    return items.subset(range(rows.start, rows.stop)) if _is_prepared(items) else items[rows]
 
 
 @dataclass
 class _Chunk:
-    items: Sequence[Any]  # a list of items or a PreparedBatch subset
+    side: Sequence[Any]  # the whole side (a list of items or a PreparedBatch); the chunk is side[rows]
     rng: _RNGSnapshot
     rows: slice  # rows of the local embedding matrix
     num_media: int
@@ -215,24 +215,23 @@ class GradCache:
         chunks: List[_Chunk] = []
         embs = []
         net = self._forward_module()
-        parts = list(_chunks(items, self.chunk_size))
-        first_kept = len(parts) - keep
-        start = 0
-        for k, part in enumerate(parts):
+        starts = range(0, len(items), self.chunk_size)
+        first_kept = len(starts) - keep
+        for k, start in enumerate(starts):
+            part = _take(items, slice(start, min(start + self.chunk_size, len(items))))
             rng = _RNGSnapshot(self.generators)
             kept = k >= first_kept
             with torch.set_grad_enabled(kept), self._autocast():
                 emb, aux = net(part)
             if emb.shape[0] != len(part):
                 raise ValueError(f"model returned {emb.shape[0]} embeddings for {len(part)} items")
-            chunk = _Chunk(part, rng, slice(start, start + len(part)), _num_media(aux, part))
+            chunk = _Chunk(items, rng, slice(start, start + len(part)), _num_media(aux, part))
             if isinstance(aux, dict) and "diversity" in aux:
                 chunk.diversity = float(aux["diversity"].detach())
             if kept:
                 chunk.graph = (emb, aux)
             chunks.append(chunk)
             embs.append(emb.detach())
-            start += len(part)
         return chunks, torch.cat(embs)
 
     def _gather(self, local: torch.Tensor) -> tuple:
@@ -367,7 +366,7 @@ class GradCache:
                 else:
                     ch.rng.restore()
                     with self._autocast():
-                        emb, aux = net(ch.items)
+                        emb, aux = net(_take(ch.side, ch.rows))
                 surrogate = (emb.to(g_emb.dtype) * g_emb[ch.rows]).sum()
                 div = aux.get("diversity") if isinstance(aux, dict) else None
                 if div is not None and ch.num_media > 0 and div_weight != 0.0 and div.requires_grad:
