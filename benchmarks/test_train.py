@@ -21,7 +21,6 @@
 import os
 import statistics
 import textwrap
-import time
 import warnings
 
 import pytest
@@ -252,46 +251,42 @@ def _demo_batch(n: int, seed: int = 0):
 def test_grad_cache_demo_overhead_and_floor(batch, rounds):
     """GradCache's time over a plain step on the demo preset, against its floor: one forward of the trainable part
     without autograd over the batch (prepared once, frozen features in place; on `demo` the towers train, so
-    only parsing and tokenizing are frozen work). Interleaved medians; a shared machine makes them noisy."""
+    only parsing and tokenizing are frozen work). Interleaved medians; a shared machine makes them noisy.
+    OMNIRET_BENCH_ROUNDS overrides the number of rounds."""
     from omniret.train import GradCache, full_batch_loss
 
+    rounds = int(os.environ.get("OMNIRET_BENCH_ROUNDS", rounds))
     model, _ = _demo_model()
-    queries, candidates = _demo_batch(batch)
     cache = GradCache(model, chunk_size=CHUNK)
+    legacy = GradCache(model, chunk_size=CHUNK)
+    legacy._prepare = lambda items: items  # before issue 19: every chunk and replay calls model(items)
 
-    def plain():
+    def plain(q, c):
         model.zero_grad(set_to_none=True)
-        full_batch_loss(model, queries, candidates).total.backward()
+        full_batch_loss(model, q, c).total.backward()
 
-    def grad_cache():
+    def grad_cache(q, c):
         model.zero_grad(set_to_none=True)
-        cache.step(queries, candidates)
+        cache.step(q, c)
 
-    def trainable_forward():
-        q, c = (model.encode_frozen_media(model.prepare(side)) for side in (queries, candidates))
-        start = time.perf_counter()
-        with torch.no_grad():
-            model(q)
-            model(c)
-        return time.perf_counter() - start
+    def grad_cache_legacy(q, c):
+        model.zero_grad(set_to_none=True)
+        legacy.step(q, c)
 
     runs = {"plain": plain, "grad_cache": grad_cache}
-    if batch == 256:
-        legacy = GradCache(model, chunk_size=CHUNK)
-        legacy._prepare = lambda items: items  # before issue 19: every chunk and replay calls model(items)
-
-        def grad_cache_legacy():
-            model.zero_grad(set_to_none=True)
-            legacy.step(queries, candidates)
-
+    if batch == 256:  # at 1024 it would double the run's time
         runs["grad_cache_legacy"] = grad_cache_legacy
-    for run in runs.values():  # untimed: lazy initialisation
-        run()
+    small = _demo_batch(8, seed=1)
+    for run in runs.values():  # untimed, on a small batch: lazy initialisation
+        run(*small)
+    queries, candidates = _demo_batch(batch)
     times = {name: [] for name in list(runs) + ["floor_forward"]}
     for _ in range(rounds):
         for name, run in runs.items():
-            times[name].append(median_time(run, warmup=0, repeat=1))
-        times["floor_forward"].append(trainable_forward())
+            times[name].append(median_time(lambda: run(queries, candidates), warmup=0, repeat=1))
+        q, c = (model.encode_frozen_media(model.prepare(side)) for side in (queries, candidates))
+        with torch.no_grad():
+            times["floor_forward"].append(median_time(lambda: (model(q), model(c)), warmup=0, repeat=1))
     median = {name: statistics.median(ts) for name, ts in times.items()}
     model.zero_grad(set_to_none=True)
     t_plain = median["plain"]
@@ -306,11 +301,11 @@ def test_grad_cache_demo_overhead_and_floor(batch, rounds):
           f"(overhead {overhead:+.2f}), trainable forward without autograd {median['floor_forward']:.2f} s "
           f"(floor {floor:.2f})" + (f", GradCache before issue 19 {extra['legacy_s']:.2f} s (overhead "
                                      f"{extra['legacy_overhead']:+.2f})" if extra else ""))
+    print("samples (s): " + "; ".join(f"{k} " + ", ".join(f"{t:.2f}" for t in v) for k, v in times.items()))
     record("train_demo_overhead", batch=batch, chunk=CHUNK, rounds=rounds, threads=threads,
            load_average=os.getloadavg()[0], plain_s=t_plain, grad_cache_s=median["grad_cache"],
            floor_forward_s=median["floor_forward"], overhead=overhead, floor=floor,
            overhead_over_floor=overhead / floor, **extra)
-    print("samples (s): " + "; ".join(f"{k} " + ", ".join(f"{t:.2f}" for t in v) for k, v in times.items()))
     assert overhead <= 1.1 * floor
 
 
