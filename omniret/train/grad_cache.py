@@ -4,10 +4,11 @@ a contrastive step over a batch of thousands with the activation memory of one c
     gc = GradCache(model, chunk_size=64, tau=0.07, beta=0.5, mu1=1.0, mu2=0.1)
     stats = gc.step(queries, candidates)  # fills .grad as one full-batch backward of the total loss would
 
-0. each side (queries, candidates) is prepared once: a model with `prepare` (OmniRet) turns the items into one
-   PreparedBatch (parsing, tokenizing, media decoding) and runs its frozen encoders over it once, without
-   autograd (`encode_frozen_media`); chunks are `PreparedBatch.subset`s that carry those features. Items may
-   also come already prepared. Other models (a plain `model(items)`) get slices of the item list;
+1. each side (queries, candidates) is prepared once: a model with `prepare` (OmniRet) turns the items, a chunk
+   at a time, into one PreparedBatch (parsing, tokenizing, media decoding), its frozen encoders run once over
+   each chunk without autograd (`encode_frozen_media`, whose tokens replace the decoded media), and chunks are
+   `PreparedBatch.subset`s that carry those tokens. Items may also come already prepared. Other models (a plain
+   `model(items)`) get slices of the item list;
 2. every chunk of queries and candidates is embedded without autograd, after saving the RNG state;
 3. the total loss (omniret.losses.total_loss) is computed on the detached embeddings, and its gradient with
    respect to them;
@@ -23,8 +24,8 @@ chunks runs no extra forward at all, as a plain step.
 
 Time: the extra cost over a plain step is one forward of the trainable part without autograd (its floor), plus
 a fixed cost per model call (a step makes about two calls per chunk where a plain step makes two in all), so
-the largest chunk that fits in memory is the fastest (docs/training.md measures both). Memory: the frozen
-encoders' tokens of the whole batch stay for the step.
+the largest chunk that fits in memory is the fastest (docs/training.md measures both). Memory: the whole
+batch's token ids, frozen encoders' tokens and per-chunk RNG snapshots stay for the step.
 
 The diversity term of the total loss is the mean over all media items of the batch: chunk k, holding n_k of
 the N media items, contributes mu2 * n_k / N * aux["diversity"]_k (the model computes it in training mode).
@@ -307,7 +308,7 @@ class GradCache:
         device = self._device()
         world, _ = self._world()
 
-        # 0-2. prepare each side once (frozen features included), then embed its chunks without autograd,
+        # 1-2. prepare each side once (frozen features included), then embed its chunks without autograd,
         # remembering each chunk's RNG state; the last keep_graphs chunks (candidates first, since they run last)
         # keep their graphs. Each side is prepared right before its chunks, so with one chunk per side the RNG
         # draws come in a plain step's order (a frozen encoder in training mode may draw, e.g. an augmentation).
