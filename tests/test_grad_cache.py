@@ -261,6 +261,89 @@ def test_tiny_preset_dropout_replays():
     assert any(not torch.equal(other[k], runs[0][k]) for k in other)
 
 
+def _count_calls(model, monkeypatch) -> dict:
+    """Counters of the work GradCache must do once per step: items prepared, media preprocessed, media items
+    through each encoder's encode()."""
+    calls = {"prepare": 0, "preprocess": 0, "image": 0, "audio": 0}
+    prepare = model.prepare
+
+    def counted_prepare(items, *args, **kwargs):
+        calls["prepare"] += len(items)
+        return prepare(items, *args, **kwargs)
+
+    monkeypatch.setattr(model, "prepare", counted_prepare)
+    for name, enc in model.encoders.items():
+        def encode(batch, _run=enc.encode, _name=name):
+            calls[_name] += len(batch)
+            return _run(batch)
+
+        def preprocess(raw, *args, _run=enc.preprocess, **kwargs):
+            calls["preprocess"] += 1
+            return _run(raw, *args, **kwargs)
+
+        monkeypatch.setattr(enc, "encode", encode)
+        monkeypatch.setattr(enc, "preprocess", preprocess)
+    return calls
+
+
+@pytest.mark.parametrize("chunk, keep", [(2, 0), (3, 1), (64, 1)])
+def test_frozen_work_runs_once_per_step(monkeypatch, chunk, keep):
+    """Parsing, media decoding and the frozen encoders run once per item per step, however many chunks and
+    replays: the replays start from the kept features."""
+    model = _tiny(diversity_p=0.5)
+    queries, candidates = _tiny_batch()
+    calls = _count_calls(model, monkeypatch)
+    GradCache(model, chunk_size=chunk, keep_graphs=keep).step(queries, candidates)
+    images = sum("image" in it for it in queries + candidates)
+    audios = sum("audio" in it for it in queries + candidates)
+    assert calls == {"prepare": len(queries) + len(candidates), "preprocess": images + audios,
+                     "image": images, "audio": audios}
+
+
+def test_prepared_batches_step_as_items(monkeypatch):
+    """step() takes batches the model prepared: the same gradients and loss as from the items; with their frozen
+    features already computed, the step runs no frozen encoder at all."""
+    model = _tiny(diversity_p=0.5)
+    queries, candidates = _tiny_batch(3)
+    runs = []
+    for prepared in (False, True):
+        q, c = queries, candidates
+        if prepared:
+            q, c = model.prepare(queries), model.encode_frozen_media(model.prepare(candidates))
+        torch.manual_seed(4)
+        model.zero_grad(set_to_none=True)
+        stats = GradCache(model, chunk_size=2, keep_graphs=0).step(q, c)
+        runs.append((_grads(model), stats["loss"]))
+    _assert_grads_close(runs[0][0], runs[1][0], rtol=0, atol=0)
+    assert runs[0][1] == runs[1][1]
+    q = model.encode_frozen_media(model.prepare(queries))
+    c = model.encode_frozen_media(model.prepare(candidates))
+    calls = _count_calls(model, monkeypatch)
+    GradCache(model, chunk_size=2, keep_graphs=0).step(q, c)
+    assert calls == {"prepare": 0, "preprocess": 0, "image": 0, "audio": 0}
+
+
+def test_trainable_tower_replays_with_the_chunks():
+    """A trainable image tower is not frozen work: it runs in every chunk and replay, and its gradient equals the
+    plain step's, while the frozen audio encoder's tokens are reused."""
+    from omniret.config import preset
+    from omniret.model import OmniRet
+    cfg = preset("tiny", diversity_p=0.0)
+    cfg.image_encoder.trainable = True
+    model = OmniRet(cfg)
+    model.setup_stage(2)
+    model = model.to(torch.float64).train()
+    queries, candidates = _tiny_batch()
+    want, terms = _plain_grads(model, queries, candidates)
+    model.zero_grad(set_to_none=True)
+    stats = GradCache(model, chunk_size=3, keep_graphs=0).step(queries, candidates)
+    got = _grads(model)
+    assert abs(stats["loss"] - float(terms.total.detach())) < 1e-6
+    _assert_grads_close_scaled(got, want, 1e-5)
+    tower = [n for n in got if n.startswith("encoders.image.") and "patch_embedding" in n]
+    assert tower and all(got[n].abs().sum() > 0 for n in tower)
+
+
 WORKER = textwrap.dedent("""
     import os, sys, torch, torch.distributed as dist
     torch.set_num_threads(1)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from omniret.config import preset
-from omniret.model import OmniRet
+from omniret.model import OmniRet, PreparedBatch
 from omniret.model.composer import parse_item
 from omniret_kernels import diversity_loss
 
@@ -112,8 +112,10 @@ def test_instruction_template(model):
 def test_diversity_aux(model):
     items = _items(_media())[:3]
     model.eval()
-    e1, a1 = model(items)
-    e2, a2 = model(items)
+    _, plain = model(items)
+    assert "diversity" not in plain and plain["num_media"] == 2  # eval computes no diversity term unless asked
+    e1, a1 = model(items, diversity=True)
+    e2, a2 = model(items, diversity=True)
     assert a1["diversity"].item() == a2["diversity"].item()  # eval: no dropout
     # eval value = the reference diversity loss without dropout over the resampled media tokens
     batch = model.prepare(items)
@@ -135,9 +137,11 @@ def test_diversity_aux(model):
         t1["diversity"].backward()
         assert model.media_resampler.latents.grad is not None
         model.zero_grad(set_to_none=True)
+        _, no_div = model(items, diversity=False)
+        assert "diversity" not in no_div
     finally:
         model.eval()
-    _, a_text = model(["only text"])
+    _, a_text = model(["only text"], diversity=True)
     assert a_text["diversity"].item() == 0.0
 
 
@@ -322,6 +326,121 @@ def test_prepared_batch_subset_and_precompute(tmp_path):
     assert cache.misses == 6
     m.encode_corpus(items)
     assert cache.hits == 5 + 11 and cache.misses == 6
+
+
+def _count_encoder_items(m, monkeypatch) -> dict:
+    """modality of each encoder -> media items its encode() has seen (videos go through the image encoder)."""
+    seen = {name: 0 for name in m.encoders}
+    for name, enc in m.encoders.items():
+        def counted(batch, _run=enc.encode, _name=name):
+            seen[_name] += len(batch)
+            return _run(batch)
+        monkeypatch.setattr(enc, "encode", counted)
+    return seen
+
+
+def test_frozen_features_are_computed_once_and_reused_by_subsets(monkeypatch):
+    """encode_frozen_media runs each frozen encoder once over the batch; the model on subsets of that batch (what
+    GradCache's chunks and replays are) reuses those tokens, runs no frozen encoder, and embeds as a fresh call."""
+    m = OmniRet.from_config("tiny").double()
+    m.setup_stage(2)
+    m.eval()
+    items = _items(_media())
+    batch = m.prepare(items)
+    seen = _count_encoder_items(m, monkeypatch)
+    m.encode_frozen_media(batch)
+    # 5 images, then the frames of 2 videos (4 sampled of 6, and a 2-frame clip) through the image tower
+    assert seen == {"image": 5 + 4 + 2, "audio": 4}
+    assert sorted(batch.features) == ["audio", "image", "video"]
+    assert m.encode_frozen_media(batch) is batch and seen == {"image": 11, "audio": 4}  # already there: no rerun
+    with torch.no_grad():
+        direct = m([items[i] for i in [8, 2, 7, 0]])[0]
+        seen.update(image=0, audio=0)
+        for idx in ([8, 2, 7, 0], [1, 3, 5]):
+            sub = batch.subset(idx)
+            assert all(len(sub.features[mod]) == len(sub.media[mod]) for mod in sub.features)
+            emb = m(sub)[0]
+            if idx[0] == 8:
+                torch.testing.assert_close(emb, direct, rtol=1e-9, atol=1e-10)
+    assert seen == {"image": 0, "audio": 0}
+    # without the preprocessed media (a step keeps one of the two), encoded at most 3 media per call, or prepared
+    # in pieces and concatenated, the kept tokens still embed the same
+    lean = m.encode_frozen_media(m.prepare(items), keep_media=False, max_media=3)
+    assert all(x is None for mod in lean.features for x in lean.media[mod])
+    pieces = PreparedBatch.concat([m.encode_frozen_media(m.prepare(items[a:b])) for a, b in ((0, 2), (2, 7), (7, 9))])
+    assert pieces.media_offsets == batch.media_offsets and pieces.sequences == batch.sequences
+    with torch.no_grad():
+        for b in (lean, pieces):
+            torch.testing.assert_close(m(b.subset([8, 2, 7, 0]))[0], direct, rtol=1e-9, atol=1e-10)
+    with pytest.raises(ValueError, match="max_media"):
+        m.encode_frozen_media(m.prepare(items), max_media=0)
+    with pytest.raises(ValueError, match="image"):  # features for some pieces only: not one batch
+        PreparedBatch.concat([m.prepare(items[1:2]), m.encode_frozen_media(m.prepare(items[1:2]))])
+
+
+def test_trainable_towers_run_in_every_call(monkeypatch):
+    """An encoder that takes gradient keeps no features: every call runs it with autograd, so its parameters
+    get gradient; the frozen audio encoder's tokens are still reused."""
+    cfg = preset("tiny")
+    cfg.image_encoder.trainable = True
+    m = OmniRet(cfg)
+    m.setup_stage(1)
+    m.train()
+    assert m.takes_gradient("image") and m.takes_gradient("video") and not m.takes_gradient("audio")
+    items = _items(_media())
+    batch = m.encode_frozen_media(m.prepare(items))
+    assert sorted(batch.features) == ["audio"]
+    seen = _count_encoder_items(m, monkeypatch)
+    emb, aux = m(batch.subset([1, 6]))
+    assert seen == {"image": 2, "audio": 0}
+    (emb.pow(2).mean() + aux["diversity"]).backward()
+    grads = {n: p.grad for n, p in m.encoders["image"].named_parameters()}
+    assert any("patch_embedding" in n and g is not None and g.abs().sum() > 0 for n, g in grads.items())
+    # a tower whose parameters are all switched off is a fixed feature extractor too
+    m.encoders["image"].requires_grad_(False)
+    assert not m.takes_gradient("image")
+    assert sorted(m.encode_frozen_media(m.prepare(items)).features) == ["audio", "image", "video"]
+
+
+def test_config_is_not_mutated():
+    cfg = preset("tiny", lora=True)  # a stage-2 config, as from_pretrained reads it
+    before = cfg.to_dict()
+    m = OmniRet(cfg)
+    assert m.config.lora and any("lora_" in n for n, _ in m.named_parameters())
+    assert cfg.to_dict() == before
+    cfg = preset("tiny")
+    m = OmniRet(cfg)
+    m.setup_stage(2)
+    assert m.config.lora and not cfg.lora
+    cfg.diversity_p = 0.0  # the model keeps its own copy: later changes to the caller's config do not reach it
+    assert m.config.diversity_p == preset("tiny").diversity_p
+    assert m.composer.cfg is m.config and m.encoders["image"].model_config is m.config
+
+
+def test_hidden_state_resampler_loads_old_key_names(tmp_path):
+    """Checkpoints from before the rename (`head.resampler.*`) load into `head.hidden_state_resampler`, through
+    load_state_dict and from_pretrained."""
+    from safetensors.torch import load_file, save_file
+
+    m = OmniRet.from_config("tiny")
+    m.setup_stage(2)
+    with torch.no_grad():
+        for p in m.head.hidden_state_resampler.parameters():
+            p.add_(torch.randn_like(p))
+    new = m.state_dict()
+    old = {k.replace("head.hidden_state_resampler.", "head.resampler."): v for k, v in new.items()}
+    assert sum(k.startswith("head.resampler.") for k in old) > 4
+    other = OmniRet.from_config(preset("tiny", seed=3))
+    other.setup_stage(2)
+    other.load_state_dict(old)  # strict: nothing missing, nothing unexpected
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in new.items())
+    m.save_pretrained(tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    saved = load_file(str(weights))
+    save_file({k.replace("head.hidden_state_resampler.", "head.resampler."): v for k, v in saved.items()},
+              str(weights))
+    loaded = OmniRet.from_pretrained(tmp_path / "ckpt")
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in new.items())
 
 
 def test_setup_stage2_twice_keeps_video_latents():

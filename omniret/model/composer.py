@@ -16,15 +16,15 @@ import torch
 from torch import nn
 
 from omniret.config import OmniRetConfig
+from omniret.modalities import MEDIA_MODALITIES, MODALITIES
 from omniret.model.backbones import from_pretrained_kwargs, resolve_backbone_path, torch_dtype
 
-__all__ = ["MODALITIES", "PLACEHOLDERS", "ParsedItem", "parse_item", "ByteTokenizer", "HFTokenizer", "Composer",
+__all__ = ["PLACEHOLDERS", "ParsedItem", "parse_item", "ByteTokenizer", "HFTokenizer", "Composer",
            "build_tokenizer", "build_llm"]
 
-MODALITIES = ("image", "video", "audio")
-PLACEHOLDERS = {m: f"<{m}>" for m in MODALITIES}
+PLACEHOLDERS = {m: f"<{m}>" for m in MEDIA_MODALITIES}
 _PLACEHOLDER_RE = re.compile("(" + "|".join(re.escape(p) for p in PLACEHOLDERS.values()) + ")")
-_KEYS = ("text",) + MODALITIES + ("instruction",)
+_KEYS = MODALITIES + ("instruction",)
 
 
 @dataclass
@@ -53,31 +53,31 @@ def parse_item(item: Union[str, dict], index: int = 0, instruction: Optional[str
     if unknown:
         raise ValueError(f"{name} has unknown keys {unknown}; allowed: {list(_KEYS)}")
     queues = {m: [x for x in _as_list(item[m]) if x is not None] if item.get(m) is not None else []
-              for m in MODALITIES}
+              for m in MEDIA_MODALITIES}
     text = item.get("text")
     if text is not None and not isinstance(text, str):
         raise ValueError(f"{name}['text'] must be a string, got {type(text).__name__}")
     pieces = _PLACEHOLDER_RE.split(text) if text else []
-    wanted = {m: sum(p == PLACEHOLDERS[m] for p in pieces) for m in MODALITIES}
-    for m in MODALITIES:
+    wanted = {m: sum(p == PLACEHOLDERS[m] for p in pieces) for m in MEDIA_MODALITIES}
+    for m in MEDIA_MODALITIES:
         if wanted[m] > len(queues[m]):
             raise ValueError(f"{name}: the text has {wanted[m]} {PLACEHOLDERS[m]} placeholders but only "
                              f"{len(queues[m])} {m} item(s)")
-    placed = {m: queues[m][: wanted[m]] for m in MODALITIES}
-    free = {m: queues[m][wanted[m]:] for m in MODALITIES}
+    placed = {m: queues[m][: wanted[m]] for m in MEDIA_MODALITIES}
+    free = {m: queues[m][wanted[m]:] for m in MEDIA_MODALITIES}
     segments = []
     for key in item:
         if key == "text":
-            used = {m: 0 for m in MODALITIES}
+            used = {m: 0 for m in MEDIA_MODALITIES}
             for p in pieces:
-                kind = next((m for m in MODALITIES if p == PLACEHOLDERS[m]), None)
+                kind = next((m for m in MEDIA_MODALITIES if p == PLACEHOLDERS[m]), None)
                 if kind is None:
                     if p:
                         segments.append(("text", p))
                 else:
                     segments.append((kind, placed[kind][used[kind]]))
                     used[kind] += 1
-        elif key in MODALITIES:
+        elif key in MEDIA_MODALITIES:
             segments.extend((key, raw) for raw in free[key])
     if not segments:
         raise ValueError(f"{name} is empty: it needs text or at least one image/audio/video")

@@ -1,14 +1,17 @@
 """OmniRet: encoders -> projectors -> SharedMediaResampler -> composer LLM (+ LoRA) -> pooling head.
 
-`model(items) -> (embeddings, aux)` for training (autograd; aux["diversity"] is the mean diversity loss over the
-call's media items, its dropout on only in training mode); `encode_queries` / `encode_corpus` for inference
-(L2-normalised float32). See docs/model.md.
+`model(items) -> (embeddings, aux)` for training (autograd; in training mode, or with `diversity=True`,
+aux["diversity"] is the mean diversity loss over the call's media items, its dropout on only in training mode);
+`encode_queries` / `encode_corpus` for inference (L2-normalised float32, no diversity term). A training step
+that runs the model more than once per batch (GradCache) prepares the batch once (`prepare`), runs the encoders
+that take no gradient once (`encode_frozen_media`) and then calls the model on `PreparedBatch.subset`s, which
+reuse those features. See docs/model.md.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -19,7 +22,8 @@ from torch import nn
 from omniret.config import OmniRetConfig, preset
 from omniret.files import atomic_path, atomic_write_json, load_safetensors
 from omniret.model.cache import FeatureCache, content_key
-from omniret.model.composer import MODALITIES, Composer, ParsedItem, parse_item
+from omniret.modalities import MEDIA_MODALITIES
+from omniret.model.composer import Composer, ParsedItem, parse_item
 from omniret.model.encoders import MediaEncoder, build_encoder, cu_seqlens_from_lengths
 from omniret.model.heads import build_head, late_interaction_scores
 from omniret.model.projectors import build_projector
@@ -34,18 +38,23 @@ RANDOM_BACKBONES_FILE = "random_backbones.safetensors"
 
 @dataclass
 class PreparedBatch:
-    """The CPU side of a batch: token/media sequences per item and the preprocessed media per modality."""
+    """A batch ready for the model: token/media sequences per item, the preprocessed media per modality (the CPU
+    side, from `OmniRet.prepare`) and, once `OmniRet.encode_frozen_media` ran, the tokens of the encoders that take
+    no gradient, per media item (reused by every later call on this batch or a subset of it)."""
 
     sequences: list  # per item: [("ids", [...]) | (modality, k)]
     media_offsets: list  # per item: {modality: index of its first media in media[modality]}
     media: dict  # modality -> list of preprocessed tensors (images (3,S,S), audio (n,), video (T,3,S,S))
+    features: dict = field(default_factory=dict)  # modality -> per media item, encoder tokens (n_i, D_enc)
 
     def __len__(self) -> int:
         return len(self.sequences)
 
     def subset(self, indices: Sequence[int]) -> "PreparedBatch":
-        """The items at `indices`, in that order, with their media (e.g. for gradient-cache chunks)."""
+        """The items at `indices`, in that order, with their media and frozen features (e.g. for gradient-cache
+        chunks)."""
         media = {m: [] for m in self.media}
+        features = {m: [] for m in self.features}
         offsets = []
         for i in indices:
             seq, off = self.sequences[i], self.media_offsets[i]
@@ -53,14 +62,43 @@ class PreparedBatch:
             offsets.append({m: len(media[m]) for m in self.media})
             for m in self.media:
                 media[m].extend(self.media[m][off[m]:off[m] + counts[m]])
-        return PreparedBatch([self.sequences[i] for i in indices], offsets, media)
+            for m in self.features:
+                features[m].extend(self.features[m][off[m]:off[m] + counts[m]])
+        return PreparedBatch([self.sequences[i] for i in indices], offsets, media, features)
+
+    @property
+    def num_media(self) -> int:
+        return sum(len(v) for v in self.media.values())
+
+    @classmethod
+    def concat(cls, batches: Sequence["PreparedBatch"]) -> "PreparedBatch":
+        """The items of `batches`, in order, as one batch (e.g. prepared chunk by chunk to bound peak memory)."""
+        if not batches:
+            raise ValueError("batches is empty")
+        modalities = list(batches[0].media)
+        featured = {m for b in batches for m in b.features}
+        for m in featured:
+            if any(b.media.get(m) and m not in b.features for b in batches):
+                raise ValueError(f"batches: some have {m} features and some have {m} media without them")
+        media = {m: [] for m in modalities}
+        features = {m: [] for m in featured}
+        sequences, offsets = [], []
+        for b in batches:
+            base = {m: len(media[m]) for m in modalities}
+            sequences.extend(b.sequences)
+            offsets.extend({m: base[m] + off[m] for m in modalities} for off in b.media_offsets)
+            for m in modalities:
+                media[m].extend(b.media.get(m, []))
+            for m in featured:
+                features[m].extend(b.features.get(m, []))
+        return cls(sequences, offsets, media, features)
 
 
 class OmniRet(nn.Module):
     def __init__(self, config: OmniRetConfig, *, _skip_seed: bool = False):
         super().__init__()
-        config.validate()
-        self.config = config
+        # the model's own copy, shared by its parts: add_lora sets its `lora`, and the caller's config stays as given
+        self.config = config = config.replace()
         rng = contextlib.nullcontext() if _skip_seed else torch.random.fork_rng(devices=[])
         with rng:
             if not _skip_seed:
@@ -90,7 +128,7 @@ class OmniRet(nn.Module):
         """Table 5 (d): "shared" (one resampler, per-modality latents; the paper's), "shared_no_latents",
         "separate" (one resampler per modality), "none" (projected encoder tokens go to the LLM as they are)."""
         cfg = self.config
-        modalities = [m for m in MODALITIES if self._encoder_for(m) is not None]
+        modalities = [m for m in MEDIA_MODALITIES if self._encoder_for(m) is not None]
         if not modalities or cfg.media_resampler == "none":
             return None
 
@@ -130,7 +168,7 @@ class OmniRet(nn.Module):
 
     @property
     def modalities(self) -> tuple:
-        return tuple(m for m in MODALITIES if self._encoder_for(m) is not None)
+        return tuple(m for m in MEDIA_MODALITIES if self._encoder_for(m) is not None)
 
     def frozen_prefixes(self) -> list:
         """State-dict prefixes of the frozen backbones (not saved by save_pretrained)."""
@@ -223,13 +261,13 @@ class OmniRet(nn.Module):
             raise ValueError("items must be a list of items (strings or dicts), got a single item")
         if len(items) == 0:
             raise ValueError("items is empty")
-        media = {m: [] for m in MODALITIES}
+        media = {m: [] for m in MEDIA_MODALITIES}
         sequences, offsets = [], []
         for j, item in enumerate(items):
             i = j if positions is None else positions[j]
             parsed = item if isinstance(item, ParsedItem) else parse_item(item, i, instruction)
-            offsets.append({m: len(media[m]) for m in MODALITIES})
-            counters = {m: 0 for m in MODALITIES}
+            offsets.append({m: len(media[m]) for m in MEDIA_MODALITIES})
+            counters = {m: 0 for m in MEDIA_MODALITIES}
             for kind, raw in parsed.segments:
                 if kind == "text":
                     continue
@@ -288,33 +326,80 @@ class OmniRet(nn.Module):
                         seen += len(xs)
         return seen
 
-    def forward(self, items, instruction: Optional[str] = None):
-        """items (list of str / dict, or a PreparedBatch) -> (embeddings, aux). Embeddings are unnormalised:
-        (B, L) for ASWP, (B, D) for eos/mean, (B, V, D) for multi_vector."""
-        batch = items if isinstance(items, PreparedBatch) else self.prepare(items, instruction)
-        resampled = {}
-        for modality in MODALITIES:
-            xs = batch.media[modality]
-            if not xs:
+    def takes_gradient(self, modality: str) -> bool:
+        """Whether the encoder of `modality` trains now (a trainable tower with parameters that require grad).
+        One that does not is a fixed feature extractor: a training step runs it once per batch."""
+        enc = self._encoder_for(modality)
+        return enc.trainable and any(p.requires_grad for p in enc.parameters())
+
+    def encode_frozen_media(self, batch: PreparedBatch, *, keep_media: bool = True,
+                            max_media: Optional[int] = None) -> PreparedBatch:
+        """Run the encoders that take no gradient over the batch's media, once and without autograd, and keep
+        their tokens in `batch.features`: later calls on the batch or on its subsets start from them (GradCache
+        embeds chunks twice; the second pass then recomputes none of this). `keep_media=False` drops the
+        preprocessed media those tokens came from (their entries become None), so a step holds one of the two.
+        `max_media`: encode at most this many media items per call (bounds the encoders' peak memory on a large
+        batch). Returns the batch."""
+        if max_media is not None and max_media < 1:
+            raise ValueError(f"max_media must be >= 1 or None, got {max_media}")
+        for modality, xs in batch.media.items():
+            if not xs or modality in batch.features or self.takes_gradient(modality):
                 continue
-            tokens, cu = self.encode_media(modality, xs)
+            step = max_media or len(xs)
+            feats = []
+            for start in range(0, len(xs), step):
+                with torch.no_grad():
+                    tokens, cu = self.encode_media(modality, xs[start:start + step])
+                bounds = cu.tolist()
+                feats.extend(tokens[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1))
+            batch.features[modality] = feats
+            if not keep_media:
+                batch.media[modality] = [None] * len(xs)
+        return batch
+
+    def _media_tokens(self, batch: PreparedBatch, modality: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed encoder tokens and cu_seqlens of the batch's media of one modality: the kept frozen features
+        when the batch has them, else a run of the encoder."""
+        feats = batch.features.get(modality)
+        if feats is None:
+            return self.encode_media(modality, batch.media[modality])
+        return torch.cat(feats, 0), cu_seqlens_from_lengths([f.shape[0] for f in feats], feats[0].device)
+
+    def forward(self, items, instruction: Optional[str] = None, *, diversity: Optional[bool] = None):
+        """items (list of str / dict, or a PreparedBatch) -> (embeddings, aux). Embeddings are unnormalised:
+        (B, L) for ASWP, (B, D) for eos/mean, (B, V, D) for multi_vector. aux["num_media"]: the media items of the
+        call; aux["diversity"]: the diversity loss (Eq. 5-6) over their resampled tokens, computed when
+        `diversity` is True, or when it is None and the model is in training mode (its dropout follows the mode)."""
+        batch = items if isinstance(items, PreparedBatch) else self.prepare(items, instruction)
+        if diversity is None:
+            diversity = self.training
+        resampled = {}
+        for modality in MEDIA_MODALITIES:
+            if not batch.media[modality]:
+                continue
+            tokens, cu = self._media_tokens(batch, modality)
             proj = self._projector_for(modality)
             tokens = proj(tokens.to(next(proj.parameters()).dtype))
             resampled[modality] = self.resample_media(modality, tokens, cu)
-        if resampled:
-            p = self.config.diversity_p if self.training else 0.0
-            gamma = self.config.diversity_gamma
-            parts = [resampled[m] for m in MODALITIES if m in resampled]
-            if all(isinstance(x, torch.Tensor) for x in parts):
-                div = diversity_loss(torch.cat(parts, dim=0), p=p, gamma=gamma)
-            else:  # no resampler: every item has its own token count; the mean over items
-                div = torch.stack([diversity_loss(t.unsqueeze(0), p=p, gamma=gamma) for x in parts for t in x]).mean()
-        else:
-            div = torch.zeros((), device=self.device)
+        aux = {"num_media": batch.num_media}
+        if diversity:
+            aux["diversity"] = self._diversity(resampled)
         embeds, mask = self.composer.build_inputs(batch.sequences, batch.media_offsets, resampled)
         hidden = self.composer(embeds, mask)
-        emb = self.head(hidden, mask)
-        return emb, {"diversity": div, "num_media": sum(len(v) for v in batch.media.values())}
+        return self.head(hidden, mask), aux
+
+    def _diversity(self, resampled: dict) -> torch.Tensor:
+        """The mean diversity loss over the resampled media of a call (zero without media); the keep-mask
+        dropout p only in training mode."""
+        if not resampled:
+            return torch.zeros((), device=self.device)
+        p = self.config.diversity_p if self.training else 0.0
+        gamma = self.config.diversity_gamma
+        parts = [resampled[m] for m in MEDIA_MODALITIES if m in resampled]
+        if all(isinstance(x, torch.Tensor) for x in parts):
+            return diversity_loss(torch.cat(parts, dim=0), p=p, gamma=gamma)
+        # no resampler: every item has its own token count; the mean over items
+        return torch.stack([diversity_loss(t.unsqueeze(0), p=p, gamma=gamma) for x in parts for t in x]).mean()
 
     # -------------------------------------------------------------------------------------------------
     # inference API (sentence-transformers style)
@@ -323,7 +408,7 @@ class OmniRet(nn.Module):
         if isinstance(item, str):
             return len(item) // 4 + 1
         n = len(item.get("text") or "") // 4 + 1
-        for m in MODALITIES:
+        for m in MEDIA_MODALITIES:
             if item.get(m) is not None:
                 n += self.config.media_latents * len(item[m]) if isinstance(item[m], (list, tuple)) \
                     else self.config.media_latents
@@ -463,13 +548,14 @@ class OmniRet(nn.Module):
         state = load_safetensors(path / WEIGHTS_FILE)
         if (path / RANDOM_BACKBONES_FILE).is_file():
             state.update(load_safetensors(path / RANDOM_BACKBONES_FILE))
-        own = model.state_dict()
-        missing = [k for k in own if not model.is_frozen_name(k) and k not in state]
-        unexpected = [k for k in state if k not in own]
+        # keys are matched by load_state_dict itself, so its hooks apply (names of earlier versions, e.g. the
+        # hidden-state resampler's, load under today's names); a mismatch discards the model
+        result = model.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if not model.is_frozen_name(k)]
+        unexpected = list(result.unexpected_keys)
         if missing or unexpected:
             raise ValueError(f"path: weights in {str(path)!r} do not match the config: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
-        model.load_state_dict(state, strict=False)
         return model
 
 

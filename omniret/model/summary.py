@@ -16,7 +16,7 @@ PARTS = (
     ("media resampler", "media_resampler."),
     ("LLM (base weights)", "composer.llm."),
     ("LoRA", None),
-    ("output resampler", "head.resampler."),
+    ("hidden-state resampler", "head.hidden_state_resampler."),
     ("ASWP pooling", "head.pool."),
 )
 

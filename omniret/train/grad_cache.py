@@ -4,23 +4,31 @@ a contrastive step over a batch of thousands with the activation memory of one c
     gc = GradCache(model, chunk_size=64, tau=0.07, beta=0.5, mu1=1.0, mu2=0.1)
     stats = gc.step(queries, candidates)  # fills .grad as one full-batch backward of the total loss would
 
-1. every chunk of queries and candidates is embedded without autograd, after saving the RNG state;
-2. the total loss (omniret.losses.total_loss) is computed on the detached embeddings, and its gradient with
+1. each side (queries, candidates) is prepared once: a model with `prepare` (OmniRet) turns the items, a chunk
+   at a time, into one PreparedBatch (parsing, tokenizing, media decoding), its frozen encoders run once over
+   each chunk without autograd (`encode_frozen_media`, whose tokens replace the decoded media), and chunks are
+   `PreparedBatch.subset`s that carry those tokens. Items may also come already prepared. Other models (a plain
+   `model(items)`) get slices of the item list;
+2. every chunk of queries and candidates is embedded without autograd, after saving the RNG state;
+3. the total loss (omniret.losses.total_loss) is computed on the detached embeddings, and its gradient with
    respect to them;
-3. every chunk is re-run with autograd from its saved RNG state (dropout and the diversity mask replay
-   exactly) and backpropagates the cached embedding gradient plus its share of the diversity loss.
+4. every chunk is re-run with autograd from its saved RNG state (dropout and the diversity mask replay
+   exactly) and backpropagates the cached embedding gradient plus its share of the diversity loss. The re-run
+   starts from the kept frozen features: only the trainable part of the model (trainable towers, projectors,
+   resamplers, the LLM, the head) runs twice.
 
-The last `keep_graphs` chunks of step 1 (default 1) run with autograd instead, and step 3 backpropagates
+The last `keep_graphs` chunks of step 2 (default 1) run with autograd instead, and step 4 backpropagates
 their graphs first, without a re-run: one kept graph costs no memory (no chunk runs after the last one, and it
 is freed before the first replay), and it saves one chunk's forward. A batch that fits in `keep_graphs`
 chunks runs no extra forward at all, as a plain step.
 
-Time: every model call has a fixed cost besides its per-item work (on the `tiny` preset 6-12 ms without autograd,
-13-22 ms with backward), and a step makes about two calls per chunk where a plain step makes two in all, so the
-largest chunk that fits in memory is the fastest (docs/training.md measures the trade-off).
+Time: the extra cost over a plain step is one forward of the trainable part without autograd (its floor), plus
+a fixed cost per model call (a step makes about two calls per chunk where a plain step makes two in all), so
+the largest chunk that fits in memory is the fastest (docs/training.md measures both). Memory: the whole
+batch's token ids, frozen encoders' tokens and per-chunk RNG snapshots stay for the step.
 
 The diversity term of the total loss is the mean over all media items of the batch: chunk k, holding n_k of
-the N media items, contributes mu2 * n_k / N * aux["diversity"]_k.
+the N media items, contributes mu2 * n_k / N * aux["diversity"]_k (the model computes it in training mode).
 
 Under torch.distributed the embeddings (and media counts) are all-gathered, so negatives span the global
 batch; each rank computes the same global loss but only its own rows carry gradient. The global loss's
@@ -41,19 +49,25 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from omniret import losses
+from omniret.modalities import MEDIA_MODALITIES
+from omniret.train.checkpoint import capture_rng, restore_rng
 from omniret.train.distributed import average_gradients, bare_module, fsdp_step, is_fsdp
 
-__all__ = ["GradCache", "RNGState", "full_batch_loss", "count_media"]
+__all__ = ["GradCache", "full_batch_loss", "count_media"]
 
-MEDIA_KEYS = ("image", "audio", "video")
+# the demo imports the media keys from here; the one definition is omniret.modalities.MEDIA_MODALITIES
+MEDIA_KEYS = MEDIA_MODALITIES
 
 
 def count_media(items: Sequence[Any]) -> int:
-    """Media items in a list of items (an entry may hold a list of media, interleaved in its text)."""
+    """Media items in a list of items (an entry may hold a list of media, interleaved in its text), or in a
+    prepared batch."""
+    if hasattr(items, "num_media"):
+        return int(items.num_media)
     n = 0
     for it in items:
         if isinstance(it, dict):
-            for key in MEDIA_KEYS:
+            for key in MEDIA_MODALITIES:
                 v = it.get(key)
                 if v is None:
                     continue
@@ -61,19 +75,16 @@ def count_media(items: Sequence[Any]) -> int:
     return n
 
 
-class RNGState:
-    """The state of every RNG a forward pass may draw from: torch's CPU generator, the current CUDA
-    generator of each device in `devices`, and any extra torch.Generator objects."""
+class _RNGSnapshot:
+    """Every global RNG a forward pass may draw from (omniret.train.checkpoint.capture_rng: torch's CPU and CUDA
+    generators, Python's, NumPy's) plus the extra torch.Generator objects a GradCache was given."""
 
-    def __init__(self, devices: Sequence[torch.device] = (), generators: Sequence[torch.Generator] = ()):
-        self.cpu = torch.get_rng_state()
-        self.cuda = {d: torch.cuda.get_rng_state(d) for d in devices if d.type == "cuda"}
+    def __init__(self, generators: Sequence[torch.Generator] = ()):
+        self.global_state = capture_rng()
         self.generators = [(g, g.get_state()) for g in generators]
 
     def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        for d, s in self.cuda.items():
-            torch.cuda.set_rng_state(s, d)
+        restore_rng(self.global_state)
         for g, s in self.generators:
             g.set_state(s)
 
@@ -83,15 +94,20 @@ def _num_media(aux: Dict[str, Any], items: Sequence[Any]) -> int:
     return int(n) if n is not None else count_media(items)
 
 
-def _chunks(items: Sequence[Any], size: int):
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
+def _is_prepared(items) -> bool:
+    return callable(getattr(items, "subset", None))
+
+
+def _take(items, rows: slice):
+    """The items at `rows`: a subset of a prepared batch (built when needed, so a step holds one chunk's subset
+    at a time), a slice of a list."""
+    return items.subset(range(rows.start, rows.stop)) if _is_prepared(items) else items[rows]
 
 
 @dataclass
 class _Chunk:
-    items: Sequence[Any]
-    rng: RNGState
+    side: Sequence[Any]  # the whole side (a list of items or a PreparedBatch); the chunk is side[rows]
+    rng: _RNGSnapshot
     rows: slice  # rows of the local embedding matrix
     num_media: int
     diversity: float = 0.0
@@ -168,29 +184,55 @@ class GradCache:
     def _tau(self):
         return self.temperature() if self.temperature is not None else self.tau
 
-    def _embed_chunks(self, items, devices, keep: int) -> tuple:
-        """Step 1 for one side: every chunk without autograd, except the last `keep`, whose graphs are kept."""
+    def _prepare(self, items):
+        """One side of the batch as the model takes it for chunking: a model that prepares batches (OmniRet:
+        `prepare(items, positions=)`, `encode_frozen_media`, `PreparedBatch.concat`) gets one PreparedBatch
+        (unless the items come prepared) with its frozen encoders' features computed once; any other model gets
+        the item list."""
+        net = self._forward_module()
+        prepare = getattr(net, "prepare", None)
+        encode_frozen = getattr(net, "encode_frozen_media", None)
+        if _is_prepared(items):
+            if callable(encode_frozen):
+                with torch.no_grad(), self._autocast():
+                    encode_frozen(items, max_media=self.chunk_size)
+            return items
+        if not callable(prepare):
+            return items
+        if not callable(encode_frozen):
+            return prepare(items)
+        # chunk by chunk, each chunk's frozen media replaced by their tokens right away: the step never holds the
+        # whole batch's decoded media, nor the frozen encoders' activations over more than one chunk
+        parts = []
+        for start in range(0, len(items), self.chunk_size):
+            stop = min(start + self.chunk_size, len(items))
+            part = prepare(items[start:stop], positions=list(range(start, stop)))  # errors name the batch index
+            with torch.no_grad(), self._autocast():
+                parts.append(encode_frozen(part, keep_media=False))
+        return type(parts[0]).concat(parts) if len(parts) > 1 else parts[0]
+
+    def _embed_chunks(self, items, keep: int) -> tuple:
+        """Step 2 for one side: every chunk without autograd, except the last `keep`, whose graphs are kept."""
         chunks: List[_Chunk] = []
         embs = []
         net = self._forward_module()
-        parts = list(_chunks(items, self.chunk_size))
-        first_kept = len(parts) - keep
-        start = 0
-        for k, part in enumerate(parts):
-            rng = RNGState(devices, self.generators)
+        starts = range(0, len(items), self.chunk_size)
+        first_kept = len(starts) - keep
+        for k, start in enumerate(starts):
+            part = _take(items, slice(start, min(start + self.chunk_size, len(items))))
+            rng = _RNGSnapshot(self.generators)
             kept = k >= first_kept
             with torch.set_grad_enabled(kept), self._autocast():
                 emb, aux = net(part)
             if emb.shape[0] != len(part):
                 raise ValueError(f"model returned {emb.shape[0]} embeddings for {len(part)} items")
-            chunk = _Chunk(part, rng, slice(start, start + len(part)), _num_media(aux, part))
+            chunk = _Chunk(items, rng, slice(start, start + len(part)), _num_media(aux, part))
             if isinstance(aux, dict) and "diversity" in aux:
                 chunk.diversity = float(aux["diversity"].detach())
             if kept:
                 chunk.graph = (emb, aux)
             chunks.append(chunk)
             embs.append(emb.detach())
-            start += len(part)
         return chunks, torch.cat(embs)
 
     def _gather(self, local: torch.Tensor) -> tuple:
@@ -240,7 +282,9 @@ class GradCache:
     def step(self, queries: Sequence[Any], candidates: Sequence[Any], positives: Optional[torch.Tensor] = None,
              *, candidate_ids: Optional[Sequence[Any]] = None, loss_scale: float = 1.0,
              sync: bool = True) -> Dict[str, float]:
-        """One contrastive step. `candidates[i]` is `queries[i]`'s positive; candidates beyond len(queries) are
+        """One contrastive step. `queries` and `candidates` are lists of items, or batches the model already
+        prepared (OmniRet.prepare; their frozen features are computed here unless present). `candidates[i]` is
+        `queries[i]`'s positive; candidates beyond len(queries) are
         extra hard negatives. `positives` (Q, C) bool over the global batch marks further relevant candidates
         (masked out of the negatives); alternatively `candidate_ids` (one hashable per local candidate) masks
         every candidate whose id equals query i's positive's id (duplicates in the batch). `loss_scale`
@@ -262,19 +306,20 @@ class GradCache:
 
     def _step(self, queries, candidates, positives, candidate_ids, loss_scale, sync) -> Dict[str, float]:
         device = self._device()
-        devices = [device] if device.type == "cuda" else []
         world, _ = self._world()
 
-        # 1. embed without autograd, remembering each chunk's RNG state; the last keep_graphs chunks (candidates
-        # first, since they run last) keep their graphs
+        # 1-2. prepare each side once (frozen features included), then embed its chunks without autograd,
+        # remembering each chunk's RNG state; the last keep_graphs chunks (candidates first, since they run last)
+        # keep their graphs. Each side is prepared right before its chunks, so with one chunk per side the RNG
+        # draws come in a plain step's order (a frozen encoder in training mode may draw, e.g. an augmentation).
         n_c_chunks = -(-len(candidates) // self.chunk_size)
         keep_c = min(self.keep_graphs, n_c_chunks)
-        q_chunks, q_local = self._embed_chunks(queries, devices, self.keep_graphs - keep_c)
-        c_chunks, c_local = self._embed_chunks(candidates, devices, keep_c)
-        rng_after = RNGState(devices, self.generators)
+        q_chunks, q_local = self._embed_chunks(self._prepare(queries), self.keep_graphs - keep_c)
+        c_chunks, c_local = self._embed_chunks(self._prepare(candidates), keep_c)
+        rng_after = _RNGSnapshot(self.generators)
         n_pos = len(queries)
 
-        # 2. the loss on the (gathered) detached embeddings and its gradient with respect to them
+        # 3. the loss on the (gathered) detached embeddings and its gradient with respect to them
         q_glob, q_off = self._gather(q_local.float() if q_local.dtype != torch.float64 else q_local)
         c_work = c_local.float() if c_local.dtype != torch.float64 else c_local
         # positives of every rank first, then every rank's extra negatives: candidate i stays query i's positive
@@ -304,7 +349,7 @@ class GradCache:
         g_c_local = torch.cat([g_c[c_off:c_off + n_pos],
                                g_c[c_pos.shape[0] + n_off:c_pos.shape[0] + n_off + c_local.shape[0] - n_pos]])
 
-        # 3. replay each chunk with autograd and backpropagate the cached gradients. No chunk talks to other
+        # 4. replay each chunk with autograd and backpropagate the cached gradients. No chunk talks to other
         # ranks: the forward goes to the bare module (a DDP wrapper's hooks would all-reduce on whichever chunk
         # runs outside no_sync(), and ranks whose last chunk has nothing trainable would never join that
         # reduction), and the gradients are reduced once, explicitly, after the last chunk of every rank.
@@ -322,7 +367,7 @@ class GradCache:
                 else:
                     ch.rng.restore()
                     with self._autocast():
-                        emb, aux = net(ch.items)
+                        emb, aux = net(_take(ch.side, ch.rows))
                 surrogate = (emb.to(g_emb.dtype) * g_emb[ch.rows]).sum()
                 div = aux.get("diversity") if isinstance(aux, dict) else None
                 if div is not None and ch.num_media > 0 and div_weight != 0.0 and div.requires_grad:
@@ -366,7 +411,7 @@ def full_batch_loss(model: nn.Module, queries: Sequence[Any], candidates: Sequen
     n_q, n_c = _num_media(aux_q, queries), _num_media(aux_c, candidates)
     n = n_q + n_c
     div = None
-    if n > 0:
+    if n > 0 and "diversity" in aux_q and "diversity" in aux_c:  # (a model in eval mode computes none)
         div = (n_q * aux_q["diversity"].float() + n_c * aux_c["diversity"].float()) / n
         if q.dtype == torch.float64:
             div = div.double()
