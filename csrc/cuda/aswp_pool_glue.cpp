@@ -6,18 +6,10 @@
 
 #include "aswp_pool.h"
 #include "cuda_glue.h"
+#include "omniret/aswp_pool_checks.h"
 
 namespace omniret {
 namespace {
-
-int aswp_pooling_code(c10::string_view pooling) {
-  if (pooling == "stm") return 0;
-  if (pooling == "max") return 1;
-  if (pooling == "mean") return 2;
-  if (pooling == "weighted") return 3;
-  TORCH_CHECK_VALUE(false, "pooling must be one of stm, max, mean, weighted, got ", pooling);
-  return 0;
-}
 
 std::string aswp_shape(int64_t N, int64_t M) {
   return "N=" + std::to_string(N) + " tokens, M=" + std::to_string(M) + " references";
@@ -64,9 +56,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aswp_pool_fwd_cuda(
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& weights, c10::string_view pooling,
     bool normalize_directions, double temperature, bool save_for_backward) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+  // the checks every backend shares (shapes, dtypes, devices, sizes, an empty mask row), then the CUDA limits
+  const int code = aswp::check_aswp_pool_fwd_args(x, directions, references, mask, weights, pooling, temperature);
+  aswp::check_aswp_pool_mask_rows(mask);
   const c10::cuda::CUDAGuard guard(x.device());
-  const int code = aswp_pooling_code(pooling);
-  TORCH_CHECK_VALUE(code != 3 || weights.has_value(), "weights: pooling='weighted' needs weights");
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2), L = directions.size(0), M = references.size(0);
   cuda::check_shared_memory_fits("aswp_pool forward", aswp_shape(N, M),
                                  cuda::aswp_launch::forward_shared_bytes(int(N), int(M)));
@@ -92,16 +85,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aswp_pool_bwd_cuda(
     const at::Tensor& sorted_tokens, c10::string_view pooling, bool normalize_directions, double temperature,
     bool need_x, bool need_directions) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int code = aswp_pooling_code(pooling);
+  const int code = aswp::check_aswp_pool_bwd_args(grad_out, x, directions, references, mask, weights, sorted,
+                                                  sorted_tokens, pooling, temperature);
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2), L = directions.size(0), M = references.size(0);
-  TORCH_CHECK_VALUE(sorted.dim() == 3 && sorted.size(0) == B && sorted.size(1) == N && sorted.size(2) == L &&
-                        sorted_tokens.sizes() == sorted.sizes(),
-                    "aswp_pool backward: sorted and sorted_tokens must be (B, N, L) = (", B, ", ", N, ", ", L,
-                    ") (the forward ran with save_for_backward=False?), got ", sorted.sizes(), " and ",
-                    sorted_tokens.sizes());
-  TORCH_CHECK_VALUE(sorted_tokens.scalar_type() == at::kByte || sorted_tokens.scalar_type() == at::kInt,
-                    "aswp_pool backward: sorted_tokens must be uint8 or int32, got ", sorted_tokens.scalar_type());
+  aswp::check_aswp_pool_sorted_tokens(sorted_tokens, N);  // the backward scatters through these indices
+  const c10::cuda::CUDAGuard guard(x.device());
   cuda::check_shared_memory_fits("aswp_pool backward", aswp_shape(N, M),
                                  cuda::aswp_launch::backward_shared_bytes(int(N), int(M)));
   AswpPrepared P = aswp_prepare(x, directions, references, mask, weights, code == 3, normalize_directions);

@@ -7,23 +7,19 @@
 #include "cuda_glue.h"
 #include "diversity_loss.h"
 #include "omniret/counter_rng.h"
+#include "omniret/diversity_loss_checks.h"
 
 namespace omniret {
 namespace {
 
+// The checks every backend shares, then what only the CUDA kernels limit: float32 compute and 32-bit indexing.
 void diversity_check_cuda(const at::Tensor& m, const at::Tensor& seed, double p, double gamma) {
-  TORCH_CHECK_VALUE(m.dim() == 3, "diversity_loss: m must have shape (B, N, D), got ", m.sizes());
+  check_diversity_loss_args(m, seed, p, gamma);
+  TORCH_CHECK_VALUE(seed.device() == m.device(), "diversity_loss: seed must be on m's device ", m.device(),
+                    ", got ", seed.device());
   TORCH_CHECK_VALUE(m.scalar_type() != at::kDouble, "diversity_loss: m: float64 runs on the cpu backend only");
-  TORCH_CHECK_VALUE(at::isFloatingType(m.scalar_type()), "diversity_loss: m must be floating point");
-  TORCH_CHECK_VALUE(m.numel() > 0, "diversity_loss: m must be non-empty, got shape ", m.sizes());
-  TORCH_CHECK_VALUE(m.size(1) <= 46340, "diversity_loss: N must be <= 46340 (N^2 pair indices fit int32), got ",
-                    m.size(1));
   TORCH_CHECK_VALUE(m.numel() < (int64_t(1) << 31) && m.size(0) * m.size(1) < (int64_t(1) << 31),
                     "diversity_loss: m is too large for the CUDA kernel's 32-bit indexing");
-  TORCH_CHECK_VALUE(seed.scalar_type() == at::kLong && seed.numel() == 1 && seed.device() == m.device(),
-                    "diversity_loss: seed must be a one-element int64 tensor on m's device");
-  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "diversity_loss: p must be in [0, 1), got ", p);
-  TORCH_CHECK_VALUE(gamma > 0.0, "diversity_loss: gamma must be > 0, got ", gamma);
 }
 
 at::Tensor diversity_loss_fwd_cuda(const at::Tensor& m, const at::Tensor& seed, double p, double gamma,
@@ -46,7 +42,7 @@ at::Tensor diversity_loss_fwd_cuda(const at::Tensor& m, const at::Tensor& seed, 
 at::Tensor diversity_loss_bwd_cuda(const at::Tensor& grad, const at::Tensor& m, const at::Tensor& seed, double p,
                                    double gamma, bool normalize) {
   diversity_check_cuda(m, seed, p, gamma);
-  TORCH_CHECK_VALUE(grad.numel() == 1, "diversity_loss: grad must be a scalar, got ", grad.sizes());
+  check_diversity_loss_grad(grad);
   const c10::cuda::CUDAGuard guard(m.device());
   const int64_t B = m.size(0), N = m.size(1), D = m.size(2);
   // The backward keeps one row of N coefficients in shared memory: refuse an N past the device's limit here,
@@ -67,10 +63,7 @@ at::Tensor diversity_loss_bwd_cuda(const at::Tensor& grad, const at::Tensor& m, 
 }
 
 at::Tensor diversity_keep_mask_cuda(const at::Tensor& seed, int64_t batch, int64_t n, double p) {
-  TORCH_CHECK_VALUE(batch >= 0 && n >= 0, "diversity_keep_mask: batch and n must be >= 0");
-  TORCH_CHECK_VALUE(seed.scalar_type() == at::kLong && seed.numel() == 1,
-                    "diversity_keep_mask: seed must be a one-element int64 tensor");
-  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "diversity_keep_mask: p must be in [0, 1), got ", p);
+  check_diversity_keep_mask_args(seed, batch, n, p);
   TORCH_CHECK_VALUE(n <= 46340 && batch * n * n < (int64_t(1) << 38),
                     "diversity_keep_mask: the CUDA kernel takes n <= 46340 and batch * n^2 < 2^38 (its grid), got n=",
                     n, ", batch=", batch);
