@@ -262,16 +262,25 @@ def _compile_rows_here(archs, dtypes, verbose=False, only=None) -> list[KernelRo
 
 
 def compile_rows(archs=ARCHS, dtypes=DTYPES) -> list[KernelRow]:
-    """Compile the launchers' kernels for each arch and dtype; one KernelRow per compiled launch."""
+    """Compile the launchers' kernels for each arch and dtype; one KernelRow per launched kernel.
+
+    In a process where TRITON_INTERPRET is set (the test suite), each arch compiles in its own subprocess without
+    it, the archs side by side (Triton compiles one kernel per thread; CI has 2 cores)."""
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         return _compile_rows_here(archs, dtypes)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    arg = json.dumps({"archs": list(archs), "dtypes": [str(d).removeprefix("torch.") for d in dtypes]})
-    result = subprocess.run([sys.executable, "-m", "omniret_kernels.compile_check", "--json", arg],
-                            env=env, capture_output=True, text=True)
-    if result.returncode not in (0, 1):
-        raise RuntimeError(f"compile check subprocess failed:\n{result.stderr[-4000:]}")
-    return [KernelRow(**row) for row in json.loads(result.stdout.strip().splitlines()[-1])]
+    names = [str(d).removeprefix("torch.") for d in dtypes]
+    procs = [subprocess.Popen([sys.executable, "-m", "omniret_kernels.compile_check", "--json",
+                               json.dumps({"archs": [arch], "dtypes": names})],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for arch in archs]
+    rows = []
+    for proc in procs:
+        out, err = proc.communicate()
+        if proc.returncode not in (0, 1):
+            raise RuntimeError(f"compile check subprocess failed:\n{err[-4000:]}")
+        rows += [KernelRow(**row) for row in json.loads(out.strip().splitlines()[-1])]
+    return rows
 
 
 def format_table(rows: list[KernelRow]) -> str:
