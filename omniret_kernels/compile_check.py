@@ -143,8 +143,10 @@ def _ptxas_resources(log: str) -> dict[str, tuple[int, int, int]]:
     return out
 
 
-def _dtype_label(dtype: torch.dtype) -> str:
-    return "float32 (tf32)" if dtype == torch.float32 else str(dtype).removeprefix("torch.")
+def _dtype_label(dtype: torch.dtype, fp32_precision: str) -> str:
+    if dtype == torch.float32:
+        return "float32 (ieee)" if fp32_precision == "highest" else "float32 (tf32)"
+    return str(dtype).removeprefix("torch.")
 
 
 def _mma_kind(ptx: str) -> str:
@@ -214,18 +216,18 @@ CASES = (_aswp_cases, _resampler_cases, _diversity_cases)
 
 
 @contextlib.contextmanager
-def _matmul_precision(dtype: torch.dtype) -> Iterator[None]:
-    """float32 compiles with torch's "high" matmul precision: the tf32 tensor-core kernels users get when they
-    allow tf32 (under "highest" the same launchers compile ieee FMA loops)."""
+def _matmul_precision(dtype: torch.dtype, fp32_precision: str = "high") -> Iterator[None]:
+    """float32 compiles with torch's "high" matmul precision by default: the tf32 tensor-core kernels users get
+    when they allow tf32 (under "highest" the same launchers compile ieee FMA loops; --json can ask for them)."""
     before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high" if dtype == torch.float32 else before)
+    torch.set_float32_matmul_precision(fp32_precision if dtype == torch.float32 else before)
     try:
         yield
     finally:
         torch.set_float32_matmul_precision(before)
 
 
-def _compile_rows_here(archs, dtypes, verbose=False, only=None) -> list[KernelRow]:
+def _compile_rows_here(archs, dtypes, verbose=False, only=(), fp32_precision="high") -> list[KernelRow]:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("compile check: TRITON_INTERPRET is set, so the kernels are interpreter functions")
     rows: list[KernelRow] = []
@@ -234,12 +236,12 @@ def _compile_rows_here(archs, dtypes, verbose=False, only=None) -> list[KernelRo
         for dtype in dtypes:
             for cases in CASES:
                 for name, launch in cases(dtype):
-                    if only is not None and only not in name:
+                    if only and not any(part in name for part in only):
                         continue
                     compiled: list = []
                     log = io.StringIO()
                     started = time.perf_counter()
-                    with _compile_only(arch, compiled, log), _matmul_precision(dtype):
+                    with _compile_only(arch, compiled, log), _matmul_precision(dtype, fp32_precision):
                         launch()
                     fresh = _ptxas_resources(log.getvalue())
                     if verbose:
@@ -254,7 +256,7 @@ def _compile_rows_here(archs, dtypes, verbose=False, only=None) -> list[KernelRo
                         regs, spills, stack = resources[key]
                         label = name if len(compiled) == 1 else f"{name} [{fn.fn.__name__}]"
                         rows.append(KernelRow(
-                            kernel=label, arch=arch, dtype=_dtype_label(dtype), regs=regs,
+                            kernel=label, arch=arch, dtype=_dtype_label(dtype, fp32_precision), regs=regs,
                             smem=kernel.metadata.shared, spill_bytes=spills, stack=stack,
                             mma=_mma_kind(kernel.asm["ptx"]), has_matmul="tl.dot" in fn.src,
                             num_warps=kernel.metadata.num_warps, num_stages=kernel.metadata.num_stages))
@@ -300,7 +302,7 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["--json"]:
         spec = json.loads(argv[1])
         rows = _compile_rows_here(spec["archs"], [getattr(torch, d) for d in spec["dtypes"]], verbose=True,
-                                  only=spec.get("only"))
+                                  only=spec.get("only", ()), fp32_precision=spec.get("fp32_precision", "high"))
         print(json.dumps([dataclasses.asdict(r) for r in rows]))
     else:
         rows = compile_rows()
