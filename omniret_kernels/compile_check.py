@@ -210,6 +210,8 @@ def _diversity_cases(dtype) -> Iterator[tuple[str, Callable[[], None]]]:
         m, seed, threshold, 0.1, 0.5, True)
     yield "diversity_loss B8 N64 D1536: bwd", lambda: diversity_loss.diversity_loss_backward(
         _meta((), dtype=dtype), m, seed, threshold, 0.1, 0.5, True)
+    if dtype == DTYPES[0]:  # the keep mask does not depend on m's dtype
+        yield "diversity_keep_mask B8 N64", lambda: diversity_loss.diversity_keep_mask(seed, B, N, threshold)
 
 
 CASES = (_aswp_cases, _resampler_cases, _diversity_cases)
