@@ -45,7 +45,7 @@ class KernelRow:
     spill_bytes: int  # spill stores + loads, as ptxas -v reports them
     stack: int  # bytes of stack frame per thread
     mma: str  # "wgmma", "mma" or "" (no tensor-core instruction in the PTX)
-    has_matmul: bool  # the kernel source calls tl.dot
+    has_matmul: bool  # the kernel's TTIR holds a tt.dot (helpers inlined)
     num_warps: int
     num_stages: int
 
@@ -260,7 +260,7 @@ def _compile_rows_here(archs, dtypes, verbose=False, only=(), fp32_precision="hi
                         rows.append(KernelRow(
                             kernel=label, arch=arch, dtype=_dtype_label(dtype, fp32_precision), regs=regs,
                             smem=kernel.metadata.shared, spill_bytes=spills, stack=stack,
-                            mma=_mma_kind(kernel.asm["ptx"]), has_matmul="tl.dot" in fn.src,
+                            mma=_mma_kind(kernel.asm["ptx"]), has_matmul="tt.dot" in kernel.asm["ttir"],
                             num_warps=kernel.metadata.num_warps, num_stages=kernel.metadata.num_stages))
     return rows
 

@@ -178,7 +178,7 @@ def _keep_mask_kernel(seed_ptr, out_ptr, N, threshold, STREAM: tl.constexpr, BLO
     tl.store(out_ptr + (b * N + offs_i[:, None]) * N + offs_n[None, :], keep.to(tl.int8), mask=valid)
 
 
-def _configs(N: int, D: int, dtype: torch.dtype) -> tuple[int, int, list[Config]]:
+def _configs(N: int, D: int, dtype: torch.dtype, input_precision: str = "tf32") -> tuple[int, int, list[Config]]:
     """(BLOCK_I, BLOCK_N, candidate configs best first). The strip G[I, :] (BLOCK_I x BLOCK_N, with its keep bits
     and coefficients) lives in registers, so BLOCK_I shrinks as N grows and the D tile shrinks so that the
     BLOCK_N x BLOCK_D tile of m, times the pipeline depth, fits shared memory."""
@@ -190,15 +190,16 @@ def _configs(N: int, D: int, dtype: torch.dtype) -> tuple[int, int, list[Config]
     wide = dtype == torch.float64
     block_d = max(16, min(64 if block_n <= 128 and not wide else (32 if block_n <= 256 else 16),
                           triton.next_power_of_2(D)))
-    warps = 4 if block_n <= 64 else 8
+    fma = dtype == torch.float32 and input_precision == "ieee"  # exact fp32: FMA dots need more registers
+    warps = 4 if block_n <= 64 and not fma else 8
     configs = [Config((("BLOCK_D", block_d),), warps, stages) for stages in (3, 2, 1)]
     return block_i, block_n, configs
 
 
 def _launch(kernel, m, args, normalize, what):
     B, N, D = m.shape
-    block_i, block_n, configs = _configs(N, D, m.dtype)
     prec = dot_precision(m.dtype)
+    block_i, block_n, configs = _configs(N, D, m.dtype, prec.input_precision)
     launch_fitting(kernel, (B, triton.cdiv(N, block_i)), args,
                    dict(NORMALIZE=normalize, STREAM=DIVERSITY_STREAM, BLOCK_I=block_i, BLOCK_N=block_n,
                         OPERAND=prec.operand, PRECISION=prec.input_precision, ACC=prec.acc),

@@ -116,7 +116,7 @@ def _resampler_bwd_kernel(
     tl.store(dq_ptr + q_offs, (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
-def _configs(Nq, d, dtype, backward) -> list[Config]:
+def _configs(Nq, d, dtype, backward, input_precision="tf32") -> list[Config]:
     """Candidate configs, best first (launch_fitting takes the first that fits the device's shared memory). They
     share BLOCK_M (the grid and the dk/dv slices depend on it) and differ in the key tile and pipeline depth.
 
@@ -131,14 +131,19 @@ def _configs(Nq, d, dtype, backward) -> list[Config]:
         max_m = 128 if row_bytes <= 128 else (64 if row_bytes <= 256 else (32 if row_bytes <= 512 else 16))
     else:
         max_m = 128 if row_bytes <= 256 else (64 if row_bytes <= 512 else 32)
+    fma = dtype == torch.float32 and input_precision == "ieee"  # exact fp32: FMA dots hold whole tiles in registers
+    if fma:
+        max_m = 32
     block_m = max(16, min(max_m, triton.next_power_of_2(Nq)))
-    if dtype == torch.float64:
+    if dtype == torch.float64 or (fma and backward):
         block_ns = (16,)
+    elif fma:
+        block_ns = (32, 16)
     elif backward or block_m * block_d >= 128 * 128:
         block_ns = (32, 16)
     else:
         block_ns = (64, 32, 16)
-    warps = 8 if block_m * row_bytes >= 16 * 1024 else 4
+    warps = 8 if block_m * row_bytes >= 16 * 1024 or fma else 4
     configs = [Config((("BLOCK_M", block_m), ("BLOCK_N", bn), ("BLOCK_D", block_d)), warps, st)
                for bn in block_ns for st in (3, 2, 1)]
     return configs
@@ -154,7 +159,7 @@ def forward(q, k, v, cu_seqlens, scale: float):
     lse = torch.empty(B, H, Nq, dtype=prec.torch_acc, device=q.device)
     if out.numel() == 0:
         return out, lse
-    configs = _configs(Nq, d, q.dtype, backward=False)
+    configs = _configs(Nq, d, q.dtype, backward=False, input_precision=prec.input_precision)
     block_m = dict(configs[0].constexprs)["BLOCK_M"]
     launch_fitting(_resampler_fwd_kernel, (B, H, triton.cdiv(Nq, block_m)),
                    (q, k, v, cu_seqlens, out, lse, scale, H, Hk, Nq, d),
@@ -175,7 +180,7 @@ def backward(grad_out, q, k, v, out, lse, cu_seqlens, scale: float):
     if q.numel() == 0:
         zeros = torch.zeros(T, Hk, d, dtype=k.dtype, device=k.device)
         return dq.zero_(), zeros, zeros.clone()
-    configs = _configs(Nq, d, q.dtype, backward=True)
+    configs = _configs(Nq, d, q.dtype, backward=True, input_precision=prec.input_precision)
     block_m = dict(configs[0].constexprs)["BLOCK_M"]
     n_qblocks = triton.cdiv(Nq, block_m)
     dk = torch.empty(T, n_qblocks * H, d, dtype=prec.torch_acc, device=q.device)
