@@ -1,13 +1,14 @@
-"""Triton kernels of resampler_attention, flash-style: varlen keys, one program per (sample, head, query block).
+"""Triton kernels of resampler_attention, flash-style: varlen keys; forward one program per (sample, head, query
+block), backward one per (sample, head).
 
 Forward: the program holds a block of its head's queries and walks the sample's packed keys
 cu_seqlens[b] : cu_seqlens[b + 1] in tiles of BLOCK_N with the online softmax (running max, running sum,
 rescaled accumulator); QK^T and PV are tl.dot on tensor cores at the input's precision (see _precision.py: 16-bit
 operands, tf32 or ieee for float32, ieee for float64). It writes out and the log-sum-exp.
 Backward: the same walk recomputes P = exp(S - lse) from the saved log-sum-exp; dq stays in registers for the
-whole walk, and each key tile's dk and dv are written once, to rows this program alone owns. With several query
-heads per kv head (GQA) or several query blocks, each (head, query block) writes its own dk/dv slice and the
-launcher sums them, so no two programs write one element and there are no atomics.
+whole walk, and each key tile's dk and dv go to rows this program alone owns (written by the first query block,
+accumulated by the next ones). With several query heads per kv head (GQA) each head writes its own dk/dv slice
+and the launcher sums the group, so no two programs write one element and there are no atomics.
 
 Head dims that are not a power of two (d = 96) are padded to the next one in registers (BLOCK_D = 128, masked
 loads and stores): Triton's tl.arange and tile shapes must be powers of two, so this padding is unavoidable here.
@@ -75,50 +76,55 @@ def _resampler_bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     OPERAND: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
-    """dk_ptr/dv_ptr are (T, QB * H, d): one slice per (query block, query head); the launcher sums them."""
+    """dk_ptr/dv_ptr are (T, H, d): one slice per query head, summed over each GQA group by the launcher. The
+    program walks its head's query blocks one after the other; the first pass writes its dk/dv rows, later passes
+    add to them (rows this program alone owns, so no atomics; a barrier between passes orders the threads)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
-    qb = tl.program_id(2)
     hk = h // (H // Hk)
-    slices = tl.num_programs(2) * H
     start = tl.load(cu_seqlens_ptr + b).to(tl.int64)
     end = tl.load(cu_seqlens_ptr + b + 1).to(tl.int64)
-    rm = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.arange(0, BLOCK_N)
     rd = tl.arange(0, BLOCK_D)
-    q_mask = (rm[:, None] < Nq) & (rd[None, :] < d)
-    q_rows = (b * H + h).to(tl.int64) * Nq + rm
-    q_offs = q_rows[:, None] * d + rd[None, :]
-    q = tl.load(q_ptr + q_offs, mask=q_mask, other=0.0).to(OPERAND)
-    do = tl.load(grad_out_ptr + q_offs, mask=q_mask, other=0.0).to(OPERAND)
-    lse = tl.load(lse_ptr + q_rows, mask=rm < Nq, other=0.0).to(ACC)
-    delta = tl.load(delta_ptr + q_rows, mask=rm < Nq, other=0.0).to(ACC)
+    for m0 in range(0, Nq, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)
+        q_mask = (rm[:, None] < Nq) & (rd[None, :] < d)
+        q_rows = (b * H + h).to(tl.int64) * Nq + rm
+        q_offs = q_rows[:, None] * d + rd[None, :]
+        q = tl.load(q_ptr + q_offs, mask=q_mask, other=0.0).to(OPERAND)
+        do = tl.load(grad_out_ptr + q_offs, mask=q_mask, other=0.0).to(OPERAND)
+        lse = tl.load(lse_ptr + q_rows, mask=rm < Nq, other=0.0).to(ACC)
+        delta = tl.load(delta_ptr + q_rows, mask=rm < Nq, other=0.0).to(ACC)
 
-    dq = tl.zeros((BLOCK_M, BLOCK_D), ACC)
-    for n0 in range(start, end, BLOCK_N):
-        rows = n0 + rn
-        row_ok = rows < end
-        kv_offs = (rows[:, None] * Hk + hk) * d + rd[None, :]
-        kv_mask = row_ok[:, None] & (rd[None, :] < d)
-        kb = tl.load(k_ptr + kv_offs, mask=kv_mask, other=0.0).to(OPERAND)
-        vb = tl.load(v_ptr + kv_offs, mask=kv_mask, other=0.0).to(OPERAND)
-        s = tl.dot(q, tl.trans(kb), input_precision=PRECISION, out_dtype=ACC) * scale
-        # padded query rows (rm >= Nq) load q = do = 0 and lse = 0; the mask keeps their p out of dk and dv
-        p = tl.where(row_ok[None, :] & (rm[:, None] < Nq), tl.exp(s - lse[:, None]), 0.0)
-        dv_blk = tl.dot(tl.trans(p.to(OPERAND)), do, input_precision=PRECISION, out_dtype=ACC)
-        dp = tl.dot(do, tl.trans(vb), input_precision=PRECISION, out_dtype=ACC)
-        ds = (p * (dp - delta[:, None])).to(OPERAND)
-        dq += tl.dot(ds, kb, input_precision=PRECISION, out_dtype=ACC)
-        dk_blk = tl.dot(tl.trans(ds), q, input_precision=PRECISION, out_dtype=ACC) * scale
-        dkv_offs = (rows[:, None] * slices + qb * H + h) * d + rd[None, :]
-        tl.store(dk_ptr + dkv_offs, dk_blk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
-        tl.store(dv_ptr + dkv_offs, dv_blk.to(dv_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dq_ptr + q_offs, (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
+        dq = tl.zeros((BLOCK_M, BLOCK_D), ACC)
+        for n0 in range(start, end, BLOCK_N):
+            rows = n0 + rn
+            row_ok = rows < end
+            kv_offs = (rows[:, None] * Hk + hk) * d + rd[None, :]
+            kv_mask = row_ok[:, None] & (rd[None, :] < d)
+            kb = tl.load(k_ptr + kv_offs, mask=kv_mask, other=0.0).to(OPERAND)
+            vb = tl.load(v_ptr + kv_offs, mask=kv_mask, other=0.0).to(OPERAND)
+            s = tl.dot(q, tl.trans(kb), input_precision=PRECISION, out_dtype=ACC) * scale
+            # padded query rows (rm >= Nq) load q = do = 0 and lse = 0; the mask keeps their p out of dk and dv
+            p = tl.where(row_ok[None, :] & (rm[:, None] < Nq), tl.exp(s - lse[:, None]), 0.0)
+            dv_blk = tl.dot(tl.trans(p.to(OPERAND)), do, input_precision=PRECISION, out_dtype=ACC)
+            dp = tl.dot(do, tl.trans(vb), input_precision=PRECISION, out_dtype=ACC)
+            ds = (p * (dp - delta[:, None])).to(OPERAND)
+            dq += tl.dot(ds, kb, input_precision=PRECISION, out_dtype=ACC)
+            dk_blk = tl.dot(tl.trans(ds), q, input_precision=PRECISION, out_dtype=ACC) * scale
+            dkv_offs = (rows[:, None] * H + h) * d + rd[None, :]
+            if m0 > 0:  # earlier query blocks' share of these rows
+                dk_blk += tl.load(dk_ptr + dkv_offs, mask=kv_mask, other=0.0).to(ACC)
+                dv_blk += tl.load(dv_ptr + dkv_offs, mask=kv_mask, other=0.0).to(ACC)
+            tl.store(dk_ptr + dkv_offs, dk_blk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
+            tl.store(dv_ptr + dkv_offs, dv_blk.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(dq_ptr + q_offs, (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
+        tl.debug_barrier()  # the next pass reads dk/dv rows other threads of this program wrote
 
 
 def _configs(Nq, d, dtype, backward, input_precision="tf32") -> list[Config]:
     """Candidate configs, best first (launch_fitting takes the first that fits the device's shared memory). They
-    share BLOCK_M (the grid and the dk/dv slices depend on it) and differ in the key tile and pipeline depth.
+    share BLOCK_M (the forward's grid depends on it) and differ in the key tile and pipeline depth.
 
     The register budget sets the query block: the BLOCK_M x BLOCK_D float32 accumulator (and dq in backward) must
     stay in registers with the tiles, so wide rows (float32 / float64 at d = 128) take smaller query blocks."""
@@ -181,15 +187,13 @@ def backward(grad_out, q, k, v, out, lse, cu_seqlens, scale: float):
         zeros = torch.zeros(T, Hk, d, dtype=k.dtype, device=k.device)
         return dq.zero_(), zeros, zeros.clone()
     configs = _configs(Nq, d, q.dtype, backward=True, input_precision=prec.input_precision)
-    block_m = dict(configs[0].constexprs)["BLOCK_M"]
-    n_qblocks = triton.cdiv(Nq, block_m)
-    dk = torch.empty(T, n_qblocks * H, d, dtype=prec.torch_acc, device=q.device)
+    dk = torch.empty(T, H, d, dtype=prec.torch_acc, device=q.device)
     dv = torch.empty_like(dk)
-    launch_fitting(_resampler_bwd_kernel, (B, H, n_qblocks),
+    launch_fitting(_resampler_bwd_kernel, (B, H),
                    (grad_out, q, k, v, lse, delta, cu_seqlens, dq, dk, dv, scale, H, Hk, Nq, d),
                    dict(OPERAND=prec.operand, PRECISION=prec.input_precision, ACC=prec.acc), configs, q.device,
                    "resampler_attention backward")
-    if n_qblocks * H != Hk:  # sum each kv head's slices: (T, QB, Hk, G, d) -> (T, Hk, d)
-        dk = dk.view(T, n_qblocks, Hk, H // Hk, d).sum((1, 3))
-        dv = dv.view(T, n_qblocks, Hk, H // Hk, d).sum((1, 3))
+    if H != Hk:  # sum each group's per-head slices: (T, Hk, G, d) -> (T, Hk, d)
+        dk = dk.view(T, Hk, H // Hk, d).sum(2)
+        dv = dv.view(T, Hk, H // Hk, d).sum(2)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
