@@ -139,7 +139,7 @@ def _configs(Nq, d, dtype, backward, input_precision="tf32") -> list[Config]:
         max_m = 128 if row_bytes <= 256 else (64 if row_bytes <= 512 else 32)
     fma = dtype == torch.float32 and input_precision == "ieee"  # exact fp32: FMA dots hold whole tiles in registers
     if fma:
-        max_m = 32
+        max_m = 16 if backward else 32
     block_m = max(16, min(max_m, triton.next_power_of_2(Nq)))
     if dtype == torch.float64 or (fma and backward):
         block_ns = (16,)
