@@ -3,9 +3,9 @@
 Triton's real compile chain runs (TTIR -> TTGIR -> LLIR -> PTX -> ptxas cubin) against a mock driver whose
 get_current_target() is GPUTarget("cuda", arch, 32); the launchers themselves are called on "meta" tensors with
 JITFunction.run forced to warmup=True, so exactly the kernels, constexprs and launch options they would use are
-compiled and nothing is launched. Per kernel this collects the registers and spill bytes (from `ptxas -v` of the
-PTX, Triton's bundled ptxas), the shared memory (`metadata.shared`), and whether the PTX holds tensor-core
-instructions (`mma` / `wgmma`).
+compiled and nothing is launched. Per kernel this collects the registers, spill bytes and stack frame (from the
+`ptxas -v` log of Triton's own ptxas run, which is captured), the shared memory (`metadata.shared`), and whether
+the PTX holds tensor-core instructions (`mma` / `wgmma`).
 
     python -m omniret_kernels.compile_check      # prints the table; exits 1 if a row breaks a rule
 
@@ -23,7 +23,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Callable, Iterator, Optional
 

@@ -7,7 +7,8 @@ along the token axis with tl.sort (on the last axis, hence the transpose), write
 token at each sorted position, then couple every reference to its quantile (gathered back from the sorted values)
 and pool. Backward, one program per block of slices looping over the samples (so the reference and weight
 gradients need no atomics): recompute psi, take the pooling gradient, scatter it onto the sorted positions
-(atomic adds: several references couple to one position), then scatter it back to the tokens sorted there. The two GEMMs of backward (dx, d theta) run in torch.
+(atomic adds: several references couple to one position), then scatter it back to the tokens sorted there. The
+two GEMMs of backward (dx, d theta) run in torch.
 """
 from __future__ import annotations
 
