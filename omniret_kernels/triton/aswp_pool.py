@@ -1,18 +1,23 @@
 """Triton kernels of aswp_pool (SPEC section 1), forward and backward.
 
-Forward, one program per (sample, block of slices): project the block with tl.dot (float32, "ieee"), pack each
+Forward, one program per (sample, block of slices): project the block with tl.dot at x's precision
+(_precision.py: 16-bit operands, tf32 or ieee for float32; theta is rounded to x's dtype in the tile), pack each
 projection with its token index into an int64 key whose signed order is (value, index) order, sort the keys
 along the token axis with tl.sort (on the last axis, hence the transpose), write the sorted values and the
 token at each sorted position, then couple every reference to its quantile (gathered back from the sorted values)
 and pool. Backward, one program per block of slices looping over the samples (so the reference and weight
 gradients need no atomics): recompute psi, take the pooling gradient, scatter it onto the sorted positions
-(atomic adds: several references couple to one position), then scatter it back to the tokens sorted there. The two GEMMs of backward (dx, d theta) run in torch.
+(atomic adds: several references couple to one position), then scatter it back to the tokens sorted there. The
+two GEMMs of backward (dx, d theta) run in torch.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from omniret_kernels.triton._launch import Config, launch_fitting
+from omniret_kernels.triton._precision import dot_precision
 
 POOLING_CODES = {"stm": 0, "max": 1, "mean": 2, "weighted": 3}
 
@@ -46,6 +51,7 @@ def _aswp_fwd_kernel(
     N, D, L, M,
     POOLING: tl.constexpr, HAS_MASK: tl.constexpr, SAVE_TOKENS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    OPERAND: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     offs_n = tl.arange(0, BLOCK_N)
@@ -57,10 +63,10 @@ def _aswp_fwd_kernel(
     for d0 in range(0, D, BLOCK_D):
         in_d = d0 + offs_d < D
         xa = tl.load(x_ptr + b * N * D + offs_n[:, None] * D + d0 + offs_d[None, :],
-                     mask=in_n[:, None] & in_d[None, :], other=0.0).to(tl.float32)
+                     mask=in_n[:, None] & in_d[None, :], other=0.0).to(OPERAND)
         ta = tl.load(theta_ptr + offs_l[:, None] * D + d0 + offs_d[None, :],
-                     mask=in_l[:, None] & in_d[None, :], other=0.0).to(tl.float32)
-        acc += tl.dot(xa, tl.trans(ta), input_precision="ieee")
+                     mask=in_l[:, None] & in_d[None, :], other=0.0).to(OPERAND)
+        acc += tl.dot(xa, tl.trans(ta), input_precision=PRECISION, out_dtype=tl.float32)
     valid = in_n
     if HAS_MASK:
         valid = valid & (tl.load(mask_ptr + b * N + offs_n, mask=in_n, other=0) != 0)
@@ -186,12 +192,14 @@ def aswp_pool_forward(x, directions, references, mask, weights, pooling, normali
     tokens_arg = sorted_tokens if save_for_backward else out  # never written then: any valid pointer
     mask_arg = mask.to(torch.uint8).contiguous() if mask is not None else out
     weight_arg = weights.float().contiguous() if pooling == "weighted" else out
-    _aswp_fwd_kernel[(B, triton.cdiv(L, block_l))](
-        x.contiguous(), theta, _ranks(references), references.float().contiguous(), weight_arg, mask_arg,
-        out, sorted_values, tokens_arg, N, D, L, M,
-        POOLING=POOLING_CODES[pooling], HAS_MASK=mask is not None, SAVE_TOKENS=save_for_backward,
-        BLOCK_N=block_n, BLOCK_L=block_l, BLOCK_D=32, BLOCK_M=block_m,
-    )
+    prec = dot_precision(x.dtype)
+    launch_fitting(_aswp_fwd_kernel, (B, triton.cdiv(L, block_l)),
+                   (x.contiguous(), theta, _ranks(references), references.float().contiguous(), weight_arg, mask_arg,
+                    out, sorted_values, tokens_arg, N, D, L, M),
+                   dict(POOLING=POOLING_CODES[pooling], HAS_MASK=mask is not None, SAVE_TOKENS=save_for_backward,
+                        BLOCK_N=block_n, BLOCK_L=block_l, BLOCK_M=block_m, OPERAND=prec.operand,
+                        PRECISION=prec.input_precision),
+                   [Config((("BLOCK_D", 32),), 4, stages) for stages in (3, 2, 1)], x.device, "aswp_pool forward")
     if not save_for_backward:
         sorted_values = sorted_values.new_empty((0,))
     return out.to(x.dtype), sorted_values, sorted_tokens
@@ -208,13 +216,17 @@ def aswp_pool_backward(grad_out, x, directions, references, mask, weights, sorte
     weighted = pooling == "weighted"
     dweight = torch.empty(M, L, device=x.device, dtype=torch.float32) if weighted else dref
     mask_arg = mask.to(torch.uint8).contiguous() if mask is not None else dref
-    _aswp_bwd_kernel[(triton.cdiv(L, block_l),)](
-        grad_out.float().contiguous(), _ranks(references), references.float().contiguous(),
-        weights.float().contiguous() if weighted else dref, mask_arg, sorted_values, sorted_tokens.contiguous(),
-        ds, dp, dref, dweight, B, N, L, M, 1.0 / temperature,
-        POOLING=POOLING_CODES[pooling], HAS_MASK=mask is not None,
-        BLOCK_N=block_n, BLOCK_L=block_l, BLOCK_M=block_m,
-    )
+    # the (BLOCK_M x BLOCK_L) tiles of psi, its coupling and the two accumulators live in registers: at M = 128,
+    # 16 slices per program and 8 warps keep them there (32 slices spill ~1 KB per thread with 4 warps, 44 B with 8)
+    block_l = 16 if block_m >= 128 else block_l
+    warps = 8 if block_m * block_l >= 64 * 32 else 4
+    launch_fitting(_aswp_bwd_kernel, (triton.cdiv(L, block_l),),
+                   (grad_out.float().contiguous(), _ranks(references), references.float().contiguous(),
+                    weights.float().contiguous() if weighted else dref, mask_arg, sorted_values,
+                    sorted_tokens.contiguous(), ds, dp, dref, dweight, B, N, L, M, 1.0 / temperature),
+                   dict(POOLING=POOLING_CODES[pooling], HAS_MASK=mask is not None, BLOCK_N=block_n, BLOCK_M=block_m),
+                   [Config((("BLOCK_L", block_l),), warps, stages) for stages in (2, 1)], x.device,
+                   "aswp_pool backward")
     del ds
     d = directions.float()
     theta = _theta(directions, normalize_directions)
