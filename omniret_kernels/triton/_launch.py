@@ -14,6 +14,8 @@ from typing import NamedTuple
 
 import torch
 
+from omniret_kernels._checks import KernelLimitError
+
 # cudaDevAttrMaxSharedMemoryPerBlockOptin by compute capability (A100, H100): the compile check's targets.
 SMEM_OPTIN_BY_ARCH = {80: 166_912, 90: 232_448}
 
@@ -64,7 +66,7 @@ def launch_fitting(kernel, grid, args: tuple, kwargs: dict, configs: list[Config
                     config = _chosen[key] = candidate
                     break
             else:
-                raise ValueError(f"{what}: no Triton config fits this device's shared memory per block "
+                raise KernelLimitError(f"{what}: no Triton config fits this device's shared memory per block "
                                  f"({limit} B opt-in limit; the smallest config needs {min(needs)} B)")
     kernel[grid](*args, **kwargs, **dict(config.constexprs), num_warps=config.num_warps, num_stages=config.num_stages)
     return config

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from omniret_kernels._checks import KernelLimitError
 from omniret_kernels._counter_rng import DIVERSITY_STREAM
 from omniret_kernels.triton._launch import Config, launch_fitting
 from omniret_kernels.triton._precision import dot_precision
@@ -183,7 +184,7 @@ def _configs(N: int, D: int, dtype: torch.dtype, input_precision: str = "tf32") 
     and coefficients) lives in registers, so BLOCK_I shrinks as N grows and the D tile shrinks so that the
     BLOCK_N x BLOCK_D tile of m, times the pipeline depth, fits shared memory."""
     if N > MAX_N:
-        raise ValueError(f"m: the Triton diversity_loss keeps a row strip of the Gram matrix in registers and "
+        raise KernelLimitError(f"m: the Triton diversity_loss keeps a row strip of the Gram matrix in registers and "
                          f"supports N <= {MAX_N}, got N = {N}; use backend='cpu' or 'cuda'")
     block_n = max(16, triton.next_power_of_2(N))
     block_i = min(block_n, 32 if block_n <= 128 else 16)

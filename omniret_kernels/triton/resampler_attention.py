@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from omniret_kernels._checks import KernelLimitError
 from omniret_kernels.triton._launch import Config, launch_fitting
 from omniret_kernels.triton._precision import dot_precision
 
@@ -129,7 +130,7 @@ def _configs(Nq, d, dtype, backward, input_precision="tf32") -> list[Config]:
     The register budget sets the query block: the BLOCK_M x BLOCK_D float32 accumulator (and dq in backward) must
     stay in registers with the tiles, so wide rows (float32 / float64 at d = 128) take smaller query blocks."""
     if d > MAX_HEAD_DIM:
-        raise ValueError(f"q: the Triton resampler_attention supports head dims d <= {MAX_HEAD_DIM}, got d = {d}; "
+        raise KernelLimitError(f"q: the Triton resampler_attention supports head dims d <= {MAX_HEAD_DIM}, got d = {d}; "
                          f"use backend='cpu' or 'reference'")
     block_d = max(16, triton.next_power_of_2(d))
     row_bytes = block_d * (8 if dtype == torch.float64 else (4 if dtype == torch.float32 else 2))
