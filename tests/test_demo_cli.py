@@ -3,7 +3,7 @@ import dataclasses
 
 from omniret.cli import build_parser
 from omniret.commands.demo import options_from_args
-from omniret.eval.digits_demo import DemoOptions
+from omniret.demo.digits_demo import DemoOptions
 
 
 def _options(*flags):
@@ -31,5 +31,19 @@ def test_flags_reach_the_options():
     opts = _options("--image-warmup-epochs", "7", "--no-image-affine")
     assert opts.image_warmup_epochs == 7 and opts.image_affine is False
     assert _options().image_warmup_epochs == 60 and _options().image_affine is True
-    assert _options("--train-augment", "audio").train_augment == ("audio",)
-    assert _options("--train-augment").train_augment == ()
+
+
+def test_fixed_steps_by_default_and_the_budget_is_optional():
+    opts = _options()
+    assert opts.steps == 450 and opts.time_budget is None and opts.min_steps is None
+    opts = _options("--time-budget", "60", "--min-steps", "5")
+    assert opts.time_budget == 60.0 and opts.min_steps == 5
+
+
+def test_smoke_sets_tiny_sizes():
+    from omniret.commands.demo import SMOKE, SMOKE_DATA
+
+    opts = _options("--smoke", "--steps", "999", "--seed", "3")
+    for name, value in SMOKE.items():
+        assert getattr(opts, name) == value, name
+    assert opts.data.max_voices == SMOKE_DATA["max_voices"] and opts.data.seed == 3 and opts.seed == 3

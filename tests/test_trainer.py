@@ -12,7 +12,7 @@ import torch
 
 from omniret.train import CheckpointManager, StageConfig, TaskBalancedSampler, TrainConfig, Trainer
 from omniret.train.checkpoint import atomic_write_bytes
-from omniret.train.toy import ToyPairs, toy_dataset, toy_model
+from toy import ToyPairs, toy_dataset, toy_model
 from omniret.train.trainer import warmup_cosine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -194,8 +194,8 @@ def test_config_from_dict_rejects_unknown_keys():
 # ----------------------------------------------------------------------------------------------------------
 def _write_config(path, out_dir, yaml_format=False):
     cfg = {
-        "model": {"factory": "omniret.train.toy:toy_model", "kwargs": {"seed": 4}},
-        "data": {"factory": "omniret.train.toy:toy_dataset", "kwargs": {"per_dataset": 10}},
+        "model": {"factory": "toy:toy_model", "kwargs": {"seed": 4}},
+        "data": {"factory": "toy:toy_dataset", "kwargs": {"per_dataset": 10}},
         "train": {"stages": [{"stage": 1, "steps": 5, "batch_size": 12}, {"stage": 2, "steps": 5, "batch_size": 12}],
                   "chunk_size": 5, "lr": 3e-3, "warmup_steps": 2, "tasks_per_batch": 2, "checkpoint_every": 1,
                   "output_dir": str(out_dir), "progress_bar": False, "seed": 5},
@@ -213,7 +213,7 @@ def _train_cmd(config):
 
 
 def _env():
-    return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
 
 
 def _final_model(out_dir):

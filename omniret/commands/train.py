@@ -19,6 +19,11 @@ import os
 import sys
 from pathlib import Path
 
+from omniret.threads import passive_openmp
+
+# before anything imports torch: OpenMP threads that wait sleep instead of spinning (omniret/threads.py says why)
+passive_openmp()
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True, help="JSON or YAML file (model, data, train, save_to)")
