@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import asdict
 
 import numpy as np
 
@@ -158,16 +159,17 @@ def _fill(bench: dict, top: str, seed: int, composed_per_source: int, source_neg
 
 
 def write_mbeir(bench: dict, cache_root: str, seed: int = 0, composed_per_source: int = 3,
-                source_negatives: int = 8, identity: dict | None = None) -> str:
+                source_negatives: int = 8, identity: dict | None = None, name: str | None = None) -> str:
     """Write `bench` ({"train": DigitsSplit, "test": DigitsSplit}) under `cache_root/mbeir-<key>/<split>` once
     (into a temporary directory, then renamed: an interrupted write leaves nothing); returns
-    `cache_root/mbeir-<key>`, whose `train/` and `test/` are M-BEIR roots of split train and test. The key
+    `cache_root/<name>` (default `mbeir-<key>`), whose `train/` and `test/` are M-BEIR roots of split train and
+    test; an existing one is kept as it is. The key
     covers `identity` (the data's configuration), the seed, the sizes and this module's VERSION."""
     ident = {"version": VERSION, "seed": seed, "composed_per_source": composed_per_source,
              "source_negatives": source_negatives, "identity": identity or {},
              "sizes": {n: [len(s.image_labels), len(s.waves)] for n, s in bench.items()}}
     key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    root = os.path.join(cache_root, f"mbeir-{key}")
+    root = os.path.join(cache_root, name or f"mbeir-{key}")
     if os.path.exists(os.path.join(root, "identity.json")):
         return root
     os.makedirs(cache_root, exist_ok=True)
@@ -184,3 +186,25 @@ def write_mbeir(bench: dict, cache_root: str, seed: int = 0, composed_per_source
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return root
+
+
+def main(argv=None) -> int:
+    """`python -m omniret.data.digits_mbeir --output DIR`: build the digits benchmark and write it to DIR/train and
+    DIR/test (the data of configs/demo.yaml)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m omniret.data.digits_mbeir", description=main.__doc__)
+    p.add_argument("--output", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-cache", default=None, help="where the synthesised speech is cached")
+    args = p.parse_args(argv)
+    cfg = digits.DigitsConfig(seed=args.seed)
+    bench = digits.build(cfg, cache_dir=args.data_cache)
+    parent, name = os.path.split(os.path.abspath(args.output))
+    root = write_mbeir(bench, parent, seed=args.seed, identity=asdict(cfg), name=name)
+    print(f"wrote {root}/train and {root}/test")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
