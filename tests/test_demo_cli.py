@@ -47,3 +47,27 @@ def test_smoke_sets_tiny_sizes():
     for name, value in SMOKE.items():
         assert getattr(opts, name) == value, name
     assert opts.data.max_voices == SMOKE_DATA["max_voices"] and opts.data.seed == 3 and opts.seed == 3
+
+
+def test_configs_demo_yaml_is_the_demos_recipe():
+    """configs/demo.yaml (for `omniret train`) says what `omniret demo`'s defaults train, and both configs parse."""
+    import os
+
+    import yaml
+
+    from omniret.commands.train import load_config
+    from omniret.demo.digits_demo import train_config
+    from omniret.train.trainer import TrainConfig
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(os.path.join(root, "configs", "demo.yaml"))
+    want = train_config(DemoOptions(output="x"), "../runs/demo-train")
+    for key in ("resume", "progress_bar"):
+        want.pop(key)
+    assert cfg["train"] == want
+    assert cfg["model"] == {"preset": "demo"} and cfg["data"]["hard_negatives"] == 1
+    TrainConfig.from_dict(cfg["train"])
+    paper = load_config(os.path.join(root, "configs", "paper.yaml"))
+    train = TrainConfig.from_dict(paper["train"])
+    assert [s.batch_size for s in train.stages] == [2048, 3072] and train.stages[1].grad_accum == 2
+    assert paper["model"] == {"preset": "paper"} and yaml.safe_dump(paper)

@@ -306,3 +306,78 @@ def test_the_command_line_reports_bad_input_in_one_line(tmp_path, capsys, monkey
     monkeypatch.setenv("OMNIRET_DEBUG", "1")  # the traceback, for a developer
     with pytest.raises(ValueError, match="no such file"):
         main(["train", "--config", str(missing)])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the features the demo's recipe needs, used by config
+# ----------------------------------------------------------------------------------------------------------
+def test_modality_negatives_mask_matches_a_direct_count():
+    from omniret.train.trainer import modality_negatives_mask
+
+    gen = torch.Generator().manual_seed(0)
+    kinds = [("image",), ("audio",), ("text",), ("image", "text")]
+    for trial in range(5):
+        n_c = 7 + trial
+        n_q = 4 + trial % 3
+        cands = []
+        for _ in range(n_c):
+            kind = kinds[int(torch.randint(len(kinds), (1,), generator=gen))]
+            cands.append({k: 0 for k in kind})
+        ids = [int(torch.randint(4, (1,), generator=gen)) for _ in range(n_c)]
+        got = modality_negatives_mask(cands, ids, n_q)
+        media = lambda c: tuple(k for k in ("image", "audio", "video") if k in c) or ("text",)  # noqa: E731
+        for i in range(n_q):
+            for j in range(n_c):
+                want = ids[i] == ids[j] or media(cands[i]) != media(cands[j])
+                assert bool(got[i, j]) == want, (trial, i, j)
+
+
+def test_param_groups_set_each_groups_rate_and_freeze_stops_parameters(tmp_path):
+    """A group at lr 0 does not move (AdamW's decay is lr x weight_decay: none either); a frozen name neither,
+    and it is not trainable; the default group trains."""
+    model = toy_model(seed=3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = _cfg(tmp_path, stages=[StageConfig(1, 3, 12, freeze=["text."])], output_dir=None,
+               param_groups=[{"match": ["projectors."], "lr": 0.0}])
+    Trainer(model, cfg).fit(toy_dataset(per_dataset=6))
+    after = dict(model.named_parameters())
+    for name, p in after.items():
+        same = torch.equal(p, before[name])
+        if name.startswith(("projectors.", "text.")):
+            assert same, name
+        elif name.startswith("head."):
+            assert not same, name
+    assert not any(p.requires_grad for n, p in after.items() if n.startswith("text."))
+    with pytest.raises(ValueError, match="param_groups\\[0\\]"):
+        TrainConfig(param_groups=[{"match": "x"}]).validate()
+
+
+def test_task_counts_fix_every_batch():
+    groups = [("a", "d1")] * 10 + [("b", "d2")] * 7 + [("c", "d3")] * 9
+    sampler = TaskBalancedSampler(groups, batch_size=99, task_counts={"a": 2, "c": 3}, seed=4)
+    for _ in range(6):
+        batch = sampler.next_batch()
+        assert Counter(groups[i][0] for i in batch) == {"a": 2, "c": 3}
+    with pytest.raises(ValueError, match="task_counts"):
+        TaskBalancedSampler(groups, 4, task_counts={"a": 0})
+
+
+def test_tower_augmentations_by_name():
+    from omniret.train import augment
+    from omniret.train.trainer import tower_augmentations
+
+    items, features = tower_augmentations({"image": "random_affine", "audio": "speed_perturb:0.9:1.1",
+                                           "audio_features": "warp_frequencies"})
+    assert items["image"] is augment.random_affine and features["audio"] is augment.warp_frequencies
+    assert items["audio"].func is augment.speed_perturb and items["audio"].keywords == {"low": 0.9, "high": 1.1}
+    for bad in ({"image": "speed_perturb"}, {"video": "random_affine"}, {"audio": "speed_perturb:1"}):
+        with pytest.raises(ValueError, match="augment"):
+            tower_augmentations(bad)
+
+
+def test_a_tower_warmup_stage_needs_epochs_and_labelled_data(tmp_path):
+    with pytest.raises(ValueError, match="needs epochs"):
+        TrainConfig(stages=[StageConfig(kind="tower_warmup")]).validate()
+    cfg = _cfg(tmp_path, stages=[StageConfig(1, 0, 4, kind="tower_warmup", epochs={"image": 1})], output_dir=None)
+    with pytest.raises(ValueError, match="labelled_media"):
+        Trainer(toy_model(), cfg).fit(toy_dataset(per_dataset=4))
