@@ -311,24 +311,26 @@ def test_the_command_line_reports_bad_input_in_one_line(tmp_path, capsys, monkey
 # ----------------------------------------------------------------------------------------------------------
 # the features the demo's recipe needs, used by config
 # ----------------------------------------------------------------------------------------------------------
-def test_modality_negatives_mask_matches_a_direct_count():
-    from omniret.train.trainer import modality_negatives_mask
+def test_negatives_mask_matches_a_direct_count():
+    from omniret.train.trainer import negatives_mask
 
     gen = torch.Generator().manual_seed(0)
     kinds = [("image",), ("audio",), ("text",), ("image", "text")]
-    for trial in range(5):
+    media = lambda c: tuple(k for k in ("image", "audio", "video") if k in c) or ("text",)  # noqa: E731
+    for trial in range(6):
         n_c = 7 + trial
         n_q = 4 + trial % 3
         cands = []
         for _ in range(n_c):
             kind = kinds[int(torch.randint(len(kinds), (1,), generator=gen))]
             cands.append({k: 0 for k in kind})
-        ids = [int(torch.randint(4, (1,), generator=gen)) for _ in range(n_c)]
-        got = modality_negatives_mask(cands, ids, n_q)
-        media = lambda c: tuple(k for k in ("image", "audio", "video") if k in c) or ("text",)  # noqa: E731
+        ids = [int(torch.randint(6, (1,), generator=gen)) for _ in range(n_c)]
+        relevant = [set(torch.randint(6, (2,), generator=gen).tolist()) for _ in range(n_q)]
+        by_modality = trial % 2 == 0
+        got = negatives_mask(cands, ids, relevant, n_q, by_modality)
         for i in range(n_q):
             for j in range(n_c):
-                want = ids[i] == ids[j] or media(cands[i]) != media(cands[j])
+                want = ids[i] == ids[j] or ids[j] in relevant[i] or (by_modality and media(cands[i]) != media(cands[j]))
                 assert bool(got[i, j]) == want, (trial, i, j)
 
 

@@ -46,7 +46,8 @@ class _Example:
 
 class MBEIRTrainSet:
     """A training split as trainer examples: `len()`, `groups` ((task, data set) per example) and `draw(i, step)`
-    -> {"query", "candidate", "candidate_id", "negatives", "task", "dataset"}; `dataset[i]` is `draw(i, 0)`."""
+    -> {"query", "candidate", "candidate_id", "relevant_ids", "negatives", "negative_ids", "task", "dataset"}
+    (every relevant candidate is masked out of the query's negatives); `dataset[i]` is `draw(i, 0)`."""
 
     def __init__(self, root: str, split: str = "train", tasks: Optional[Sequence[str]] = None, seed: int = 0,
                  hard_negatives: int = 0, check_files: bool = True):
@@ -97,7 +98,8 @@ class MBEIRTrainSet:
         options = self.instructions.prompts(ex.dataset, ex.query.modality, cand_modality)
         instruction = options[rng.randrange(len(options))] if options else None
         return {"query": mbeir.query_item(ex.query, instruction), "candidate": self._candidate(ex, positive),
-                "candidate_id": positive, "negatives": [self._candidate(ex, d) for d in negatives],
+                "candidate_id": positive, "relevant_ids": list(ex.positives), "negative_ids": list(negatives),
+                "negatives": [self._candidate(ex, d) for d in negatives],
                 "task": ex.task, "dataset": ex.dataset}
 
     def __getitem__(self, i: int) -> dict:

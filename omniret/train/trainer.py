@@ -5,7 +5,8 @@
 
 `dataset[i]` is a dict `{"query": item, "candidate": item, "task": str, "dataset": str}` with optional
 `candidate_id` (same id = same target: duplicates in a batch are masked out of each other's negatives) and
-`negatives` (a list of extra hard-negative items). `dataset.groups` (a list of (task, dataset) per example)
+`negatives` (a list of extra hard-negative items), `relevant_ids` (every id relevant to the query: none of them is
+its negative) and `negative_ids` (the negatives' ids). `dataset.groups` (a list of (task, dataset) per example)
 spares the sampler from loading every example once.
 
 Each stage: the model's `setup_stage(stage)` picks the trainable parameters (stage 1: projectors, resamplers,
@@ -216,18 +217,26 @@ class TrainResult:
     tower_warmup: Dict[str, Any] = field(default_factory=dict)  # tower_warmup stages' reports, by stage name
 
 
-def modality_negatives_mask(candidates: Sequence[dict], ids: Sequence[Any], n_queries: int) -> torch.Tensor:
+def negatives_mask(candidates: Sequence[dict], ids: Sequence[Any], relevant: Sequence[set], n_queries: int,
+                   by_modality: bool = False) -> torch.Tensor:
     """(Q, C) bool for GradCache's `positives`: True where candidate j is not query i's negative, because it is
-    the same target (same id) or of another modality than query i's positive (candidate i). Media keys name an
-    item's modality; a text-only item is "text"."""
-    media = ("image", "audio", "video")
-    kinds = [tuple(k for k in media if k in c) or ("text",) for c in candidates]
-    index: Dict[Any, int] = {}
-    kind_ids = torch.tensor([index.setdefault(k, len(index)) for k in kinds])
+    the same target (same id), another of query i's relevant candidates (`relevant[i]`: ids), or, with
+    `by_modality`, of another modality than query i's positive (candidate i). Media keys name an item's modality;
+    a text-only item is "text"."""
     id_index: Dict[Any, int] = {}
     cand_ids = torch.tensor([id_index.setdefault(i, len(id_index)) for i in ids])
     q = slice(0, n_queries)
-    return (cand_ids[q, None] == cand_ids[None, :]) | (kind_ids[q, None] != kind_ids[None, :])
+    mask = cand_ids[q, None] == cand_ids[None, :]
+    for i, rel in enumerate(relevant):
+        if rel:
+            mask[i] |= torch.tensor([x in rel for x in ids])
+    if by_modality:
+        media = ("image", "audio", "video")
+        kinds: Dict[Any, int] = {}
+        kind_ids = torch.tensor([kinds.setdefault(tuple(k for k in media if k in c) or ("text",), len(kinds))
+                                 for c in candidates])
+        mask |= kind_ids[q, None] != kind_ids[None, :]
+    return mask
 
 
 def _vocabulary(model: nn.Module, exclude: Sequence[str]) -> List[str]:
@@ -431,11 +440,13 @@ class Trainer:
         queries = [ex["query"] for ex in examples]
         candidates = [ex["candidate"] for ex in examples]
         ids: List[Any] = [ex.get("candidate_id", ("__row__", i)) for ex, i in zip(examples, mine)]
+        relevant = [set(ex.get("relevant_ids", ())) for ex in examples]
         for ex, i in zip(examples, mine):
+            negative_ids = ex.get("negative_ids")
             for k, neg in enumerate(ex.get("negatives", []) or []):
                 candidates.append(neg)
-                ids.append(("__neg__", i, k))
-        return queries, candidates, ids
+                ids.append(negative_ids[k] if negative_ids is not None else ("__neg__", i, k))
+        return queries, candidates, ids, relevant
 
     def fit(self, dataset, time_budget_s: Optional[float] = None, max_steps: Optional[int] = None,
             sampler: Optional[TaskBalancedSampler] = None) -> TrainResult:
@@ -580,13 +591,14 @@ class Trainer:
                     for micro in range(grad_accum):
                         indices = stage_sampler.next_batch()
                         draw = global_step * grad_accum + micro
-                        queries, candidates, ids = self._split_batch(dataset, indices, draw)
+                        queries, candidates, ids, relevant = self._split_batch(dataset, indices, draw)
                         if filler is not None:
                             queries = add_filler_words(queries, filler, cfg.text_noise, torch.Generator().manual_seed(
                                 (cfg.seed * 1_000_003 + draw) % (2 ** 63)))
-                        if cfg.negatives == "modality":
-                            mask = {"positives": modality_negatives_mask(candidates, ids, len(queries))}
-                        else:
+                        if self.world == 1:  # relevance known here: the mask is built from it
+                            mask = {"positives": negatives_mask(candidates, ids, relevant, len(queries),
+                                                                cfg.negatives == "modality")}
+                        else:  # GradCache masks duplicates over the global batch by id
                             mask = {"candidate_ids": ids}
                         stats = gc.step(queries, candidates, **mask, loss_scale=1.0 / grad_accum,
                                         sync=micro == grad_accum - 1)
