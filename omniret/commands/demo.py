@@ -34,7 +34,7 @@ def add_arguments(p) -> None:
                    help="embedding pooling: ASWP (default) or the Table 5(a) ablations: last token or mean")
     p.add_argument("--steps", type=positive_int, default=_default("steps"),
                    help="contrastive training steps (default %(default)s: the result depends on the seed only; "
-                        "under 10 minutes in all on a quiet 2-core machine)")
+                        "estimated at about 10 minutes in all on a quiet 2-core machine, docs/demo.md)")
     p.add_argument("--time-budget", type=positive_float, default=None,
                    help="optional cap on the training seconds (the towers' warm-up included): a cut run says so in "
                         "results.json and exits 3 if fewer than --min-steps ran")
