@@ -71,3 +71,30 @@ def test_configs_demo_yaml_is_the_demos_recipe():
     train = TrainConfig.from_dict(paper["train"])
     assert [s.batch_size for s in train.stages] == [2048, 3072] and train.stages[1].grad_accum == 2
     assert paper["model"] == {"preset": "paper"} and yaml.safe_dump(paper)
+
+
+def test_a_run_cut_short_by_the_budget_says_so_and_fails_below_min_steps(monkeypatch, capsys):
+    """run(): a time budget that stopped training before --min-steps is exit status 3 with one line on stderr; a
+    cut run above it exits 0; results.md says in bold that the numbers are not the seeded run's."""
+    import omniret.commands.demo as command
+    import omniret.demo.digits_demo as demo
+    from omniret.eval.evaluate import Results
+
+    results = Results(tasks={"text->image": {"R@1": 0.5, "R@5": 0.9}},
+                      details={"text->image": {"group": "textual binding", "queries": 60, "candidates": 719,
+                                               "pool": "image", "primary": "R@5"}})
+
+    def fake_run(opts, steps):
+        info = {"steps": steps, "steps_planned": opts.steps, "stopped": "time_budget", "min_steps": 225,
+                "too_few_steps": steps < 225}
+        return {"results": results, "info": info, "history": []}
+
+    monkeypatch.setattr(command, "missing_requirements", lambda: [])
+    args = build_parser("demo").parse_args(["demo", "--output", "out", "--time-budget", "5", "--no-index"])
+    monkeypatch.setattr(demo, "run_demo", lambda opts: fake_run(opts, 12))
+    assert command.run(args) == 3
+    assert "stopped training after 12 of 450 steps, fewer than --min-steps 225" in capsys.readouterr().err
+    monkeypatch.setattr(demo, "run_demo", lambda opts: fake_run(opts, 300))
+    assert command.run(args) == 0
+    text = demo.results_markdown(results, fake_run(DemoOptions(output="x"), 12)["info"])
+    assert "**Training was cut short by the time budget: 12 of 450 steps.**" in text
