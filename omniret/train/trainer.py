@@ -303,8 +303,8 @@ class Trainer:
                     slot = k
                     break
             members[slot].append(p)
-        groups = []
-        for spec, ps in zip(list(specs) + [{"lr": lr}], members):
+        groups = []  # the default group first: metrics log param_groups[0]'s rate as "lr"
+        for spec, ps in zip([{"lr": lr}] + list(specs), members[-1:] + members[:-1]):
             decay = float(spec.get("weight_decay", cfg.weight_decay))
             groups += [{"params": [p for p in ps if p.dim() >= 2], "weight_decay": decay, "lr": float(spec["lr"])},
                        {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0, "lr": float(spec["lr"])}]
