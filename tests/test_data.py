@@ -121,54 +121,6 @@ def test_eval_queries(small):
     assert len(text.items) == 10 * len(digits.TEXT_TEMPLATES["test"])
 
 
-def test_pair_sampler_positives(small):
-    _, bench = small
-    sampler = digits.PairSampler(bench["train"], seed=3)
-    q, c, pos = sampler.sample({t: 5 for t in digits.TASKS})
-    assert len(q) == len(c) == 30 and pos.shape == (30, 30)
-    assert pos.diagonal().all() and torch.equal(pos, pos.T)
-    # a pair is positive exactly when both candidates are of the same modality and digit
-    for i in range(30):
-        for j in range(30):
-            same_mod = set(c[i]) == set(c[j])
-            if not same_mod:
-                assert not pos[i, j]
-    train_wordings = {w.format(k=n) for s in (1, -1) for w in digits.CHANGE_WORDINGS["train"][s]
-                      for n in ("one", "two", "three")}
-    assert all(item["text"] in train_wordings for item in q[20:30])
-
-
-def test_pair_sampler_source_negatives(small):
-    _, bench = small
-    split = bench["train"]
-    per_task = {t: 4 for t in digits.TASKS}
-    q, c, pos = digits.PairSampler(split, seed=3).sample(per_task, source_negatives=True)
-    composed = [i for i, item in enumerate(q) if "text" in item and len(item) == 3]
-    assert len(composed) == 8 and len(c) == len(q) + 8 and pos.shape == (len(q), len(c))
-    digit_of = {}  # a candidate's content -> its digit
-    for idx in range(len(split.image_labels)):
-        digit_of[split.image_item(idx)["image"].numpy().tobytes()] = int(split.image_labels[idx])
-    for j in range(len(split.audio_labels)):
-        digit_of[split.audio_item(j)["audio"].numpy().tobytes()] = int(split.audio_labels[j])
-
-    def digit(cand):
-        return digit_of[cand.get("image", cand.get("audio")).numpy().tobytes()]
-
-    for n, i in enumerate(composed):
-        hard = c[len(q) + n]
-        assert set(hard) == set(c[i])  # the target modality
-        assert not pos[i, len(q) + n]  # a negative of its query ...
-        assert digit(hard) == digit(q[i]) != digit(c[i])  # ... of the query's own, unchanged digit
-        same = [j for j in range(len(c)) if set(c[j]) == set(c[i]) and digit(c[j]) == digit(c[i])]
-        assert pos[i].nonzero().flatten().tolist() == same
-    # positives still mark exactly the candidates of the same modality and target digit
-    for i in range(len(q)):
-        assert pos[i, i]
-        for j in range(len(c)):
-            if set(c[i]) != set(c[j]):
-                assert not pos[i, j]
-
-
 def test_missing_tools_message(monkeypatch):
     monkeypatch.setattr(tts.shutil, "which", lambda name: None if name == "flite" else "/usr/bin/" + name)
     assert tts.missing_tools() == ["flite"]

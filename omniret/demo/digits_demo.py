@@ -1,6 +1,7 @@
-"""The offline tri-modal demo, end to end: digits benchmark -> `demo` preset trained with the full loss and
-gradient caching for a bounded time -> Recall@1/@5 on every task (held-out voices, templates and wordings) ->
-results.json / results.md / training-curve PNG -> a searchable index of the test gallery.
+"""The offline tri-modal demo, end to end: digits benchmark -> M-BEIR-format files (omniret/data/digits_mbeir.py)
+-> the `demo` preset trained by the one Trainer (a tower warm-up stage, then a fixed number of contrastive steps
+with the full loss and gradient caching) -> Recall@1/@5 on every task (held-out voices, templates and wordings)
+-> results.json / results.md / training-curve PNG -> a searchable index of the test gallery.
 
 `omniret demo` (omniret/commands/demo.py) is the command line over `run_demo`.
 """
@@ -45,7 +46,7 @@ class DemoOptions:
     # step's query and candidate chunks, so no forward runs twice (~26% less time per step at this size; a
     # demo-size graph is small, the memory reasoning of GradCache is for batches of thousands)
     keep_graphs: int = 2
-    # each composed query also brings a candidate of its unchanged digit as a hard negative (PairSampler), so
+    # each composed query also brings a candidate of its unchanged digit as a hard negative (one of 8 in its neg_cand_list), so
     # ignoring the change text costs loss (unchanged-digit answers 12-14% instead of 22-30%; docs/demo.md)
     source_negatives: bool = True
     lr: float = 1e-4  # 1e-3 collapses the ASWP head within a few steps; 1e-4 beat 2e-4 and 3e-4 (docs/demo.md)
