@@ -151,3 +151,19 @@ def test_vocabulary_words_are_whole_lower_case_words_in_id_order():
         vocabulary_words(_Vocab({"##a": 0, "[CLS]": 1}))
     with pytest.raises(ValueError, match="no vocabulary"):
         vocabulary_words(object())
+
+
+def test_add_filler_words_touches_only_text_only_queries():
+    from omniret.train.augment import add_filler_words
+
+    items = [{"text": "a seven", "instruction": "find it"}, {"image": torch.zeros(8, 8), "text": "plus one"},
+             {"audio": torch.zeros(40), "text": "minus two"}, {"text": "the digit four"}]
+    out = add_filler_words(items, ["apple"], 1.0, torch.Generator().manual_seed(0))
+    assert sorted(out[0]["text"].split()) == ["a", "apple", "seven"] and out[0]["instruction"] == "find it"
+    assert sorted(out[3]["text"].split()) == ["apple", "digit", "four", "the"]
+    assert out[1] is items[1] and out[2] is items[2]
+    assert items[0]["text"] == "a seven"  # the caller's items are not changed
+    assert add_filler_words(items, ["apple"], 0.0, torch.Generator().manual_seed(0)) == items
+    hits = sum(len(add_filler_words(items[:1], ["apple"], 0.3, g)[0]["text"].split()) == 3
+               for g in [torch.Generator().manual_seed(s) for s in range(400)])
+    assert 80 < hits < 160  # about 0.3 of 400

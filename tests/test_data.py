@@ -121,54 +121,6 @@ def test_eval_queries(small):
     assert len(text.items) == 10 * len(digits.TEXT_TEMPLATES["test"])
 
 
-def test_pair_sampler_positives(small):
-    _, bench = small
-    sampler = digits.PairSampler(bench["train"], seed=3)
-    q, c, pos = sampler.sample({t: 5 for t in digits.TASKS})
-    assert len(q) == len(c) == 30 and pos.shape == (30, 30)
-    assert pos.diagonal().all() and torch.equal(pos, pos.T)
-    # a pair is positive exactly when both candidates are of the same modality and digit
-    for i in range(30):
-        for j in range(30):
-            same_mod = set(c[i]) == set(c[j])
-            if not same_mod:
-                assert not pos[i, j]
-    train_wordings = {w.format(k=n) for s in (1, -1) for w in digits.CHANGE_WORDINGS["train"][s]
-                      for n in ("one", "two", "three")}
-    assert all(item["text"] in train_wordings for item in q[20:30])
-
-
-def test_pair_sampler_source_negatives(small):
-    _, bench = small
-    split = bench["train"]
-    per_task = {t: 4 for t in digits.TASKS}
-    q, c, pos = digits.PairSampler(split, seed=3).sample(per_task, source_negatives=True)
-    composed = [i for i, item in enumerate(q) if "text" in item and len(item) == 3]
-    assert len(composed) == 8 and len(c) == len(q) + 8 and pos.shape == (len(q), len(c))
-    digit_of = {}  # a candidate's content -> its digit
-    for idx in range(len(split.image_labels)):
-        digit_of[split.image_item(idx)["image"].numpy().tobytes()] = int(split.image_labels[idx])
-    for j in range(len(split.audio_labels)):
-        digit_of[split.audio_item(j)["audio"].numpy().tobytes()] = int(split.audio_labels[j])
-
-    def digit(cand):
-        return digit_of[cand.get("image", cand.get("audio")).numpy().tobytes()]
-
-    for n, i in enumerate(composed):
-        hard = c[len(q) + n]
-        assert set(hard) == set(c[i])  # the target modality
-        assert not pos[i, len(q) + n]  # a negative of its query ...
-        assert digit(hard) == digit(q[i]) != digit(c[i])  # ... of the query's own, unchanged digit
-        same = [j for j in range(len(c)) if set(c[j]) == set(c[i]) and digit(c[j]) == digit(c[i])]
-        assert pos[i].nonzero().flatten().tolist() == same
-    # positives still mark exactly the candidates of the same modality and target digit
-    for i in range(len(q)):
-        assert pos[i, i]
-        for j in range(len(c)):
-            if set(c[i]) != set(c[j]):
-                assert not pos[i, j]
-
-
 def test_missing_tools_message(monkeypatch):
     monkeypatch.setattr(tts.shutil, "which", lambda name: None if name == "flite" else "/usr/bin/" + name)
     assert tts.missing_tools() == ["flite"]
@@ -277,3 +229,60 @@ def test_validator_global_pool_and_missing_pieces(tmp_path):
     assert any("no query file for task 'nope'" in str(p) for p in problems)
     problems, _ = mbeir.validate(str(tmp_path / "empty"))
     assert any("no M-BEIR query files" in str(p) for p in problems)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training examples from M-BEIR-format files (omniret.data.mbeir_train)
+# ----------------------------------------------------------------------------------------------------------
+def test_train_set_draws_seeded_positives_negatives_and_instructions(tmp_path):
+    from omniret.data.mbeir_train import MBEIRTrainSet
+
+    root = make_mbeir(tmp_path / "mbeir")
+    lines = (root / "query" / "test" / "mbeir_shop_task7_test.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    first["neg_cand_list"] = ["7:11", "7:12"]
+    lines[0] = json.dumps(first)
+    (root / "query" / "test" / "mbeir_shop_task7_test.jsonl").write_text("\n".join(lines) + "\n")
+    data = MBEIRTrainSet(str(root), split="test", seed=3, hard_negatives=1)
+    assert len(data) == 3 and data.groups == [("text->image", "7"), ("image,text->image", "7"), ("audio->image", "7")]
+    assert data.tasks() == ["audio->image", "image,text->image", "text->image"]
+    draws = [data.draw(0, step) for step in range(40)]
+    assert {d["query"]["instruction"] for d in draws} == {"Find the photo.", "Show the picture.", "Retrieve an image."}
+    assert all(d["candidate_id"] == "7:10" and d["candidate"] == {"image": str(root / "images" / "1.png")}
+               for d in draws)
+    assert {len(d["negatives"]) for d in draws} == {1}
+    assert {d["negatives"][0]["image"] for d in draws} == {str(root / "images" / "2.png"), str(root / "images" / "3.png")}
+    assert {data.draw(1, step)["candidate_id"] for step in range(40)} == {"7:10", "7:11"}  # every qrels positive
+    assert draws == [data.draw(0, step) for step in range(40)]  # the same step draws the same
+    assert [MBEIRTrainSet(str(root), split="test", seed=4).draw(0, s)["query"]["instruction"] for s in range(40)] != \
+           [d["query"]["instruction"] for d in draws]
+    assert data[2] == data.draw(2, 0) and data[2]["query"]["audio"] == str(root / "audio" / "a0.wav")
+    assert data[1]["query"]["instruction"] == "Edit and find." and data[1]["query"]["text"] == "make it blue"
+
+
+def test_train_set_reports_bad_input_before_training(tmp_path):
+    """Missing media, unknown candidate ids (relevant or hard negative), a query without a positive: one
+    ValueError listing every problem, raised when the data set is built (before any training)."""
+    from omniret.commands.train import build_data
+    from omniret.data.mbeir_train import MBEIRTrainSet
+
+    root = make_mbeir(tmp_path / "mbeir", broken=True)
+    path = root / "query" / "test" / "mbeir_shop_task7_test.jsonl"
+    path.write_text(path.read_text() + json.dumps(
+        {"qid": "7:5", "query_txt": "x", "query_modality": "text", "pos_cand_list": ["7:10"],
+         "neg_cand_list": ["7:77"]}) + "\n" + json.dumps(
+        {"qid": "7:6", "query_txt": "y", "query_modality": "text", "pos_cand_list": [], "neg_cand_list": []}) + "\n")
+    with pytest.raises(ValueError) as err:
+        MBEIRTrainSet(str(root), split="test")
+    text = str(err.value)
+    for needle in ("missing image file", "not valid JSON", "7:99 is not in the shop_task7 pool",
+                   "hard negative '7:77'", "query 7:6 has no relevant candidate"):
+        assert needle in text, needle
+    with pytest.raises(ValueError, match="hard negative"):
+        build_data({"mbeir": "mbeir", "split": "test"}, tmp_path, seed=0)
+    with pytest.raises(ValueError, match="unknown keys"):
+        build_data({"mbeir": "mbeir", "splitt": "test"}, tmp_path, seed=0)
+    with pytest.raises(ValueError, match="no such directory"):
+        build_data({"mbeir": "nope"}, tmp_path, seed=0)
+    with pytest.raises(ValueError, match="hard_negatives"):
+        MBEIRTrainSet(str(root), hard_negatives=-1)

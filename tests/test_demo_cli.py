@@ -3,7 +3,7 @@ import dataclasses
 
 from omniret.cli import build_parser
 from omniret.commands.demo import options_from_args
-from omniret.eval.digits_demo import DemoOptions
+from omniret.demo.digits_demo import DemoOptions
 
 
 def _options(*flags):
@@ -31,5 +31,70 @@ def test_flags_reach_the_options():
     opts = _options("--image-warmup-epochs", "7", "--no-image-affine")
     assert opts.image_warmup_epochs == 7 and opts.image_affine is False
     assert _options().image_warmup_epochs == 60 and _options().image_affine is True
-    assert _options("--train-augment", "audio").train_augment == ("audio",)
-    assert _options("--train-augment").train_augment == ()
+
+
+def test_fixed_steps_by_default_and_the_budget_is_optional():
+    opts = _options()
+    assert opts.steps == 450 and opts.time_budget is None and opts.min_steps is None
+    opts = _options("--time-budget", "60", "--min-steps", "5")
+    assert opts.time_budget == 60.0 and opts.min_steps == 5
+
+
+def test_smoke_sets_tiny_sizes():
+    from omniret.commands.demo import SMOKE, SMOKE_DATA
+
+    opts = _options("--smoke", "--steps", "999", "--seed", "3")
+    for name, value in SMOKE.items():
+        assert getattr(opts, name) == value, name
+    assert opts.data.max_voices == SMOKE_DATA["max_voices"] and opts.data.seed == 3 and opts.seed == 3
+
+
+def test_configs_demo_yaml_is_the_demos_recipe():
+    """configs/demo.yaml (for `omniret train`) says what `omniret demo`'s defaults train, and both configs parse."""
+    import os
+
+    import yaml
+
+    from omniret.commands.train import load_config
+    from omniret.demo.digits_demo import train_config
+    from omniret.train.trainer import TrainConfig
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(os.path.join(root, "configs", "demo.yaml"))
+    want = train_config(DemoOptions(output="x"), "../runs/demo-train")
+    for key in ("resume", "progress_bar"):
+        want.pop(key)
+    assert cfg["train"] == want
+    assert cfg["model"] == {"preset": "demo"} and cfg["data"]["hard_negatives"] == 1
+    TrainConfig.from_dict(cfg["train"])
+    paper = load_config(os.path.join(root, "configs", "paper.yaml"))
+    train = TrainConfig.from_dict(paper["train"])
+    assert [s.batch_size for s in train.stages] == [2048, 3072] and train.stages[1].grad_accum == 2
+    assert paper["model"] == {"preset": "paper"} and yaml.safe_dump(paper)
+
+
+def test_a_run_cut_short_by_the_budget_says_so_and_fails_below_min_steps(monkeypatch, capsys):
+    """run(): a time budget that stopped training before --min-steps is exit status 3 with one line on stderr; a
+    cut run above it exits 0; results.md says in bold that the numbers are not the seeded run's."""
+    import omniret.commands.demo as command
+    import omniret.demo.digits_demo as demo
+    from omniret.eval.evaluate import Results
+
+    results = Results(tasks={"text->image": {"R@1": 0.5, "R@5": 0.9}},
+                      details={"text->image": {"group": "textual binding", "queries": 60, "candidates": 719,
+                                               "pool": "image", "primary": "R@5"}})
+
+    def fake_run(opts, steps):
+        info = {"steps": steps, "steps_planned": opts.steps, "stopped": "time_budget", "min_steps": 225,
+                "too_few_steps": steps < 225}
+        return {"results": results, "info": info, "history": []}
+
+    monkeypatch.setattr(command, "missing_requirements", lambda: [])
+    args = build_parser("demo").parse_args(["demo", "--output", "out", "--time-budget", "5", "--no-index"])
+    monkeypatch.setattr(demo, "run_demo", lambda opts: fake_run(opts, 12))
+    assert command.run(args) == 3
+    assert "stopped training after 12 of 450 steps, fewer than --min-steps 225" in capsys.readouterr().err
+    monkeypatch.setattr(demo, "run_demo", lambda opts: fake_run(opts, 300))
+    assert command.run(args) == 0
+    text = demo.results_markdown(results, fake_run(DemoOptions(output="x"), 12)["info"])
+    assert "**Training was cut short by the time budget: 12 of 450 steps.**" in text

@@ -277,7 +277,7 @@ def test_average_gradients_needs_no_process_group_for_one_rank_models():
 TRAINER_WORKER = """
     from omniret.train import StageConfig, TrainConfig, Trainer
     from omniret.train.distributed import full_state_dict
-    from omniret.train.toy import toy_dataset, toy_model
+    from toy import toy_dataset, toy_model
     out_dir = os.path.join(os.path.dirname(os.environ["OUT"]), "runs")  # shared by the ranks
 
     def cfg(name, strategy):
@@ -316,7 +316,7 @@ def test_trainer_fsdp_resumed_matches_ddp(tmp_path):
     for k in ddp_state:
         torch.testing.assert_close(fsdp_state[k], ddp_state[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
     # the weights moved (a run that trained nothing would also "match")
-    from omniret.train.toy import toy_model
+    from toy import toy_model
     start = toy_model(seed=1).state_dict()
     assert not torch.allclose(ddp_state["text.weight"], start["text.weight"])  # trained in stage 2
     assert not torch.allclose(ddp_state["head.0.weight"], start["head.0.weight"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from omniret.train import GradCache, full_batch_loss
-from omniret.train.toy import ToyPairs, toy_model
+from toy import ToyPairs, toy_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -348,8 +348,8 @@ WORKER = textwrap.dedent("""
     import os, sys, torch, torch.distributed as dist
     torch.set_num_threads(1)
     from omniret.train import GradCache
-    from omniret.train.toy import toy_model
     sys.path.insert(0, os.path.join(os.environ["ROOT"], "tests"))
+    from toy import toy_model
     from test_grad_cache import _batch, _grads
     rank = int(os.environ["RANK"])
     dist.init_process_group("gloo", rank=rank, world_size=2, init_method="tcp://127.0.0.1:" + os.environ["PORT"])

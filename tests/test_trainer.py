@@ -12,7 +12,7 @@ import torch
 
 from omniret.train import CheckpointManager, StageConfig, TaskBalancedSampler, TrainConfig, Trainer
 from omniret.train.checkpoint import atomic_write_bytes
-from omniret.train.toy import ToyPairs, toy_dataset, toy_model
+from toy import ToyPairs, toy_dataset, toy_model
 from omniret.train.trainer import warmup_cosine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -194,8 +194,8 @@ def test_config_from_dict_rejects_unknown_keys():
 # ----------------------------------------------------------------------------------------------------------
 def _write_config(path, out_dir, yaml_format=False):
     cfg = {
-        "model": {"factory": "omniret.train.toy:toy_model", "kwargs": {"seed": 4}},
-        "data": {"factory": "omniret.train.toy:toy_dataset", "kwargs": {"per_dataset": 10}},
+        "model": {"factory": "toy:toy_model", "kwargs": {"seed": 4}},
+        "data": {"factory": "toy:toy_dataset", "kwargs": {"per_dataset": 10}},
         "train": {"stages": [{"stage": 1, "steps": 5, "batch_size": 12}, {"stage": 2, "steps": 5, "batch_size": 12}],
                   "chunk_size": 5, "lr": 3e-3, "warmup_steps": 2, "tasks_per_batch": 2, "checkpoint_every": 1,
                   "output_dir": str(out_dir), "progress_bar": False, "seed": 5},
@@ -213,7 +213,7 @@ def _train_cmd(config):
 
 
 def _env():
-    return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
 
 
 def _final_model(out_dir):
@@ -306,3 +306,80 @@ def test_the_command_line_reports_bad_input_in_one_line(tmp_path, capsys, monkey
     monkeypatch.setenv("OMNIRET_DEBUG", "1")  # the traceback, for a developer
     with pytest.raises(ValueError, match="no such file"):
         main(["train", "--config", str(missing)])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the features the demo's recipe needs, used by config
+# ----------------------------------------------------------------------------------------------------------
+def test_negatives_mask_matches_a_direct_count():
+    from omniret.train.trainer import negatives_mask
+
+    gen = torch.Generator().manual_seed(0)
+    kinds = [("image",), ("audio",), ("text",), ("image", "text")]
+    media = lambda c: tuple(k for k in ("image", "audio", "video") if k in c) or ("text",)  # noqa: E731
+    for trial in range(6):
+        n_c = 7 + trial
+        n_q = 4 + trial % 3
+        cands = []
+        for _ in range(n_c):
+            kind = kinds[int(torch.randint(len(kinds), (1,), generator=gen))]
+            cands.append({k: 0 for k in kind})
+        ids = [int(torch.randint(6, (1,), generator=gen)) for _ in range(n_c)]
+        relevant = [set(torch.randint(6, (2,), generator=gen).tolist()) for _ in range(n_q)]
+        by_modality = trial % 2 == 0
+        got = negatives_mask(cands, ids, relevant, n_q, by_modality)
+        for i in range(n_q):
+            for j in range(n_c):
+                want = ids[i] == ids[j] or ids[j] in relevant[i] or (by_modality and media(cands[i]) != media(cands[j]))
+                assert bool(got[i, j]) == want, (trial, i, j)
+
+
+def test_param_groups_set_each_groups_rate_and_freeze_stops_parameters(tmp_path):
+    """A group at lr 0 does not move (AdamW's decay is lr x weight_decay: none either); a frozen name neither,
+    and it is not trainable; the default group trains."""
+    model = toy_model(seed=3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = _cfg(tmp_path, stages=[StageConfig(1, 3, 12, freeze=["text."])], output_dir=None,
+               param_groups=[{"match": ["projectors."], "lr": 0.0}])
+    Trainer(model, cfg).fit(toy_dataset(per_dataset=6))
+    after = dict(model.named_parameters())
+    for name, p in after.items():
+        same = torch.equal(p, before[name])
+        if name.startswith(("projectors.", "text.")):
+            assert same, name
+        elif name.startswith("head."):
+            assert not same, name
+    assert not any(p.requires_grad for n, p in after.items() if n.startswith("text."))
+    with pytest.raises(ValueError, match="param_groups\\[0\\]"):
+        TrainConfig(param_groups=[{"match": "x"}]).validate()
+
+
+def test_task_counts_fix_every_batch():
+    groups = [("a", "d1")] * 10 + [("b", "d2")] * 7 + [("c", "d3")] * 9
+    sampler = TaskBalancedSampler(groups, batch_size=99, task_counts={"a": 2, "c": 3}, seed=4)
+    for _ in range(6):
+        batch = sampler.next_batch()
+        assert Counter(groups[i][0] for i in batch) == {"a": 2, "c": 3}
+    with pytest.raises(ValueError, match="task_counts"):
+        TaskBalancedSampler(groups, 4, task_counts={"a": 0})
+
+
+def test_tower_augmentations_by_name():
+    from omniret.train import augment
+    from omniret.train.trainer import tower_augmentations
+
+    items, features = tower_augmentations({"image": "random_affine", "audio": "speed_perturb:0.9:1.1",
+                                           "audio_features": "warp_frequencies"})
+    assert items["image"] is augment.random_affine and features["audio"] is augment.warp_frequencies
+    assert items["audio"].func is augment.speed_perturb and items["audio"].keywords == {"low": 0.9, "high": 1.1}
+    for bad in ({"image": "speed_perturb"}, {"video": "random_affine"}, {"audio": "speed_perturb:1"}):
+        with pytest.raises(ValueError, match="augment"):
+            tower_augmentations(bad)
+
+
+def test_a_tower_warmup_stage_needs_epochs_and_labelled_data(tmp_path):
+    with pytest.raises(ValueError, match="needs epochs"):
+        TrainConfig(stages=[StageConfig(kind="tower_warmup")]).validate()
+    cfg = _cfg(tmp_path, stages=[StageConfig(1, 0, 4, kind="tower_warmup", epochs={"image": 1})], output_dir=None)
+    with pytest.raises(ValueError, match="labelled_media"):
+        Trainer(toy_model(), cfg).fit(toy_dataset(per_dataset=4))

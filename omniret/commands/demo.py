@@ -1,4 +1,4 @@
-"""`omniret demo`: the offline tri-modal digits demo (see omniret/eval/digits_demo.py and docs/demo.md)."""
+"""`omniret demo`: the offline tri-modal digits demo (see omniret/demo/digits_demo.py and docs/demo.md)."""
 from __future__ import annotations
 
 import argparse
@@ -6,13 +6,24 @@ import importlib.util
 import sys
 
 from omniret.commands._args import nonnegative_int, positive_float, positive_int, probability
+from omniret.threads import passive_openmp
+
+# before anything imports torch: OpenMP threads that wait sleep instead of spinning (omniret/threads.py says why)
+passive_openmp()
+
+
+# `--smoke`: every stage of the pipeline at tiny sizes (seconds each), for an installation check and the test that
+# the same seed gives the same results.json on a quiet and on a busy machine (tests/test_demo_smoke.py)
+SMOKE_DATA = dict(max_voices=4, espeak_renderings={"train": 1, "test": 1}, flite_renderings=1, max_images_per_class=6)
+SMOKE = dict(steps=6, per_task=2, per_composed_task=2, tower_warmup_epochs=3, image_warmup_epochs=3,
+             max_eval_queries=20, chunk_size=16)
 
 
 def _default(name: str):
     """The demo's defaults live in one place, DemoOptions; the flags quote them."""
     import dataclasses
 
-    from omniret.eval.digits_demo import DemoOptions
+    from omniret.demo.digits_demo import DemoOptions
 
     return next(f.default for f in dataclasses.fields(DemoOptions) if f.name == name)
 
@@ -21,10 +32,21 @@ def add_arguments(p) -> None:
     p.add_argument("--output", required=True, help="directory for results.json, results.md, the plot, model, index")
     p.add_argument("--pooling", default=_default("pooling"), choices=("aswp", "eos", "mean"),
                    help="embedding pooling: ASWP (default) or the Table 5(a) ablations: last token or mean")
-    p.add_argument("--time-budget", type=positive_float, default=_default("time_budget"),
-                   help="seconds of training, the towers' warm-up included (default 540: under 10 minutes)")
-    p.add_argument("--steps", type=positive_int, default=None,
-                   help="train a fixed number of steps instead of a time budget")
+    p.add_argument("--steps", type=positive_int, default=_default("steps"),
+                   help="contrastive training steps (default %(default)s: the result depends on the seed only; "
+                        "estimated at about 10 minutes in all on a quiet 2-core machine, docs/demo.md)")
+    p.add_argument("--time-budget", type=positive_float, default=None,
+                   help="optional cap on the training seconds (the towers' warm-up included): a cut run says so in "
+                        "results.json and exits 3 if fewer than --min-steps ran")
+    p.add_argument("--min-steps", type=nonnegative_int, default=None,
+                   help="with --time-budget: fewest steps that count as a result (default: half of --steps)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a stopped run from its newest checkpoint in OUTPUT/train (same flags): the final "
+                        "weights equal an unstopped run's")
+    p.add_argument("--smoke", action="store_true",
+                   help="the whole pipeline at tiny sizes (a small data subset, a few warm-up epochs and steps, "
+                        "a few evaluation queries: SMOKE in omniret/commands/demo.py): checks an installation in "
+                        "about a minute; its recall is not the demo's. It sets those sizes whatever other flags say")
     p.add_argument("--per-task", type=positive_int, default=_default("per_task"),
                    help="training pairs per step of each single-modality task")
     p.add_argument("--per-composed-task", type=positive_int, default=_default("per_composed_task"),
@@ -50,10 +72,6 @@ def add_arguments(p) -> None:
     p.add_argument("--audio-warp", type=float, nargs=2, metavar=("LOW", "HIGH"), default=_default("audio_warp"),
                    help="... and stretches its log-mel's frequency axis LOW..HIGH times (vocal tract length "
                         "perturbation; 1 1: none)")
-    p.add_argument("--train-augment", nargs="*", choices=("image", "audio"), default=list(_default("train_augment")),
-                   metavar="MODALITY",
-                   help="modalities (image, audio) whose items contrastive training augments as the warm-up does; "
-                        "none given: no augmentation after the warm-up")
     p.add_argument("--text-noise", type=probability, default=_default("text_noise"), metavar="P",
                    help="each training query of a text-only task gets one random vocabulary word inserted with "
                         "probability P (default 0.25; 0: off)")
@@ -69,7 +87,10 @@ def add_arguments(p) -> None:
     p.add_argument("--data-cache", default=None, help="where the synthesised speech is cached "
                                                       "(default $OMNIRET_CACHE/digits or ~/.cache/omniret/digits)")
     p.add_argument("--max-eval-queries", type=positive_int, default=None, help="cap the queries per task (quick runs)")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch threads (default: the cores this process may use; OpenMP threads sleep while they wait, "
+                        "so a busy machine slows the run without changing its result. A different count changes "
+                        "the last bits of every sum, so compare runs at the same count)")
     p.add_argument("--no-index", action="store_true", help="skip building the search index of the test gallery")
     p.add_argument("--small", action="store_true",
                    help="a small data subset (8 voices, 20 images per class): a quick smoke run")
@@ -99,20 +120,31 @@ def run(args) -> int:
         for line in missing:
             print(f"  - {line}", file=sys.stderr)
         return 2
-    from omniret.eval.digits_demo import run_demo
+    from omniret.demo.digits_demo import run_demo
 
     out = run_demo(options_from_args(args))
     print(f"\nwrote {args.output}/results.json, results.md, training_curve.png, model/ and index/")
     if not args.no_index:
         print(f"try: omniret search --index {args.output}/index --text \"seven\" -k 5")
-    return 0 if out["results"].tasks else 1
+    if not out["results"].tasks:
+        return 1
+    info = out["info"]
+    if info["too_few_steps"]:
+        print(f"omniret demo: the time budget stopped training after {info['steps']} of {info['steps_planned']} "
+              f"steps, fewer than --min-steps {info['min_steps']}: no result", file=sys.stderr)
+        return 3
+    return 0
 
 
 def options_from_args(args):
     """The parsed flags -> DemoOptions (`--audio-speed 1 1` and `--audio-warp 1 1` turn the perturbations off)."""
     from omniret.data.digits import DigitsConfig
-    from omniret.eval.digits_demo import DemoOptions
+    from omniret.demo.digits_demo import DemoOptions
 
+    if getattr(args, "smoke", False):
+        return DemoOptions(output=args.output, pooling=args.pooling, time_budget=args.time_budget,
+                           min_steps=args.min_steps, seed=args.seed, resume=args.resume, data=DigitsConfig(seed=args.seed, **SMOKE_DATA),
+                           cache_dir=args.data_cache, build_index=not args.no_index, threads=args.threads, **SMOKE)
     data = DigitsConfig(seed=args.seed)
     if args.small:
         data = DigitsConfig(seed=args.seed, max_voices=8, espeak_renderings={"train": 2, "test": 1},
@@ -125,9 +157,9 @@ def options_from_args(args):
                        image_warmup_epochs=args.image_warmup_epochs, image_affine=args.image_affine,
                        audio_speed=_range_or_none(args.audio_speed),
                        audio_warp=_range_or_none(args.audio_warp), tower_lr=args.tower_lr,
-                       train_augment=tuple(args.train_augment), text_noise=args.text_noise,
+                       text_noise=args.text_noise, resume=args.resume,
                        seed=args.seed, data=data, cache_dir=args.data_cache, max_eval_queries=args.max_eval_queries,
-                       build_index=not args.no_index, threads=args.threads)
+                       build_index=not args.no_index, threads=args.threads, min_steps=args.min_steps)
 
 
 def _range_or_none(pair):

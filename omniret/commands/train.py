@@ -3,14 +3,18 @@
     {
       "model": {"preset": "tiny"}                       # or {"pretrained": DIR}, or
                | {"factory": "pkg.module:function", "kwargs": {...}},
-      "data":  {"factory": "pkg.module:function", "kwargs": {...}},   # returns the training dataset
+      "data":  {"mbeir": DIR[, "split": "train", "tasks": [task file names], "hard_negatives": 0,
+                "seed": 0, "check_files": true]}            # M-BEIR-format files (omniret.data.mbeir_train)
+               | {"factory": "pkg.module:function", "kwargs": {...}},   # returns the training dataset
       "train": {...TrainConfig fields, "stages": [{"stage": 1, "steps": 100, "batch_size": 64}, ...]},
       "save_to": DIR                                     # optional: model.save_pretrained(DIR) at the end
     }
 A `factory` is code by design: `omniret train` imports the named module and calls the function, so a config is
 as trusted as a script; train only from config files you wrote or checked (model directories and checkpoints, in
 contrast, never run code).
-Relative paths in the config are relative to the config file. Under `torchrun` (WORLD_SIZE > 1) the process
+Relative paths in the config are relative to the config file. M-BEIR data is read and checked completely (missing
+media, unknown candidate ids, queries without a positive, missing instructions) before the model is built. Under
+`torchrun` (WORLD_SIZE > 1) the process
 group is initialised here (nccl on GPUs, gloo on CPU) and rank 0 writes the checkpoints and metrics;
 `--strategy fsdp` shards the model with FSDP2 instead of replicating it (DDP).
 """
@@ -21,6 +25,11 @@ import json
 import os
 import sys
 from pathlib import Path
+
+from omniret.threads import passive_openmp
+
+# before anything imports torch: OpenMP threads that wait sleep instead of spinning (omniret/threads.py says why)
+passive_openmp()
 
 
 def add_arguments(parser) -> None:
@@ -91,6 +100,29 @@ def build_model(spec: dict, base: Path):
     raise ValueError("model: give one of preset, pretrained or factory")
 
 
+MBEIR_KEYS = {"mbeir", "split", "tasks", "hard_negatives", "seed", "check_files"}
+
+
+def build_data(spec: dict, base: Path, seed: int):
+    """The data section -> the training data set: M-BEIR-format files ({"mbeir": DIR, ...}) or a factory."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"data must be a mapping, got {spec!r}")
+    if "mbeir" in spec:
+        unknown = set(spec) - MBEIR_KEYS
+        if unknown:
+            raise ValueError(f"data: unknown keys {sorted(unknown)} (M-BEIR data takes {sorted(MBEIR_KEYS)})")
+        from omniret.data.mbeir_train import MBEIRTrainSet
+        root = base / str(spec["mbeir"])
+        if not root.is_dir():
+            raise ValueError(f"data.mbeir: no such directory {root}")
+        return MBEIRTrainSet(str(root), split=spec.get("split", "train"), tasks=spec.get("tasks"),
+                             seed=int(spec.get("seed", seed)), hard_negatives=int(spec.get("hard_negatives", 0)),
+                             check_files=bool(spec.get("check_files", True)))
+    if "factory" in spec:
+        return _call_factory(spec, "data")
+    raise ValueError("data: give mbeir (a directory of M-BEIR-format files) or factory")
+
+
 def _init_distributed() -> None:
     import torch
     import torch.distributed as dist
@@ -118,7 +150,9 @@ def run(args) -> int:
     _init_distributed()
     if "data" not in cfg:
         raise ValueError("--config: a 'data' section is required")
-    dataset = _call_factory(cfg["data"], "data")
+    dataset = build_data(cfg["data"], base, train_cfg.seed)
+    import torch
+    torch.manual_seed(train_cfg.seed)  # the model's random parts (LoRA, resamplers) are the seed's
     model = build_model(cfg.get("model", {}), base)
     trainer = Trainer(model, train_cfg)
     result = trainer.fit(dataset, time_budget_s=args.time_budget)

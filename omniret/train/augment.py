@@ -6,7 +6,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["random_affine", "speed_perturb", "warp_frequencies", "insert_random_word", "vocabulary_words"]
+__all__ = ["random_affine", "speed_perturb", "warp_frequencies", "insert_random_word", "vocabulary_words",
+           "add_filler_words"]
 
 
 def _uniform_factor(low: float, high: float, generator: torch.Generator) -> float:
@@ -93,3 +94,15 @@ def insert_random_word(text: str, words: list, generator: torch.Generator) -> st
     at = int(torch.randint(len(parts) + 1, (), generator=generator))
     word = words[int(torch.randint(len(words), (), generator=generator))]
     return " ".join(parts[:at] + [word] + parts[at:])
+
+
+def add_filler_words(queries: list, words: list, probability: float, generator: torch.Generator) -> list:
+    """Text-only queries (no media) each get one random word of `words` with `probability`; the others, and the
+    caller's items, stay as they are."""
+    media = ("image", "audio", "video")
+    out = []
+    for item in queries:
+        if not any(k in item for k in media) and float(torch.rand((), generator=generator)) < probability:
+            item = {**item, "text": insert_random_word(item["text"], words, generator)}
+        out.append(item)
+    return out

@@ -8,6 +8,7 @@ capture everything (generator, permutations, cursors), so a resumed run draws th
 """
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -36,7 +37,14 @@ def _split(total: int, parts: int) -> List[int]:
 class TaskBalancedSampler:
     def __init__(self, groups: Sequence[Tuple[str, str]], batch_size: int, tasks_per_batch: int = 4,
                  datasets_per_task: Tuple[int, int] = (1, 2), tasks: Optional[Sequence[str]] = None,
-                 seed: int = 0):
+                 seed: int = 0, task_counts: Optional[Dict[str, int]] = None):
+        """task_counts: {task: examples per batch}: every batch holds exactly these (in this order), instead of
+        `tasks_per_batch` random tasks sharing `batch_size`; the tasks it names are the allowed ones."""
+        if task_counts is not None:
+            if not task_counts or min(int(n) for n in task_counts.values()) < 1:
+                raise ValueError(f"task_counts must give every task >= 1 example, got {task_counts}")
+            tasks = list(task_counts)
+            batch_size = sum(int(n) for n in task_counts.values())
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if tasks_per_batch < 1:
@@ -52,8 +60,8 @@ class TaskBalancedSampler:
             index.setdefault(task, OrderedDict()).setdefault(ds, []).append(i)
         if not index:
             raise ValueError(f"tasks: no example belongs to the allowed tasks {sorted(allowed or [])}")
-        if allowed is not None and allowed - set(index):
-            raise ValueError(f"tasks: no example for {sorted(allowed - set(index))}")
+        if allowed is not None and allowed - set(index):  # a shared recipe (configs/paper.yaml) names more tasks
+            warnings.warn(f"tasks: no example for {sorted(allowed - set(index))}; sampling {sorted(index)}")
         self.index = index
         self.task_names = list(index)
         self.batch_size = batch_size
@@ -64,6 +72,7 @@ class TaskBalancedSampler:
         self.perms: Dict[Tuple[str, str], List[int]] = {}
         self.cursors: Dict[Tuple[str, str], int] = {}
         self.batches_drawn = 0
+        self.task_counts = None if task_counts is None else {str(t): int(n) for t, n in task_counts.items()}
 
     def __len__(self):  # an infinite sampler; len() is the number of examples it draws from
         return sum(len(v) for d in self.index.values() for v in d.values())
@@ -88,9 +97,14 @@ class TaskBalancedSampler:
 
     def next_batch(self) -> List[int]:
         g = self.generator
-        chosen = torch.randperm(len(self.task_names), generator=g)[: self.tasks_per_batch].tolist()
+        if self.task_counts is not None:
+            chosen = [self.task_names.index(t) for t in self.task_counts]
+            shares = list(self.task_counts.values())
+        else:
+            chosen = sorted(torch.randperm(len(self.task_names), generator=g)[: self.tasks_per_batch].tolist())
+            shares = _split(self.batch_size, len(chosen))
         batch: List[int] = []
-        for t_idx, per_task in zip(sorted(chosen), _split(self.batch_size, len(chosen))):
+        for t_idx, per_task in zip(chosen, shares):
             task = self.task_names[t_idx]
             names = list(self.index[task])
             lo, hi = self.datasets_per_task

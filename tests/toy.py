@@ -1,4 +1,4 @@
-"""A small retrieval model and data set with OmniRet's training interface, for tests, benchmarks and docs.
+"""Test fixture: a small retrieval model and data set with OmniRet's training interface (tests import it as `toy`).
 
 `ToyRetriever(items) -> (embeddings, aux)` like `OmniRet`: items are dicts with `text` (str), `image` and/or
 `audio` (float tensors); media go through a projector and a tiny "resampler" to `num_tokens` tokens whose
