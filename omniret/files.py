@@ -19,6 +19,7 @@ import json
 import os
 import secrets
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, List
@@ -100,6 +101,24 @@ def atomic_open(path, mode: str = "wb", **open_kwargs):
     with atomic_path(path) as tmp:
         with open(tmp, mode, **open_kwargs) as f:
             yield f
+
+
+def publish_directory_once(root, fill: Callable[[str], None], prefix: str = ".tmp-") -> None:
+    """Build a directory that is written once and then only read (a data cache): `fill(tmp)` writes into a temporary
+    directory beside `root`, which is then renamed to `root`. An interrupted or failed build leaves no half
+    directory; when another process published `root` first, its copy is kept and ours is removed."""
+    parent = os.path.dirname(os.path.abspath(root))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    try:
+        fill(tmp)
+        try:
+            os.rename(tmp, root)
+        except OSError:  # another process finished first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def atomic_write_bytes(path, data: bytes) -> None:

@@ -229,6 +229,26 @@ def test_results_json_interrupted_mid_write_keeps_the_old_file(tmp_path):
     assert temp_leftovers(tmp_path) == []
 
 
+def test_a_data_cache_directory_is_published_whole_once(tmp_path):
+    """Data caches (the digits audio, the digits M-BEIR files) appear whole or not at all: a build that fails
+    half-way leaves no directory and no temporary one; when another process published first, its copy is kept."""
+    from omniret.files import publish_directory_once
+
+    root = tmp_path / "cache"
+
+    def half_then_fail(tmp):
+        Path(tmp, "half.npy").write_bytes(b"x")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        publish_directory_once(str(root), half_then_fail)
+    assert not root.exists() and list(tmp_path.iterdir()) == []
+
+    publish_directory_once(str(root), lambda tmp: Path(tmp, "first").write_text("1"))
+    publish_directory_once(str(root), lambda tmp: Path(tmp, "second").write_text("2"))  # a later publisher
+    assert sorted(p.name for p in root.iterdir()) == ["first"] and list(tmp_path.iterdir()) == [root]
+
+
 def test_checkpoint_write_on_a_full_disk_leaves_no_temporary_file(tmp_path, monkeypatch):
     """A checkpoint write that fails (ENOSPC at fsync, as delayed allocation reports a full disk) removes its
     temporary file; the previous checkpoint and `latest` are untouched."""

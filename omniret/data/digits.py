@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from omniret.data import tts
+from omniret.files import publish_directory_once
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
@@ -204,10 +204,8 @@ def build_audio(cfg: DigitsConfig, cache_dir: str | None = None, workers: int = 
 
 def _save_audio(root: str, audio: dict, identity: dict) -> None:
     """Write into a temporary directory, then rename: an interrupted run leaves no half cache."""
-    parent = os.path.dirname(root)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    try:
+
+    def fill(tmp: str) -> None:
         meta = {"identity": identity, "splits": {}}
         for name, part in audio.items():
             lengths = np.array([len(w) for w in part["waves"]], dtype=np.int64)
@@ -216,13 +214,8 @@ def _save_audio(root: str, audio: dict, identity: dict) -> None:
             meta["splits"][name] = {k: part[k] for k in ("labels", "voices", "renderings")}
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f)
-        try:
-            os.rename(tmp, root)
-        except OSError:  # another process finished first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    publish_directory_once(root, fill)
 
 
 def _load_audio(root: str) -> dict:

@@ -16,13 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict
 
 import numpy as np
 
 from omniret.data import digits
+from omniret.files import publish_directory_once
 
 __all__ = ["write_mbeir", "TASK_FILES", "TASK_KEYS", "VERSION"]
 
@@ -172,19 +171,13 @@ def write_mbeir(bench: dict, cache_root: str, seed: int = 0, composed_per_source
     root = os.path.join(cache_root, name or f"mbeir-{key}")
     if os.path.exists(os.path.join(root, "identity.json")):
         return root
-    os.makedirs(cache_root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-mbeir-", dir=cache_root)
-    try:
+
+    def fill(tmp: str) -> None:
         _fill(bench, tmp, seed, composed_per_source, source_negatives)
         with open(os.path.join(tmp, "identity.json"), "w") as f:
             json.dump(ident, f, default=str)
-        try:
-            os.rename(tmp, root)
-        except OSError:  # another process finished first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    publish_directory_once(root, fill, prefix=".tmp-mbeir-")
     return root
 
 

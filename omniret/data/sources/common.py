@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 
 import numpy as np
+
+from omniret.files import atomic_path
 
 IMAGE_SIZE = 224
 SAMPLE_RATE = 16000
@@ -36,19 +37,11 @@ def is_test(group: str, seed: int, test_fraction: float) -> bool:
 
 
 def write_atomic(path: str, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and os.replace, so a reader never
-    sees half a file and a crash leaves the old one (or none)."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write `data` to `path` through omniret.files (a temporary file beside it, then a rename), so a reader never
+    sees half a file and a crash leaves the old one (or none); no fsync: the benchmark's thousands of media files
+    can be built again."""
+    with atomic_path(path, durable=False) as tmp:
+        tmp.write_bytes(data)
 
 
 def square_rgb_png(img, size: int = IMAGE_SIZE) -> bytes:
