@@ -17,9 +17,6 @@ from omniret_kernels import diversity_loss
 
 __all__ = ["ToyRetriever", "ToyPairs", "toy_model", "toy_dataset"]
 
-MEDIA_KEYS = ("image", "audio", "video")
-
-
 def _text_ids(text: str, buckets: int) -> List[int]:
     words = text.lower().split() or [""]
     return [zlib.crc32(w.encode()) % buckets for w in words]

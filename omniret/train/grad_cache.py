@@ -55,10 +55,6 @@ from omniret.train.distributed import average_gradients, bare_module, fsdp_step,
 
 __all__ = ["GradCache", "full_batch_loss", "count_media"]
 
-# the demo imports the media keys from here; the one definition is omniret.modalities.MEDIA_MODALITIES
-MEDIA_KEYS = MEDIA_MODALITIES
-
-
 def count_media(items: Sequence[Any]) -> int:
     """Media items in a list of items (an entry may hold a list of media, interleaved in its text), or in a
     prepared batch."""

@@ -28,6 +28,19 @@ MAX_HEAD_DIM = 256
 
 
 @triton.jit
+def _load_kv_tile(k_ptr, v_ptr, n0, rn, rd, end, Hk, hk, d, OPERAND: tl.constexpr):
+    """One tile of a sample's packed keys and values for kv head `hk`: rows n0 + rn of [.., end), zero past the
+    sample's end and past d. Returns the rows, their validity, the (rows, d) mask and the two tiles."""
+    rows = n0 + rn
+    row_ok = rows < end
+    kv_offs = (rows[:, None] * Hk + hk) * d + rd[None, :]
+    kv_mask = row_ok[:, None] & (rd[None, :] < d)
+    kb = tl.load(k_ptr + kv_offs, mask=kv_mask, other=0.0).to(OPERAND)
+    vb = tl.load(v_ptr + kv_offs, mask=kv_mask, other=0.0).to(OPERAND)
+    return rows, row_ok, kv_mask, kb, vb
+
+
+@triton.jit
 def _resampler_fwd_kernel(
     q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, out_ptr, lse_ptr,
     scale, H, Hk, Nq, d,
@@ -50,12 +63,7 @@ def _resampler_fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), ACC)
     acc = tl.zeros((BLOCK_M, BLOCK_D), ACC)
     for n0 in range(start, end, BLOCK_N):
-        rows = n0 + rn
-        row_ok = rows < end
-        kv_offs = (rows[:, None] * Hk + hk) * d + rd[None, :]
-        kv_mask = row_ok[:, None] & (rd[None, :] < d)
-        kb = tl.load(k_ptr + kv_offs, mask=kv_mask, other=0.0).to(OPERAND)
-        vb = tl.load(v_ptr + kv_offs, mask=kv_mask, other=0.0).to(OPERAND)
+        _, row_ok, _, kb, vb = _load_kv_tile(k_ptr, v_ptr, n0, rn, rd, end, Hk, hk, d, OPERAND)
         s = tl.dot(q, tl.trans(kb), input_precision=PRECISION, out_dtype=ACC) * scale
         s = tl.where(row_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds at least one key (n0 < end)
@@ -99,12 +107,7 @@ def _resampler_bwd_kernel(
 
         dq = tl.zeros((BLOCK_M, BLOCK_D), ACC)
         for n0 in range(start, end, BLOCK_N):
-            rows = n0 + rn
-            row_ok = rows < end
-            kv_offs = (rows[:, None] * Hk + hk) * d + rd[None, :]
-            kv_mask = row_ok[:, None] & (rd[None, :] < d)
-            kb = tl.load(k_ptr + kv_offs, mask=kv_mask, other=0.0).to(OPERAND)
-            vb = tl.load(v_ptr + kv_offs, mask=kv_mask, other=0.0).to(OPERAND)
+            rows, row_ok, kv_mask, kb, vb = _load_kv_tile(k_ptr, v_ptr, n0, rn, rd, end, Hk, hk, d, OPERAND)
             s = tl.dot(q, tl.trans(kb), input_precision=PRECISION, out_dtype=ACC) * scale
             # padded query rows (rm >= Nq) load q = do = 0 and lse = 0; the mask keeps their p out of dk and dv
             p = tl.where(row_ok[None, :] & (rm[:, None] < Nq), tl.exp(s - lse[:, None]), 0.0)
