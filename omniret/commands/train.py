@@ -4,7 +4,7 @@
       "model": {"preset": "tiny"}                       # or {"pretrained": DIR}, or
                | {"factory": "pkg.module:function", "kwargs": {...}},
       "data":  {"mbeir": DIR[, "split": "train", "tasks": [task file names], "hard_negatives": 0,
-                "seed": 0, "check_files": true]}            # M-BEIR-format files (omniret.data.mbeir_train)
+                "seed": 0, "check_files": true, "global_pool": false]}            # M-BEIR-format files (omniret.data.mbeir_train)
                | {"factory": "pkg.module:function", "kwargs": {...}},   # returns the training dataset
       "train": {...TrainConfig fields, "stages": [{"stage": 1, "steps": 100, "batch_size": 64}, ...]},
       "save_to": DIR                                     # optional: model.save_pretrained(DIR) at the end
@@ -100,7 +100,7 @@ def build_model(spec: dict, base: Path):
     raise ValueError("model: give one of preset, pretrained or factory")
 
 
-MBEIR_KEYS = {"mbeir", "split", "tasks", "hard_negatives", "seed", "check_files"}
+MBEIR_KEYS = {"mbeir", "split", "tasks", "hard_negatives", "seed", "check_files", "global_pool"}
 
 
 def build_data(spec: dict, base: Path, seed: int):
@@ -117,7 +117,8 @@ def build_data(spec: dict, base: Path, seed: int):
             raise ValueError(f"data.mbeir: no such directory {root}")
         return MBEIRTrainSet(str(root), split=spec.get("split", "train"), tasks=spec.get("tasks"),
                              seed=int(spec.get("seed", seed)), hard_negatives=int(spec.get("hard_negatives", 0)),
-                             check_files=bool(spec.get("check_files", True)))
+                             check_files=bool(spec.get("check_files", True)),
+                             use_global=bool(spec.get("global_pool", False)))
     if "factory" in spec:
         return _call_factory(spec, "data")
     raise ValueError("data: give mbeir (a directory of M-BEIR-format files) or factory")

@@ -230,3 +230,70 @@ def extract_all(root: str, cache_dir: str | None = None, threads: int = 1, log=p
         log(f"{modality}: {len(feats)} files, {cache.encoder.calls} encoded now, cache {cache.folder}")
         out[modality] = dict(zip(files[modality], feats))
     return out
+
+
+ENCODERS = {"image": EfficientNetLite0, "audio": SpeechEmbedding}
+WIDTHS = {"image": IMAGE_DIM, "audio": AUDIO_DIM}
+
+
+class FeatureStore:
+    """Per-file features of one modality for models that read them (the `real` preset's precomputed encoders, the
+    dual-encoder baseline): the on-disk FeatureCache behind an in-memory table keyed by (path, size, mtime), so a
+    file is hashed and read once per process and every model in the process shares it. The frozen encoder is
+    built only when a file is not in the disk cache. `preload(paths)` fills the table for many files at once
+    (batched encoding of the misses, one progress bar)."""
+
+    def __init__(self, modality: str, cache_dir: str | None = None, threads: int = 1, encoder=None):
+        if modality not in ENCODERS:
+            raise ValueError(f"no frozen encoder for modality {modality!r}; known: {sorted(ENCODERS)}")
+        self.modality, self.width, self.threads = modality, WIDTHS[modality], threads
+        self.cache_dir = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
+        self._cache: FeatureCache | None = FeatureCache(self.cache_dir, encoder) if encoder is not None else None
+        self._table: dict = {}
+
+    @property
+    def cache(self) -> FeatureCache:
+        """The disk cache; its encoder (`encoder=`, else the modality's frozen network) is built on first use."""
+        if self._cache is None:
+            self._cache = FeatureCache(self.cache_dir, ENCODERS[self.modality](threads=self.threads))
+        return self._cache
+
+    @staticmethod
+    def _key(path: str) -> tuple:
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise ValueError(f"{path}: cannot read this media file ({exc.strerror})") from exc
+        return os.path.abspath(path), st.st_size, st.st_mtime_ns
+
+    def preload(self, paths: list, progress: bool = True) -> None:
+        keys = [self._key(p) for p in paths]
+        todo = [i for i, k in enumerate(keys) if k not in self._table]
+        if todo:
+            for i, feats in zip(todo, self.cache.get([paths[i] for i in todo], progress=progress)):
+                if feats.ndim != 2 or feats.shape[1] != self.width:
+                    raise ValueError(f"{paths[i]}: {self.modality} features of shape {feats.shape}, expected "
+                                     f"(tokens, {self.width})")
+                self._table[keys[i]] = feats
+
+    def get(self, path: str) -> np.ndarray:
+        """The (tokens, width) float16 features of one file."""
+        key = self._key(path)
+        if key not in self._table:
+            self.preload([path], progress=False)
+        return self._table[key]
+
+
+_STORES: dict = {}
+
+
+def feature_store(modality: str, cache_dir: str | None = None) -> FeatureStore:
+    """The process's FeatureStore for (modality, cache directory): models in one process share the table. Its
+    encoder, if a file needs one, runs on as many threads as torch does."""
+    import torch
+
+    resolved = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
+    key = (modality, resolved)
+    if key not in _STORES:
+        _STORES[key] = FeatureStore(modality, resolved, threads=torch.get_num_threads())
+    return _STORES[key]

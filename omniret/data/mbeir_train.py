@@ -47,14 +47,16 @@ class _Example:
 class MBEIRTrainSet:
     """A training split as trainer examples: `len()`, `groups` ((task, data set) per example) and `draw(i, step)`
     -> {"query", "candidate", "candidate_id", "relevant_ids", "negatives", "negative_ids", "task", "dataset"}
-    (every relevant candidate is masked out of the query's negatives); `dataset[i]` is `draw(i, 0)`."""
+    (every relevant candidate is masked out of the query's negatives); `dataset[i]` is `draw(i, 0)`.
+    `use_global`: queries search the union pool of the split (cand_pool/global/mbeir_union_<split>_cand_pool.jsonl),
+    as M-BEIR's training data do, instead of each task's local pool."""
 
     def __init__(self, root: str, split: str = "train", tasks: Optional[Sequence[str]] = None, seed: int = 0,
-                 hard_negatives: int = 0, check_files: bool = True):
+                 hard_negatives: int = 0, check_files: bool = True, use_global: bool = False):
         if hard_negatives < 0:
             raise ValueError(f"hard_negatives must be >= 0, got {hard_negatives}")
         problems, (loaded, pools, table) = mbeir.validate(str(root), split, list(tasks) if tasks else None,
-                                                          check_files=check_files)
+                                                          use_global=use_global, check_files=check_files)
         self.pools: Dict[str, Dict[str, mbeir.Candidate]] = {name: {c.did: c for c in cands}
                                                              for name, cands in pools.items()}
         examples: List[_Example] = []

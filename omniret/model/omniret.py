@@ -292,7 +292,7 @@ class OmniRet(nn.Module):
         """Preprocessed media of one modality -> packed encoder tokens (T, D_enc), cu_seqlens. Frozen encoders
         read/write the feature cache when one is enabled."""
         enc = self._encoder_for(modality)
-        if self.feature_cache is None or enc.trainable:
+        if self.feature_cache is None or enc.trainable or not getattr(enc, "cacheable", True):
             return self._run_encoder(modality, xs)
         extra = str(tuple(self.config.video_grid)) if modality == "video" else ""
         keys = [content_key(enc.fingerprint(), modality, x, extra) for x in xs]

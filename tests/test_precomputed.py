@@ -1,0 +1,135 @@
+"""The `real` preset's precomputed-feature encoders and the per-process feature store behind them
+(omniret/model/precomputed.py, omniret/data/frozen_features.py FeatureStore). A fake frozen encoder stands in
+for EfficientNet-Lite0 / the speech embedding, so these run without the real packages."""
+import numpy as np
+import pytest
+import torch
+
+from omniret.config import BackboneConfig, preset
+from omniret.data import frozen_features
+from omniret.data.frozen_features import FeatureStore
+
+
+class FakeImageEncoder:
+    """Features determined by the file's bytes (as a frozen network's are); counts the files it encodes."""
+
+    modality = "image"
+    id = "fake-image-v1"
+
+    def __init__(self, width=1280, tokens=49):
+        self.calls, self.width, self.tokens = 0, width, tokens
+
+    def __call__(self, paths):
+        out = []
+        for p in paths:
+            seed = int.from_bytes(open(p, "rb").read()[:8].ljust(8, b"\0"), "little") % (2 ** 32)
+            out.append(np.random.default_rng(seed).standard_normal((self.tokens, self.width)).astype(np.float32))
+            self.calls += 1
+        return out
+
+
+def _files(tmp_path, n):
+    paths = []
+    for i in range(n):
+        p = tmp_path / f"img{i}.png"
+        p.write_bytes(bytes([i + 1]) * 16)
+        paths.append(str(p))
+    return paths
+
+
+def test_store_encodes_each_file_once_and_recomputes_a_changed_file(tmp_path):
+    enc = FakeImageEncoder()
+    store = FeatureStore("image", str(tmp_path / "cache"), encoder=enc)
+    paths = _files(tmp_path, 3)
+    store.preload(paths, progress=False)
+    assert enc.calls == 3
+    first = store.get(paths[1])
+    assert first.shape == (49, 1280) and first.dtype == np.float16
+    store.get(paths[1])
+    store.preload(paths, progress=False)
+    assert enc.calls == 3  # the table answered
+    # a second store over the same disk cache reads, never encodes
+    enc2 = FakeImageEncoder()
+    again = FeatureStore("image", str(tmp_path / "cache"), encoder=enc2)
+    np.testing.assert_array_equal(again.get(paths[1]), first)
+    assert enc2.calls == 0
+    # new bytes in the same file: a new entry
+    with open(paths[1], "wb") as f:
+        f.write(b"\x77" * 20)
+    changed = store.get(paths[1])
+    assert enc.calls == 4 and not np.array_equal(changed, first)
+
+
+def test_store_refuses_features_of_the_wrong_width_and_unknown_modalities(tmp_path):
+    store = FeatureStore("image", str(tmp_path / "cache"), encoder=FakeImageEncoder(width=96))
+    with pytest.raises(ValueError, match=r"expected \(tokens, 1280\)"):
+        store.preload(_files(tmp_path, 1), progress=False)
+    with pytest.raises(ValueError, match="no frozen encoder for modality 'video'"):
+        FeatureStore("video", str(tmp_path))
+    with pytest.raises(ValueError, match="cannot read this media file"):
+        store.get(str(tmp_path / "missing.png"))
+
+
+@pytest.fixture
+def real_model(tmp_path, monkeypatch):
+    """The real preset whose image store is the fake encoder's, in a cache of its own."""
+    from omniret.model.omniret import OmniRet
+
+    cache = str(tmp_path / "features")
+    enc = FakeImageEncoder()
+    monkeypatch.setattr(frozen_features, "_STORES", {})
+    store = frozen_features.feature_store("image", cache)
+    store._cache = frozen_features.FeatureCache(store.cache_dir, enc)
+    cfg = preset("real").replace(image_encoder=BackboneConfig(kind="efficientnet_lite0", path=cache),
+                                 audio_encoder=BackboneConfig(kind="speech_embedding", path=cache))
+    return OmniRet.from_config(cfg), enc
+
+
+def test_real_preset_reads_files_through_the_store_and_equals_given_features(real_model, tmp_path):
+    model, enc = real_model
+    model.eval()
+    paths = _files(tmp_path, 2)
+    items = [{"image": p} for p in paths]
+    by_path = model.encode_corpus(items)
+    assert enc.calls == 2
+    feats = [frozen_features.feature_store("image", model.encoders["image"].cache_dir).get(p) for p in paths]
+    by_array = model.encode_corpus([{"image": f} for f in feats])
+    torch.testing.assert_close(by_path, by_array, rtol=0, atol=0)
+    # composed: an audio clip's features given as an array beside text
+    audio = np.random.default_rng(0).standard_normal((7, 96)).astype(np.float32)
+    q = model.encode_queries([{"audio": audio, "text": "as a woman"}], instruction="Find it.")
+    assert q.shape == (1, model.embedding_dim) and torch.isfinite(q).all()
+
+
+def test_real_preset_skips_the_models_own_feature_cache(real_model, tmp_path):
+    model, _ = real_model
+    cache = model.enable_feature_cache(tmp_path / "model_cache")
+    model.eval()
+    model.encode_corpus([{"image": p} for p in _files(tmp_path, 2)])
+    assert cache.hits == 0 and cache.misses == 0  # the features come from a cache already: no second copy
+
+
+def test_precomputed_encoder_errors_name_the_item(real_model, tmp_path):
+    model, _ = real_model
+    with pytest.raises(ValueError, match=r"items\[0\]\['image'\]\[0\].*\(tokens >= 1, 1280\)"):
+        model.encode_corpus([{"image": np.zeros((4, 96), np.float32)}])
+    bad = np.zeros((3, 1280), np.float32)
+    bad[1, 5] = np.nan
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        model.encode_corpus([{"image": bad}])
+    with pytest.raises(ValueError, match="no such image file"):
+        model.encode_corpus([{"image": str(tmp_path / "nope.png")}])
+    with pytest.raises(ValueError, match="takes a file path"):
+        model.encode_corpus([{"image": 3}])
+
+
+def test_real_preset_config_rules():
+    cfg = preset("real")
+    assert cfg.image_encoder.kind == "efficientnet_lite0" and cfg.audio_encoder.kind == "speech_embedding"
+    assert cfg.video is False
+    with pytest.raises(ValueError, match="video=True"):
+        cfg.replace(video=True)
+    with pytest.raises(ValueError, match="cannot train"):
+        from omniret.model.precomputed import PrecomputedFeatureEncoder
+
+        PrecomputedFeatureEncoder(BackboneConfig(kind="efficientnet_lite0", trainable=True), cfg)
