@@ -13,6 +13,11 @@ The contrastive loss in log space, with phi = cos / tau and N_i the negatives of
     loss_i  = softplus(log S_i - phi_ii)
 which equals Eq. 2-3 with the weights w_ij = |N_i| softmax(beta phi_i.)_j detached (the default); with
 `detach_weights=False` the stop-gradients are dropped.
+
+`total_loss(..., symmetric=True)` is CLIP's symmetric InfoNCE: the query->candidate loss above averaged with the
+candidate->query loss over the positive block (candidate j < Q against the Q queries, query j its positive,
+the transposed `positives` block masking further relevant queries). Extra hard negatives (candidates beyond the
+first Q) have no query of their own, so they enter the query->candidate side only.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ __all__ = [
     "hn_infonce_loss",
     "triplet_loss",
     "pair_losses",
+    "candidate_query_losses",
     "total_loss",
     "LossTerms",
     "LearnableTemperature",
@@ -222,6 +228,25 @@ def pair_losses(
                              bool(detach_weights), want_contrastive, want_triplet, int(chunk_size))
 
 
+def candidate_query_losses(
+    q: torch.Tensor,
+    c: torch.Tensor,
+    tau: TauLike = 0.07,
+    beta: float = 0.5,
+    detach_weights: bool = True,
+    positives: Optional[torch.Tensor] = None,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """The candidate->query contrastive loss per positive candidate, (Q,): candidate j (j < Q) retrieves among
+    the Q queries, query j its positive, queries i with positives[i, j] not its negatives. The same kernel as
+    the query->candidate side with the roles swapped (beta weights the hardest queries alike)."""
+    _check_inputs(q, c, positives, tau)
+    n = q.shape[0]
+    reverse = positives[:, :n].t() if positives is not None else None
+    cont, _ = pair_losses(c[:n], q, tau, beta, 0.0, detach_weights, reverse, chunk_size, True, False)
+    return cont
+
+
 def hn_infonce_loss(
     q: torch.Tensor,
     c: torch.Tensor,
@@ -262,12 +287,18 @@ def total_loss(
     detach_weights: bool = True,
     positives: Optional[torch.Tensor] = None,
     chunk_size: int = DEFAULT_CHUNK,
+    symmetric: bool = False,
 ) -> LossTerms:
     """Eq. 10: L = L_cont + mu1 L_triplet + mu2 L_div. `diversity` is the mean diversity loss over the batch's
-    media items (None or 0 when there are none)."""
+    media items (None or 0 when there are none). `symmetric`: L_cont is the mean of the query->candidate and
+    the candidate->query losses (CLIP's symmetric InfoNCE; see the module docstring); the triplet term stays
+    query->candidate."""
     cont, trip = pair_losses(q, c, tau, beta, margin, detach_weights, positives, chunk_size,
                              True, mu1 != 0)
     cont, trip = cont.mean(), trip.mean()
+    if symmetric:
+        reverse = candidate_query_losses(q, c, tau, beta, detach_weights, positives, chunk_size)
+        cont = 0.5 * (cont + reverse.mean())
     if diversity is None:
         diversity = torch.zeros((), dtype=cont.dtype, device=cont.device)
     diversity = diversity.to(cont.dtype)

@@ -88,6 +88,24 @@ def test_matches_plain_full_batch_backward_float64(chunk, keep, n_neg):
     _assert_grads_close(got, want, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("chunk, keep", [(1, 1), (3, 0), (4, 2), (64, 1)])
+@pytest.mark.parametrize("n_neg", [0, 3])
+def test_symmetric_loss_matches_plain_full_batch_backward_float64(chunk, keep, n_neg):
+    """CLIP's symmetric InfoNCE (the candidate->query side over the positive block) through the chunked step."""
+    model = toy_model(dropout=0.0, diversity_p=0.0, dtype=torch.float64)
+    model.train()
+    queries, candidates, ids = _batch(10, n_neg)
+    kw = dict(tau=0.05, beta=0.0, mu1=0.0, mu2=0.0)
+    want, terms = _plain_grads(model, queries, candidates, candidate_ids=ids, symmetric=True, **kw)
+    _, one_sided = _plain_grads(model, queries, candidates, candidate_ids=ids, **kw)
+    assert abs(float(terms.total) - float(one_sided.total)) > 1e-3  # the symmetric side changes the loss
+    model.zero_grad(set_to_none=True)
+    gc = GradCache(model, chunk_size=chunk, loss_chunk_size=5, keep_graphs=keep, symmetric=True, **kw)
+    stats = gc.step(queries, candidates, candidate_ids=ids)
+    assert abs(stats["loss"] - float(terms.total.detach())) < 1e-10
+    _assert_grads_close(_grads(model), want, rtol=1e-6, atol=1e-8)
+
+
 def test_step_accumulates_like_backward_and_scales():
     model = toy_model(dropout=0.0, diversity_p=0.0, dtype=torch.float64)
     queries, candidates, _ = _batch(6)
@@ -361,12 +379,12 @@ WORKER = textwrap.dedent("""
     c = [candidates[i] for i in q_rows] + [candidates[i] for i in n_rows]
     cid = [ids[i] for i in q_rows] + [ids[i] for i in n_rows]
     out = {}
-    for mode in ("plain", "ddp"):
+    for mode in ("plain", "ddp", "symmetric"):
         model = toy_model(dropout=0.0, diversity_p=0.0, dtype=torch.float64)
         net = model
         if mode == "ddp":
             net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-        gc = GradCache(net, chunk_size=2, loss_chunk_size=4)
+        gc = GradCache(net, chunk_size=2, loss_chunk_size=4, symmetric=mode == "symmetric")
         stats = gc.step(q, c, candidate_ids=cid)
         out[mode] = (_grads(model), stats)
     # the tiny preset, plain model: rank 0 holds queries 0-3 and the hard negative, rank 1 queries 4-6
@@ -392,6 +410,8 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     queries, candidates, ids = _batch(9, 3)
     model = toy_model(dropout=0.0, diversity_p=0.0, dtype=torch.float64)
     want, terms = _plain_grads(model, queries, candidates, candidate_ids=ids)
+    # the symmetric loss pairs the global batch's positives with its queries across ranks
+    want_sym, terms_sym = _plain_grads(model, queries, candidates, candidate_ids=ids, symmetric=True)
     port = str(_free_port())
     procs = []
     for rank in range(2):
@@ -413,11 +433,12 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     for rank in range(2):
         result = torch.load(tmp_path / f"grads{rank}", weights_only=False)
         _assert_grads_close_scaled(result["tiny"][0], tiny_want, 1e-5)
-        for mode in ("plain", "ddp"):
+        for mode in ("plain", "ddp", "symmetric"):
             got, stats = result[mode]
-            assert abs(stats["loss"] - float(terms.total.detach())) < 1e-6
+            expected_grads, expected = (want_sym, terms_sym) if mode == "symmetric" else (want, terms)
+            assert abs(stats["loss"] - float(expected.total.detach())) < 1e-6
             assert stats["queries"] == 9 and stats["candidates"] == 12
-            _assert_grads_close(got, want, rtol=1e-6, atol=1e-8)
+            _assert_grads_close(got, expected_grads, rtol=1e-6, atol=1e-8)
 
 
 class _FrozenTextTrainableImage(torch.nn.Module):

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from omniret import losses
 from omniret_kernels import reference
@@ -157,3 +158,56 @@ def test_bad_inputs_raise_value_errors():
         losses.hn_infonce_loss(q[:0], c)
     with pytest.raises(ValueError, match="chunk_size"):
         losses.pair_losses(q, c, chunk_size=0)
+
+
+def _symmetric_infonce_literal(q, c, tau, positives=None):
+    """CLIP's symmetric InfoNCE written out: row-wise softmax over candidates for each query, column-wise over
+    the queries for each of the first Q candidates; masked pairs (positives, other than the diagonal) drop
+    out of the denominators."""
+    Q = q.shape[0]
+    logits = F.normalize(q, dim=-1) @ F.normalize(c, dim=-1).t() / tau
+    keep = torch.ones_like(logits, dtype=torch.bool) if positives is None else ~positives
+    keep[torch.arange(Q), torch.arange(Q)] = True  # the positive pair itself is always in its denominator
+    masked = logits.masked_fill(~keep, -math.inf)
+    diag = logits.diagonal()
+    q2c = torch.logsumexp(masked, dim=1) - diag
+    c2q = torch.logsumexp(masked[:, :Q], dim=0) - diag
+    return 0.5 * (q2c.mean() + c2q.mean())
+
+
+@pytest.mark.parametrize("Q,C", [(1, 1), (5, 5), (6, 9)])
+@pytest.mark.parametrize("chunk", [2, 64])
+@pytest.mark.parametrize("with_positives", [False, True])
+def test_symmetric_infonce_matches_literal_float64(Q, C, chunk, with_positives):
+    q, c = _inputs(Q, C, 5)
+    pos = _random_positives(Q, C, p=0.3) if with_positives else None
+    ref, ref_g = _grads(lambda: _symmetric_infonce_literal(q, c, 0.07, pos), q, c)
+    out, out_g = _grads(lambda: losses.total_loss(q, c, tau=0.07, beta=0.0, mu1=0.0, mu2=0.0, positives=pos,
+                                                  chunk_size=chunk, symmetric=True).total, q, c)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for a, b in zip(out_g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_symmetric_infonce_is_clip_cross_entropy_and_keeps_the_other_terms():
+    q, c = _inputs(7, 7, 4)
+    logits = F.normalize(q, dim=-1) @ F.normalize(c, dim=-1).t() / 0.1
+    target = torch.arange(7)
+    clip = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+    got = losses.total_loss(q, c, tau=0.1, beta=0.0, mu1=0.0, symmetric=True)
+    torch.testing.assert_close(got.total, clip, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(got.total, losses.total_loss(q, c, tau=0.1, beta=0.0, mu1=0.0).total)
+    # hard-negative weights (beta) apply to the candidate->query side too; the triplet term stays one-sided
+    q, c = _inputs(6, 9, 4)
+    pos = _random_positives(6, 9, p=0.3)
+    div = torch.tensor(0.4, dtype=torch.float64)
+    terms = losses.total_loss(q, c, div, tau=0.07, beta=0.5, margin=0.1, mu1=0.7, mu2=0.3, positives=pos,
+                              chunk_size=4, symmetric=True)
+    reverse = reference.hn_infonce_loss(c[:6], q, 0.07, 0.5, True, pos[:, :6].t().contiguous())
+    cont = 0.5 * (reference.hn_infonce_loss(q, c, 0.07, 0.5, True, pos) + reverse)
+    want = cont + 0.7 * reference.triplet_loss(q, c, 0.07, 0.1, pos) + 0.3 * div
+    torch.testing.assert_close(terms.contrastive, cont, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(terms.total, want, rtol=1e-10, atol=1e-10)
+    g, gw = torch.autograd.grad(terms.total, (q, c)), torch.autograd.grad(want, (q, c))
+    for a, b in zip(g, gw):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)

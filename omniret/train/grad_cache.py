@@ -10,8 +10,8 @@ a contrastive step over a batch of thousands with the activation memory of one c
    `PreparedBatch.subset`s that carry those tokens. Items may also come already prepared. Other models (a plain
    `model(items)`) get slices of the item list;
 2. every chunk of queries and candidates is embedded without autograd, after saving the RNG state;
-3. the total loss (omniret.losses.total_loss) is computed on the detached embeddings, and its gradient with
-   respect to them;
+3. the total loss (omniret.losses.total_loss; `symmetric=True`: CLIP's symmetric InfoNCE) is computed on the
+   detached embeddings, and its gradient with respect to them;
 4. every chunk is re-run with autograd from its saved RNG state (dropout and the diversity mask replay
    exactly) and backpropagates the cached embedding gradient plus its share of the diversity loss. The re-run
    starts from the kept frozen features: only the trainable part of the model (trainable towers, projectors,
@@ -131,6 +131,7 @@ class GradCache:
         keep_graphs: int = 1,
         generators: Sequence[torch.Generator] = (),
         process_group=None,
+        symmetric: bool = False,
     ):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -142,6 +143,7 @@ class GradCache:
         self.chunk_size = int(chunk_size)
         self.tau, self.beta, self.mu1, self.mu2, self.margin = tau, beta, mu1, mu2, margin
         self.detach_weights = detach_weights
+        self.symmetric = bool(symmetric)  # CLIP's symmetric InfoNCE (losses.total_loss)
         self.temperature = temperature  # learnable tau (its .grad is filled too); None keeps tau fixed
         self.loss_chunk_size = loss_chunk_size
         self.autocast_dtype = autocast_dtype
@@ -333,7 +335,8 @@ class GradCache:
         with torch.enable_grad():
             terms = losses.total_loss(q_glob, c_all, diversity, tau=tau, beta=self.beta, margin=self.margin,
                                       mu1=self.mu1, mu2=self.mu2, detach_weights=self.detach_weights,
-                                      positives=positives, chunk_size=self.loss_chunk_size)
+                                      positives=positives, chunk_size=self.loss_chunk_size,
+                                      symmetric=self.symmetric)
             inputs = [q_glob, c_all]
             temp_params = list(self.temperature.parameters()) if self.temperature is not None else []
             grads = torch.autograd.grad(terms.total * loss_scale, inputs + temp_params, allow_unused=True)
@@ -399,7 +402,7 @@ class GradCache:
 def full_batch_loss(model: nn.Module, queries: Sequence[Any], candidates: Sequence[Any],
                     positives: Optional[torch.Tensor] = None, *, tau=0.07, beta: float = 0.5, mu1: float = 1.0,
                     mu2: float = 0.1, margin: float = 0.1, detach_weights: bool = True,
-                    loss_chunk_size: int = losses.DEFAULT_CHUNK) -> losses.LossTerms:
+                    loss_chunk_size: int = losses.DEFAULT_CHUNK, symmetric: bool = False) -> losses.LossTerms:
     """The plain step that GradCache reproduces: one forward of the whole batch with autograd (queries first,
     then candidates, two model calls) and the total loss. Call .total.backward() on the result."""
     q, aux_q = model(queries)
@@ -412,4 +415,5 @@ def full_batch_loss(model: nn.Module, queries: Sequence[Any], candidates: Sequen
         if q.dtype == torch.float64:
             div = div.double()
     return losses.total_loss(q, c, div, tau=tau, beta=beta, margin=margin, mu1=mu1, mu2=mu2,
-                             detach_weights=detach_weights, positives=positives, chunk_size=loss_chunk_size)
+                             detach_weights=detach_weights, positives=positives, chunk_size=loss_chunk_size,
+                             symmetric=symmetric)

@@ -95,6 +95,9 @@ class TrainConfig:
     mu1: float = 1.0
     mu2: float = 0.1
     detach_weights: bool = True
+    # CLIP's symmetric InfoNCE: the contrastive term averages query->candidate and candidate->query
+    # (omniret.losses.total_loss); the CLIP-style baseline (omniret.baselines) sets it with mu1 = mu2 = 0
+    symmetric: bool = False
     learnable_temperature: bool = False
     loss_chunk_size: int = 1024
     tasks_per_batch: int = 4
@@ -496,7 +499,7 @@ class Trainer:
                 gc = GradCache(net, cfg.chunk_size, cfg.tau, cfg.beta, mu1, cfg.mu2, margin=cfg.margin,
                                detach_weights=cfg.detach_weights, temperature=self.temperature,
                                loss_chunk_size=cfg.loss_chunk_size, keep_graphs=cfg.keep_graphs,
-                               autocast_dtype=torch.bfloat16 if cfg.bf16 else None)
+                               autocast_dtype=torch.bfloat16 if cfg.bf16 else None, symmetric=cfg.symmetric)
                 self.model.train()
 
                 def checkpoint():
