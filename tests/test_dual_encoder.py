@@ -288,7 +288,8 @@ def test_bad_items_and_features_raise_value_errors():
 
 
 def test_default_media_features_read_the_frozen_feature_cache(tmp_path, monkeypatch):
-    """CachedMediaFeatures goes through frozen_features.FeatureCache: a file is encoded once, then read back."""
+    """CachedMediaFeatures goes through the process's FeatureStore over frozen_features.FeatureCache: a file is
+    encoded once, then read back, also by a fresh process (a new store over the same disk cache)."""
     from omniret.baselines import CachedMediaFeatures
     from omniret.data import frozen_features
 
@@ -303,7 +304,8 @@ def test_default_media_features_read_the_frozen_feature_cache(tmp_path, monkeypa
             CountingEncoder.files += len(paths)
             return [FakeMedia._randn((49, 1280), open(p, "rb").read().decode()) for p in paths]
 
-    monkeypatch.setattr(frozen_features, "EfficientNetLite0", CountingEncoder)
+    monkeypatch.setitem(frozen_features.ENCODERS, "image", CountingEncoder)
+    monkeypatch.setattr(frozen_features, "_STORES", {})
     files = []
     for name in ("a", "b"):
         (tmp_path / f"{name}.png").write_text(name)
@@ -312,10 +314,13 @@ def test_default_media_features_read_the_frozen_feature_cache(tmp_path, monkeypa
     first = lookup("image", files)
     assert CountingEncoder.files == 2 and first[0].shape == (49, 1280) and first[0].dtype == torch.float16
     again = CachedMediaFeatures(str(tmp_path / "cache"))("image", files[::-1])
-    assert CountingEncoder.files == 2  # read from the cache, not encoded again
+    assert CountingEncoder.files == 2  # the process's table
+    monkeypatch.setattr(frozen_features, "_STORES", {})  # as a new process: the disk cache answers
+    assert torch.equal(CachedMediaFeatures(str(tmp_path / "cache"))("image", files)[0], first[0])
+    assert CountingEncoder.files == 2
     assert torch.equal(again[1], first[0])
     model = _model(media=lookup)
     torch.testing.assert_close(model.encode_corpus([{"image": files[0]}]),
                                _model(media=lambda m, p: [first[0]]).encode_corpus([{"image": files[0]}]))
-    with pytest.raises(ValueError, match="no frozen video encoder"):
+    with pytest.raises(ValueError, match="no frozen encoder for modality 'video'"):
         lookup("video", files)

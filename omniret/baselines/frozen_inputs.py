@@ -85,24 +85,16 @@ def shared_sentence_embeddings(path: str = MINILM_PATH, max_tokens: int = MINILM
 
 
 class CachedMediaFeatures:
-    """`media_features(modality, paths)` from the on-disk FeatureCache under `cache_dir` (default:
-    frozen_features.default_cache_dir()), computing (once) what is not cached yet."""
+    """`media_features(modality, paths)` from the process's FeatureStore for `cache_dir` (default:
+    frozen_features.default_cache_dir()): the table the `real` preset reads too, so a file is read once per
+    process whichever model asks; what is not on disk yet is computed once and cached."""
 
-    def __init__(self, cache_dir: Optional[str] = None, threads: int = 1):
-        self.cache_dir, self.threads = cache_dir, threads
-        self._caches: dict = {}
-
-    def _cache(self, modality: str):
-        if modality not in self._caches:
-            from omniret.data import frozen_features as ff
-
-            encoders = {"image": ff.EfficientNetLite0, "audio": ff.SpeechEmbedding}
-            if modality not in encoders:
-                raise ValueError(f"no frozen {modality} encoder: the frozen features cover {sorted(encoders)}")
-            self._caches[modality] = ff.FeatureCache(self.cache_dir or ff.default_cache_dir(),
-                                                     encoders[modality](threads=self.threads))
-        return self._caches[modality]
+    def __init__(self, cache_dir: Optional[str] = None):
+        self.cache_dir = cache_dir
 
     def __call__(self, modality: str, paths: List[str]) -> List[torch.Tensor]:
-        feats = self._cache(modality).get(list(paths), progress=False)
-        return [torch.from_numpy(f) for f in feats]
+        from omniret.data.frozen_features import feature_store
+
+        store = feature_store(modality, self.cache_dir)
+        store.preload(list(paths), progress=False)
+        return [torch.from_numpy(store.get(p)) for p in paths]

@@ -1,4 +1,7 @@
-"""`omniret demo`: the offline tri-modal digits demo (see omniret/demo/digits_demo.py and docs/demo.md)."""
+"""`omniret demo`: the main job, offline. `--benchmark real` (the default): the real-media benchmark with frozen
+pretrained encoders and the dual-encoder baseline (omniret/demo/real_demo.py, docs/real_benchmark.md);
+`--benchmark digits`: the digits fixture with towers trained from scratch (omniret/demo/digits_demo.py,
+docs/demo.md)."""
 from __future__ import annotations
 
 import argparse
@@ -17,24 +20,46 @@ passive_openmp()
 SMOKE_DATA = dict(max_voices=4, espeak_renderings={"train": 1, "test": 1}, flite_renderings=1, max_images_per_class=6)
 SMOKE = dict(steps=6, per_task=2, per_composed_task=2, tower_warmup_epochs=3, image_warmup_epochs=3,
              max_eval_queries=20, chunk_size=16)
+REAL_SMOKE = dict(steps=4, per_task=2, per_composed_task=2, max_items=24, max_eval_queries=20, chunk_size=16)
+
+# flags both benchmarks take, whose defaults differ per benchmark (None here: the benchmark's options decide)
+SHARED = ("steps", "per_task", "per_composed_task", "chunk_size", "keep_graphs", "lr", "lora_lr", "triplet")
 
 
-def _default(name: str):
-    """The demo's defaults live in one place, DemoOptions; the flags quote them."""
+def _default(name: str, benchmark: str = "digits"):
+    """The demo's defaults live in one place, each benchmark's options dataclass; the flags quote them."""
     import dataclasses
 
     from omniret.demo.digits_demo import DemoOptions
+    from omniret.demo.real_demo import RealDemoOptions
 
-    return next(f.default for f in dataclasses.fields(DemoOptions) if f.name == name)
+    cls = DemoOptions if benchmark == "digits" else RealDemoOptions
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _both(name: str) -> str:
+    return f"default {_default(name, 'real')} (real) / {_default(name, 'digits')} (digits)"
 
 
 def add_arguments(p) -> None:
     p.add_argument("--output", required=True, help="directory for results.json, results.md, the plot, model, index")
+    p.add_argument("--benchmark", default="real", choices=("real", "digits"),
+                   help="real (default): drawings, stamps, recordings and emoji with frozen pretrained encoders, "
+                        "against a CLIP-style dual-encoder baseline; digits: 8x8 digits and spoken digits with "
+                        "towers trained from scratch (a fast fixture)")
+    p.add_argument("--no-baseline", action="store_true", help="real: skip the dual-encoder baseline")
+    p.add_argument("--data-dir", default=None,
+                   help="real: the benchmark's folder (default $OMNIRET_CACHE/benchmarks/real-<config hash>; "
+                        "built on first use, then reused)")
+    p.add_argument("--feature-cache", default=None,
+                   help="real: the frozen features' cache (default $OMNIRET_CACHE/features)")
+    p.add_argument("--max-items", type=positive_int, default=None,
+                   help="real: a seeded subset of N items per source (quick runs)")
     p.add_argument("--pooling", default=_default("pooling"), choices=("aswp", "eos", "mean"),
                    help="embedding pooling: ASWP (default) or the Table 5(a) ablations: last token or mean")
-    p.add_argument("--steps", type=positive_int, default=_default("steps"),
-                   help="contrastive training steps (default %(default)s: the result depends on the seed only; "
-                        "estimated at about 10 minutes in all on a quiet 2-core machine, docs/demo.md)")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help=f"contrastive training steps ({_both('steps')}): the result depends on the seed only, not "
+                        "on the machine's speed or load")
     p.add_argument("--time-budget", type=positive_float, default=None,
                    help="optional cap on the training seconds (the towers' warm-up included): a cut run says so in "
                         "results.json and exits 3 if fewer than --min-steps ran")
@@ -47,18 +72,20 @@ def add_arguments(p) -> None:
                    help="the whole pipeline at tiny sizes (a small data subset, a few warm-up epochs and steps, "
                         "a few evaluation queries: SMOKE in omniret/commands/demo.py): checks an installation in "
                         "about a minute; its recall is not the demo's. It sets those sizes whatever other flags say")
-    p.add_argument("--per-task", type=positive_int, default=_default("per_task"),
-                   help="training pairs per step of each single-modality task")
-    p.add_argument("--per-composed-task", type=positive_int, default=_default("per_composed_task"),
-                   help="training pairs per step of each composed task (they need more examples)")
-    p.add_argument("--chunk-size", type=positive_int, default=_default("chunk_size"),
-                   help="gradient-caching chunk size")
+    p.add_argument("--per-task", type=positive_int, default=None,
+                   help=f"training pairs per step of each single-modality task ({_both('per_task')})")
+    p.add_argument("--per-composed-task", type=positive_int, default=None,
+                   help=f"training pairs per step of each composed task ({_both('per_composed_task')})")
+    p.add_argument("--chunk-size", type=positive_int, default=None,
+                   help=f"gradient-caching chunk size ({_both('chunk_size')})")
     p.add_argument("--source-negatives", action=argparse.BooleanOptionalAction, default=_default("source_negatives"),
                    help="a composed query's unchanged digit joins the batch as its hard negative")
-    p.add_argument("--keep-graphs", type=nonnegative_int, default=_default("keep_graphs"),
-                   help="gradient-caching chunks backpropagated from the embedding pass, without a re-run")
-    p.add_argument("--lr", type=float, default=_default("lr"), help="towers, projectors, resamplers, pooling head")
-    p.add_argument("--lora-lr", type=float, default=_default("lora_lr"))
+    p.add_argument("--keep-graphs", type=nonnegative_int, default=None,
+                   help="gradient-caching chunks backpropagated from the embedding pass, without a re-run "
+                        f"({_both('keep_graphs')})")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"towers, projectors, resamplers, pooling head ({_both('lr')})")
+    p.add_argument("--lora-lr", type=float, default=None, help=f"LoRA in the composer ({_both('lora_lr')})")
     p.add_argument("--tower-warmup-epochs", type=nonnegative_int, default=_default("tower_warmup_epochs"),
                    help="supervised warm-up of the CNN towers on the training labels before contrastive training "
                         "(a stand-in for pretrained encoders; counts against --time-budget): the audio tower's epochs, "
@@ -82,7 +109,7 @@ def add_arguments(p) -> None:
                    help="in-batch negatives: the candidates of the query's target modality (as in evaluation), "
                         "or all other candidates")
     p.add_argument("--seed", type=int, default=_default("seed"))
-    p.add_argument("--triplet", default=_default("triplet"), choices=("mean", "sum"),
+    p.add_argument("--triplet", default=None, choices=("mean", "sum"),
                    help="weight the triplet term as a mean over negatives (default) or SPEC's plain sum")
     p.add_argument("--data-cache", default=None, help="where the synthesised speech is cached "
                                                       "(default $OMNIRET_CACHE/digits or ~/.cache/omniret/digits)")
@@ -120,12 +147,18 @@ def run(args) -> int:
         for line in missing:
             print(f"  - {line}", file=sys.stderr)
         return 2
-    from omniret.demo.digits_demo import run_demo
+    if args.benchmark == "real":
+        from omniret.demo.real_demo import run_real_demo
 
-    out = run_demo(options_from_args(args))
-    print(f"\nwrote {args.output}/results.json, results.md, training_curve.png, model/ and index/")
-    if not args.no_index:
-        print(f"try: omniret search --index {args.output}/index --text \"seven\" -k 5")
+        out = run_real_demo(real_options_from_args(args))
+        print(f"\nwrote {args.output}/results.json, results.md, results.png, model/, baseline_model/ and index/")
+    else:
+        from omniret.demo.digits_demo import run_demo
+
+        out = run_demo(options_from_args(args))
+        print(f"\nwrote {args.output}/results.json, results.md, training_curve.png, model/ and index/")
+        if not args.no_index:
+            print(f"try: omniret search --index {args.output}/index --text \"seven\" -k 5")
     if not out["results"].tasks:
         return 1
     info = out["info"]
@@ -136,11 +169,34 @@ def run(args) -> int:
     return 0
 
 
+def _shared(args) -> dict:
+    """The shared flags the user gave (the others keep the benchmark's defaults)."""
+    return {name: getattr(args, name) for name in SHARED if getattr(args, name, None) is not None}
+
+
+def real_options_from_args(args):
+    from omniret.demo.real_demo import RealDemoOptions
+
+    sizes = dict(REAL_SMOKE) if getattr(args, "smoke", False) else {}
+    if args.max_items is not None and not sizes:
+        sizes["max_items"] = args.max_items
+    if args.max_eval_queries is not None and not sizes:
+        sizes["max_eval_queries"] = args.max_eval_queries
+    given = _shared(args)
+    if sizes:  # --smoke sets its sizes whatever other flags say
+        given = {k: v for k, v in given.items() if k not in sizes}
+    return RealDemoOptions(output=args.output, pooling=args.pooling, seed=args.seed, time_budget=args.time_budget,
+                           min_steps=args.min_steps, resume=args.resume, baseline=not args.no_baseline,
+                           data_dir=args.data_dir, feature_cache=args.feature_cache, build_index=not args.no_index,
+                           threads=args.threads, **given, **sizes)
+
+
 def options_from_args(args):
     """The parsed flags -> DemoOptions (`--audio-speed 1 1` and `--audio-warp 1 1` turn the perturbations off)."""
     from omniret.data.digits import DigitsConfig
     from omniret.demo.digits_demo import DemoOptions
 
+    given = _shared(args)
     if getattr(args, "smoke", False):
         return DemoOptions(output=args.output, pooling=args.pooling, time_budget=args.time_budget,
                            min_steps=args.min_steps, seed=args.seed, resume=args.resume, data=DigitsConfig(seed=args.seed, **SMOKE_DATA),
@@ -149,10 +205,8 @@ def options_from_args(args):
     if args.small:
         data = DigitsConfig(seed=args.seed, max_voices=8, espeak_renderings={"train": 2, "test": 1},
                             flite_renderings=2, max_images_per_class=20)
-    return DemoOptions(output=args.output, pooling=args.pooling, time_budget=args.time_budget, steps=args.steps,
-                       per_task=args.per_task, per_composed_task=args.per_composed_task, chunk_size=args.chunk_size,
-                       keep_graphs=args.keep_graphs, source_negatives=args.source_negatives, lr=args.lr,
-                       lora_lr=args.lora_lr, triplet=args.triplet,
+    return DemoOptions(output=args.output, pooling=args.pooling, time_budget=args.time_budget,
+                       source_negatives=args.source_negatives, **given,
                        tower_warmup_epochs=args.tower_warmup_epochs, negatives=args.negatives,
                        image_warmup_epochs=args.image_warmup_epochs, image_affine=args.image_affine,
                        audio_speed=_range_or_none(args.audio_speed),

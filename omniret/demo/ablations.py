@@ -1,0 +1,207 @@
+"""The real benchmark's baseline and ablations, several seeds each, with one budget: the table and plot of
+docs/real_ablations.md.
+
+    python -m omniret.demo.ablations --output out/ablations --seeds 0 1 2 [--steps 300] [--variants ...]
+
+Every run trains through the one Trainer (omniret/demo/real_demo.py `train_and_evaluate`) with the same steps,
+batches and evaluation. A run writes `<output>/runs/<variant>-s<seed>.json` when it ends, and a later call skips
+the runs already there, so a killed sweep goes on where it stopped. `--jobs N` runs N runs side by side in
+separate processes, each with `--threads` threads (on 2 cores, 2 single-threaded runs finish sooner than 2
+consecutive two-threaded ones: a step's small matrices keep one core busier than two).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from omniret.files import atomic_path, atomic_write_json, atomic_write_text
+
+# name -> (what it tests, RealDemoOptions changes). Table 5 of the paper: (a) pooling, (d) media resampler;
+# the loss terms of Eq. 10.
+VARIANTS = {
+    "omniret": ("the real preset: shared resampler with modality latents, ASWP, full loss", {}),
+    "dual_encoder": ("CLIP-style dual encoder: mean-pooled frozen features, projection heads, symmetric InfoNCE, "
+                     "feature fusion", {"baseline": True}),
+    "pool_eos": ("pooling: last token instead of ASWP", {"model_overrides": {"pooling": "eos"}}),
+    "pool_mean": ("pooling: mean over tokens instead of ASWP", {"model_overrides": {"pooling": "mean"}}),
+    "no_resampler": ("no media resampler: projected encoder tokens go to the LLM",
+                     {"model_overrides": {"media_resampler": "none"}}),
+    "separate_resamplers": ("one resampler per modality instead of one shared",
+                            {"model_overrides": {"media_resampler": "separate"}}),
+    "no_diversity": ("without the diversity loss (mu2 = 0)", {"mu2": 0.0}),
+    "no_triplet": ("without the triplet loss (mu1 = 0)", {"mu1": 0.0}),
+}
+
+
+def run_one(variant: str, seed: int, args) -> dict:
+    """Train and evaluate one variant with one seed in this process; returns its record."""
+    from omniret.demo import real_demo
+    from omniret.threads import apply_threads
+
+    apply_threads(args.threads)
+    changes = dict(VARIANTS[variant][1])
+    baseline = changes.pop("baseline", False)
+    opts = real_demo.RealDemoOptions(output=os.path.join(args.output, "work", f"{variant}-s{seed}"), seed=seed,
+                                     steps=args.steps, data_dir=args.data_dir, feature_cache=args.feature_cache,
+                                     max_items=args.max_items, max_eval_queries=args.max_eval_queries,
+                                     progress=False, checkpoint_every=0, **changes)
+    root = real_demo.ensure_benchmark(opts)
+    real_demo.ensure_features(root, opts)
+    data = real_demo.train_set(root, opts)
+    tasks, pools = real_demo.eval_tasks(root, opts)
+    model = real_demo.build_baseline(opts) if baseline else real_demo.build_model(opts)
+    results, train, seconds = real_demo.train_and_evaluate(model, data, tasks, pools, opts,
+                                                           os.path.join(opts.output, "train"), baseline=baseline)
+    return {"variant": variant, "seed": seed, "steps": train.steps, "stopped": train.stopped,
+            "tasks": {real_demo._task_name(t): m for t, m in results.tasks.items()}, "seconds": seconds,
+            "threads": args.threads, "options": dataclasses.asdict(opts)}
+
+
+def record_path(output: str, variant: str, seed: int) -> str:
+    return os.path.join(output, "runs", f"{variant}-s{seed}.json")
+
+
+def sweep(args) -> list:
+    """Every (variant, seed) without a record, run by `args.jobs` worker processes."""
+    todo = [(v, s) for v in args.variants for s in args.seeds if not os.path.exists(record_path(args.output, v, s))]
+    print(f"ablations: {len(todo)} runs to do of {len(args.variants) * len(args.seeds)}", flush=True)
+    running: list = []
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            variant, seed = todo.pop(0)
+            cmd = [sys.executable, "-m", "omniret.demo.ablations", "--one", variant, str(seed)] + _forward(args)
+            log = open(os.path.join(args.output, "logs", f"{variant}-s{seed}.log"), "w")
+            running.append(((variant, seed), subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log,
+                            time.perf_counter()))
+        time.sleep(2)
+        for entry in list(running):
+            (variant, seed), proc, log, t0 = entry
+            if proc.poll() is None:
+                continue
+            log.close()
+            running.remove(entry)
+            state = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}; see logs/{variant}-s{seed}.log)"
+            print(f"ablations: {variant} seed {seed}: {state} in {time.perf_counter() - t0:.0f}s", flush=True)
+    return [json.load(open(record_path(args.output, v, s))) for v in args.variants for s in args.seeds
+            if os.path.exists(record_path(args.output, v, s))]
+
+
+def _forward(args) -> list:
+    out = ["--output", args.output, "--steps", str(args.steps), "--threads", str(args.threads)]
+    for flag, value in (("--data-dir", args.data_dir), ("--feature-cache", args.feature_cache),
+                        ("--max-items", args.max_items), ("--max-eval-queries", args.max_eval_queries)):
+        if value is not None:
+            out += [flag, str(value)]
+    return out
+
+
+def summarise(records: list) -> dict:
+    """variant -> task -> metric -> {"mean", "std", "min", "max", "n"} over seeds."""
+    out: dict = {}
+    for variant in dict.fromkeys(r["variant"] for r in records):
+        runs = [r for r in records if r["variant"] == variant]
+        tasks = runs[0]["tasks"]
+        out[variant] = {}
+        for task in tasks:
+            out[variant][task] = {}
+            for metric in tasks[task]:
+                values = [r["tasks"][task][metric] for r in runs]
+                out[variant][task][metric] = {"mean": statistics.fmean(values),
+                                              "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                                              "min": min(values), "max": max(values), "n": len(values)}
+    return out
+
+
+def table(summary: dict, metric: str = "R@5") -> str:
+    """Markdown: one row per variant, one column per task (mean +- std over seeds, in points), and the means of
+    the composed and single-modality tasks."""
+    from omniret.data.real_benchmark import COMPOSED_TASKS
+
+    tasks = list(next(iter(summary.values())))
+    short = {t: t.replace("_", " ") for t in tasks}
+    lines = [f"| variant | {' | '.join(short[t] for t in tasks)} | composed mean | single mean |",
+             "|---|" + "---:|" * (len(tasks) + 2)]
+    for variant, per_task in summary.items():
+        cells = [f"{100 * per_task[t][metric]['mean']:.1f} ± {100 * per_task[t][metric]['std']:.1f}" for t in tasks]
+        comp = [per_task[t][metric]["mean"] for t in tasks if t in COMPOSED_TASKS]
+        single = [per_task[t][metric]["mean"] for t in tasks if t not in COMPOSED_TASKS]
+        lines.append(f"| {variant} | {' | '.join(cells)} | {100 * statistics.fmean(comp):.1f} | "
+                     f"{100 * statistics.fmean(single):.1f} |")
+    return "\n".join(lines)
+
+
+def plot(records: list, path: str, metric: str = "R@5") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    variants = list(dict.fromkeys(r["variant"] for r in records))
+    tasks = list(records[0]["tasks"])
+    fig, ax = plt.subplots(figsize=(13, 4.2))
+    width = 0.8 / len(variants)
+    for k, variant in enumerate(variants):
+        runs = [r for r in records if r["variant"] == variant]
+        x = np.arange(len(tasks)) + (k - (len(variants) - 1) / 2) * width
+        means = [statistics.fmean(r["tasks"][t][metric] for r in runs) for t in tasks]
+        ax.bar(x, means, width, label=variant)
+        for r in runs:  # every seed as a dot: the spread is seen, not summarised
+            ax.scatter(x, [r["tasks"][t][metric] for t in tasks], s=5, color="black", zorder=3)
+    ax.set_xticks(np.arange(len(tasks)), [t.replace("_", "\n", 1) for t in tasks], fontsize=7)
+    ax.set_ylabel(f"test {metric}")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, ncol=4)
+    ax.set_title(f"real benchmark: {metric} per task, mean over seeds (dots: each seed)")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--output", required=True)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--feature-cache", default=None)
+    p.add_argument("--max-items", type=int, default=None)
+    p.add_argument("--max-eval-queries", type=int, default=None)
+    p.add_argument("--one", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.jobs < 1 or args.threads < 1:
+        p.error("--steps, --jobs and --threads must be >= 1")
+    for sub in ("runs", "logs", "work"):
+        os.makedirs(os.path.join(args.output, sub), exist_ok=True)
+    if args.one:
+        variant, seed = args.one[0], int(args.one[1])
+        if variant not in VARIANTS:
+            p.error(f"unknown variant {variant!r}")
+        atomic_write_json(record_path(args.output, variant, seed), run_one(variant, seed, args), indent=1)
+        return 0
+    records = sweep(args)
+    if not records:
+        print("ablations: no run finished", file=sys.stderr)
+        return 1
+    summary = summarise(records)
+    atomic_write_json(os.path.join(args.output, "summary.json"), summary, indent=1)
+    text = "\n\n".join(f"### {metric}\n\n{table(summary, metric)}" for metric in ("R@1", "R@5", "R@10"))
+    atomic_write_text(os.path.join(args.output, "table.md"), text + "\n")
+    plot(records, os.path.join(args.output, "ablations.png"))
+    print(text)
+    missing = len(args.variants) * len(args.seeds) - len(records)
+    return 0 if missing == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,446 @@
+"""The main job on real media, end to end: the real benchmark (omniret/data/real_benchmark.py: drawings, stamps,
+human recordings and emoji, written as M-BEIR-format files; built once and cached) -> the frozen encoders'
+features (computed once per file and cached: omniret/data/frozen_features.py) -> the `real` preset trained by
+the one Trainer -> the CLIP-style dual-encoder baseline trained by the same Trainer on the same features, with
+the same steps and batches -> Recall@1/5/10 of both on every task's test gallery -> results.json (ours, and the
+baseline under "baselines") / results.md / a plot -> a searchable index of the test galleries and one search.
+
+`omniret demo` (omniret/commands/demo.py) runs this by default (`--benchmark real`); `--benchmark digits` is the
+digits fixture (omniret/demo/digits_demo.py). omniret/demo/ablations.py runs the variants and seeds of the
+docs' table through `train_and_evaluate`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from omniret.eval.evaluate import Results, evaluate
+from omniret.files import atomic_path, atomic_write_text, read_jsonl_log
+
+COMPOSED_MARGIN = 0.05  # the issue's goal: composed tasks, mean R@5 at least 5 points above the dual encoder's
+SINGLE_TOLERANCE = 0.02  # single-modality tasks: mean R@5 at most 2 points below it
+
+
+@dataclass
+class RealDemoOptions:
+    output: str
+    # A fixed number of steps: the result depends on the seed, not on the machine's speed or load.
+    steps: int = 300
+    per_task: int = 8  # training pairs of each of the 7 tasks per step
+    per_composed_task: int = 8
+    lr: float = 1e-4  # projectors, resampler, pooling head
+    lora_lr: float = 1e-3
+    baseline_lr: float = 1e-3  # the dual encoder's heads start from scratch
+    warmup: float = 0.05
+    seed: int = 0
+    pooling: str = "aswp"
+    # model overrides on top of the `real` preset (the ablations: media_resampler, pooling, ...)
+    model_overrides: dict = field(default_factory=dict)
+    mu1: float = 1.0  # triplet weight (0: without the triplet loss)
+    mu2: float = 0.1  # diversity weight (0: without the diversity loss)
+    triplet: str = "mean"
+    hard_negatives: int = 0
+    chunk_size: int = 64
+    keep_graphs: int = 2
+    baseline: bool = True
+    data_dir: str | None = None  # the benchmark's root (default: a cache folder named by its configuration)
+    feature_cache: str | None = None  # frozen features (default $OMNIRET_CACHE/features)
+    max_items: int | None = None  # per source: a seeded subset (tests, development)
+    max_eval_queries: int | None = None
+    eval_batch_size: int = 128
+    build_index: bool = True
+    time_budget: float | None = None
+    min_steps: int | None = None
+    resume: bool = False
+    checkpoint_every: int = 50
+    threads: int | None = None
+    progress: bool = True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data and features
+# ---------------------------------------------------------------------------------------------------------
+def benchmark_config(opts: RealDemoOptions):
+    from omniret.data.real_benchmark import RealConfig
+
+    return RealConfig(seed=0, max_items=opts.max_items)
+
+
+def default_data_dir(cfg) -> str:
+    base = os.environ.get("OMNIRET_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "omniret")
+    return os.path.join(base, "benchmarks", f"real-{cfg.key()}")
+
+
+def ensure_benchmark(opts: RealDemoOptions, log=print) -> str:
+    """The benchmark's root, built on the first call (its manifest is written last: a root with one was built
+    whole with this configuration)."""
+    from omniret.data.real_benchmark import MANIFEST, build
+
+    cfg = benchmark_config(opts)
+    root = opts.data_dir or default_data_dir(cfg)
+    manifest = os.path.join(root, MANIFEST)
+    if os.path.exists(manifest):
+        with open(manifest, encoding="utf-8") as f:
+            built = json.load(f).get("config")
+        if built == asdict(cfg):
+            log(f"benchmark: {root} (cached)")
+            return root
+        log(f"benchmark: {root} was built with {built}; rebuilding with {asdict(cfg)}")
+    t0 = time.perf_counter()
+    build(root, cfg, log=log)
+    log(f"benchmark: built {root} in {time.perf_counter() - t0:.0f}s")
+    return root
+
+
+def ensure_features(root: str, opts: RealDemoOptions, log=print) -> dict:
+    """Every media file's frozen features, into the process's feature stores (computed once, cached on disk)."""
+    from omniret.data.frozen_features import feature_store, media_files
+
+    counts = {}
+    for modality, paths in media_files(root).items():
+        t0 = time.perf_counter()
+        store = feature_store(modality, opts.feature_cache)
+        before = store.cache.encoder.calls
+        store.preload(paths, progress=opts.progress)
+        counts[modality] = {"files": len(paths), "encoded_now": store.cache.encoder.calls - before,
+                            "seconds": round(time.perf_counter() - t0, 1)}
+        log(f"features: {modality} {len(paths)} files, {counts[modality]['encoded_now']} encoded now, "
+            f"{counts[modality]['seconds']}s ({store.cache.folder})")
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------------------
+# models and training
+# ---------------------------------------------------------------------------------------------------------
+def build_model(opts: RealDemoOptions):
+    from omniret.config import BackboneConfig, preset
+    from omniret.model.omniret import OmniRet
+
+    overrides = dict(opts.model_overrides)
+    overrides.setdefault("pooling", opts.pooling)
+    cfg = preset("real", seed=opts.seed, **overrides)
+    if opts.feature_cache:
+        cfg = cfg.replace(image_encoder=BackboneConfig(kind="efficientnet_lite0", path=opts.feature_cache),
+                          audio_encoder=BackboneConfig(kind="speech_embedding", path=opts.feature_cache))
+    model = OmniRet.from_config(cfg)
+    model.setup_stage(2)  # projectors, resampler, head and LoRA train; MiniLM's own weights stay frozen
+    return model
+
+
+def task_counts(opts: RealDemoOptions) -> dict:
+    from omniret.data.mbeir_train import task_key
+    from omniret.data.real_benchmark import COMPOSED_TASKS, TASKS
+
+    counts: dict = {}
+    for name, (_, _, qmod, cmod, _) in TASKS.items():
+        key = task_key(qmod, cmod)
+        counts[key] = counts.get(key, 0) + (opts.per_composed_task if name in COMPOSED_TASKS else opts.per_task)
+    return counts
+
+
+def train_config(opts: RealDemoOptions, output_dir: str | None) -> dict:
+    """OmniRet's recipe as a Trainer config (TrainConfig fields; configs/real.yaml says the same for `omniret
+    train`): `opts.steps` steps of fixed pairs per task, AdamW (LoRA at its own rate), linear warm-up and cosine
+    decay to 2%, gradient norm clipped at 5; negatives are the batch's candidates of the target's modality, as in
+    evaluation."""
+    stage = {"stage": 2, "name": "contrastive", "steps": opts.steps, "lr": opts.lr, "task_counts": task_counts(opts),
+             "warmup_steps": max(1, int(round(opts.warmup * opts.steps)))}
+    return {"stages": [stage], "param_groups": [{"match": ["lora_"], "lr": opts.lora_lr}], "triplet": opts.triplet,
+            "mu1": opts.mu1, "mu2": opts.mu2, **_shared_settings(opts, output_dir)}
+
+
+def _shared_settings(opts: RealDemoOptions, output_dir: str | None) -> dict:
+    """What OmniRet and the baseline train with alike (besides steps and batches)."""
+    return {"chunk_size": opts.chunk_size, "keep_graphs": opts.keep_graphs, "negatives": "modality",
+            "max_grad_norm": 5.0, "min_lr_ratio": 0.02, "weight_decay": 0.01, "seed": opts.seed,
+            "output_dir": output_dir, "resume": opts.resume, "tensorboard": False, "progress_bar": opts.progress,
+            "checkpoint_every": opts.checkpoint_every}
+
+
+def baseline_train_config(opts: RealDemoOptions, output_dir: str | None):
+    """The dual encoder's TrainConfig: the same steps, batches (pairs per task), negatives, schedule shape and
+    clipping as OmniRet's; its own loss (symmetric InfoNCE, learnable temperature) and learning rate
+    (omniret.baselines.dual_encoder.dual_encoder_train_config)."""
+    from omniret.baselines.dual_encoder import dual_encoder_train_config
+
+    settings = _shared_settings(opts, output_dir)
+    for key in ("chunk_size", "keep_graphs"):  # the baseline's whole batch is one chunk (its heads are small)
+        settings.pop(key)
+    return dual_encoder_train_config(opts.steps, task_counts=task_counts(opts), lr=opts.baseline_lr,
+                                     warmup_steps=max(1, int(round(opts.warmup * opts.steps))), **settings)
+
+
+def train_set(root: str, opts: RealDemoOptions):
+    from omniret.data.mbeir_train import MBEIRTrainSet
+
+    return MBEIRTrainSet(root, split="train", seed=opts.seed, hard_negatives=opts.hard_negatives, use_global=True)
+
+
+def train(model, data, opts: RealDemoOptions, output_dir: str | None, *, baseline: bool = False, log=print):
+    from omniret.train.trainer import TrainConfig, Trainer
+
+    if output_dir is not None and not opts.resume:  # a fresh run continues no checkpoint of an earlier one
+        shutil.rmtree(output_dir, ignore_errors=True)
+    config = (baseline_train_config(opts, output_dir) if baseline
+              else TrainConfig.from_dict(train_config(opts, output_dir)))
+    result = Trainer(model, config).fit(data, time_budget_s=opts.time_budget)
+    log(f"{'dual encoder' if baseline else 'omniret'}: {result.steps} steps ({result.samples} pairs); "
+        f"stopped: {result.stopped}")
+    return result
+
+
+def build_baseline(opts: RealDemoOptions):
+    from omniret.baselines.dual_encoder import DualEncoder, DualEncoderConfig
+    from omniret.baselines.frozen_inputs import CachedMediaFeatures
+
+    return DualEncoder(DualEncoderConfig(), media_features=CachedMediaFeatures(opts.feature_cache), seed=opts.seed)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evaluation
+# ---------------------------------------------------------------------------------------------------------
+def eval_tasks(root: str, opts: RealDemoOptions) -> tuple:
+    """Every task's test queries against its local pool (its test gallery), as `omniret eval` reads them."""
+    from omniret.commands.eval import build_tasks
+    from omniret.data import mbeir
+
+    problems, (loaded, pools, table) = mbeir.validate(root, "test")
+    if problems:
+        raise ValueError(f"real benchmark test split: {mbeir.format_report(problems)}")
+    tasks, pool_objs = build_tasks(loaded, pools, table, opts.seed)
+    for task in tasks:
+        task.ks = (1, 5, 10)
+        task.primary_k = 5
+        if opts.max_eval_queries is not None and len(task.queries) > opts.max_eval_queries:
+            keep = opts.max_eval_queries
+            task.queries, task.relevant = task.queries[:keep], task.relevant[:keep]
+    return tasks, pool_objs
+
+
+def evaluate_model(model, tasks, pools, opts: RealDemoOptions, log=print) -> Results:
+    enc_q = lambda items: model.encode_queries(items, batch_size=opts.eval_batch_size)  # noqa: E731
+    enc_c = lambda items: model.encode_corpus(items, batch_size=opts.eval_batch_size)  # noqa: E731
+    return evaluate(tasks, pools, enc_q, enc_c, log=log)
+
+
+def compare(ours: Results, baseline: Results | None) -> dict:
+    """The issue's goal, task group by task group, from R@5."""
+    from omniret.data.real_benchmark import COMPOSED_TASKS
+
+    if baseline is None:
+        return {}
+    out = {}
+    for group, names in (("composed", [t for t in ours.tasks if _task_name(t) in COMPOSED_TASKS]),
+                         ("single", [t for t in ours.tasks if _task_name(t) not in COMPOSED_TASKS])):
+        if not names:
+            continue
+        mean_ours = sum(ours.tasks[t]["R@5"] for t in names) / len(names)
+        mean_base = sum(baseline.tasks[t]["R@5"] for t in names) / len(names)
+        need = COMPOSED_MARGIN if group == "composed" else -SINGLE_TOLERANCE
+        out[group] = {"tasks": names, "omniret_R@5": mean_ours, "dual_encoder_R@5": mean_base,
+                      "difference": mean_ours - mean_base, "needed": need, "met": mean_ours - mean_base >= need}
+    return out
+
+
+def _task_name(task: str) -> str:
+    """`omniret eval`'s task names are the query files' stems (mbeir_<name>_test)."""
+    name = task[len("mbeir_"):] if task.startswith("mbeir_") else task
+    return name[: -len("_test")] if name.endswith("_test") else name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------------------
+def plot(ours: Results, baseline: Results | None, history: list, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(ours.tasks)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [2, 1]})
+    x = np.arange(len(names))
+    width = 0.38
+    axes[0].bar(x - width / 2, [ours.tasks[t]["R@5"] for t in names], width, label="OmniRet (real preset)")
+    if baseline is not None:
+        axes[0].bar(x + width / 2, [baseline.tasks[t]["R@5"] for t in names], width, label="dual encoder (CLIP-style)")
+    axes[0].set_xticks(x, [_task_name(t).replace("_", "\n", 1) for t in names], fontsize=7)
+    axes[0].set_ylabel("Recall@5 (test)")
+    axes[0].set_ylim(0, 1)
+    axes[0].legend(fontsize=8)
+    axes[0].set_title("test Recall@5 per task")
+    if history:
+        steps = [h["step"] for h in history]
+        for key in ("loss", "contrastive", "triplet"):
+            axes[1].plot(steps, [h[key] for h in history], label=key, lw=1)
+        axes[1].set_xlabel("step")
+        axes[1].set_yscale("log")
+        axes[1].legend(fontsize=8)
+        axes[1].set_title("OmniRet training loss")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def print_table(ours: Results, baseline: Results | None, log=print) -> None:
+    log(f"{'task':<24} {'R@1':>6} {'R@5':>6} {'R@10':>6}   {'dual encoder R@5':>16}  queries (gallery)")
+    for task, m in ours.tasks.items():
+        d = ours.details[task]
+        base = f"{100 * baseline.tasks[task]['R@5']:16.1f}" if baseline is not None else " " * 16
+        log(f"{_task_name(task):<24} {100 * m['R@1']:6.1f} {100 * m['R@5']:6.1f} {100 * m['R@10']:6.1f}   {base}  "
+            f"{d['queries']} ({d['candidates']})")
+
+
+def results_markdown(ours: Results, baseline: Results | None, info: dict) -> str:
+    lines = ["# Real-media benchmark: test split", "",
+             "| task | R@1 | R@5 | R@10 | dual encoder R@1 | R@5 | R@10 | queries | gallery |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for task, m in ours.tasks.items():
+        b = baseline.tasks[task] if baseline is not None else None
+        base = " | ".join(f"{100 * b[k]:.1f}" for k in ("R@1", "R@5", "R@10")) if b else "- | - | -"
+        d = ours.details[task]
+        lines.append(f"| {_task_name(task)} | {100 * m['R@1']:.1f} | {100 * m['R@5']:.1f} | {100 * m['R@10']:.1f} | "
+                     f"{base} | {d['queries']} | {d['candidates']} |")
+    for group, c in info.get("goals", {}).items():
+        lines.append("")
+        lines.append(f"- {group} tasks: OmniRet mean R@5 {100 * c['omniret_R@5']:.1f}, dual encoder "
+                     f"{100 * c['dual_encoder_R@5']:.1f}, difference {100 * c['difference']:+.1f} points "
+                     f"(goal {100 * c['needed']:+.0f}): {'met' if c['met'] else 'not met'}")
+    if info.get("stopped", "done") != "done":
+        lines += ["", f"**Training was cut short by the time budget: {info['steps']} of {info['steps_planned']} "
+                      "steps.** These numbers are not the seeded run's result."]
+    lines += ["", "![results](results.png)", "", "```json", json.dumps(info, indent=2, default=str), "```", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# index and search
+# ---------------------------------------------------------------------------------------------------------
+def build_gallery_index(ours: Results, pools: dict, model_dir: str, fingerprint: str, output: str, log=print) -> dict:
+    """One exact index over every distinct test candidate (all tasks' galleries), from the evaluation's
+    embeddings, with each candidate's text or media path as metadata."""
+    from omniret.eval.index import SearchIndex
+
+    seen, rows, ids, records = set(), [], [], []
+    for name, pool in pools.items():
+        emb = ours.pool_embeddings.get(name)
+        if emb is None:
+            continue
+        for i, (did, item) in enumerate(zip(pool.ids, pool.items)):
+            if did in seen:
+                continue
+            seen.add(did)
+            rows.append(emb[i])
+            ids.append(did)
+            records.append({k: v for k, v in item.items() if k in ("text", "image", "audio")})
+    exact = SearchIndex.build(torch.stack(rows), ids=ids, items=records, kind="flat",
+                              model={"path": os.path.abspath(model_dir), "preset": "real", "fingerprint": fingerprint})
+    path = os.path.join(output, "index")
+    exact.save(path)
+    log(f"index: {len(exact)} test candidates -> {path}")
+    return {"count": len(exact), "dim": exact.dim, "path": path}
+
+
+def example_search(model, index_path: str, tasks: list, k: int = 5, log=print) -> dict:
+    """`omniret search` on one real test query (the first text query of the drawing task), as a user runs it."""
+    from omniret.eval.index import SearchIndex
+
+    task = next((t for t in tasks if "openclipart" in t.name), tasks[0])
+    query = task.queries[0]
+    index = SearchIndex.load(index_path)
+    scores, rows = index.search(model.encode_queries([query]), k)
+    hits = [{"rank": r + 1, "score": round(float(s), 4), "id": index.ids[i], **index.items[i]}
+            for r, (s, i) in enumerate(zip(scores[0], rows[0])) if i >= 0]
+    text = query.get("text", "")
+    log(f'search: omniret search --index {index_path} --text "{text}"'
+        + (f' --instruction "{query["instruction"]}"' if query.get("instruction") else ""))
+    for h in hits:
+        log(f"  {h['rank']}. {h['score']:.3f} {h['id']} {h.get('image') or h.get('audio') or h.get('text')}")
+    return {"query": query, "hits": hits}
+
+
+# ---------------------------------------------------------------------------------------------------------
+def train_and_evaluate(model, data, tasks, pools, opts: RealDemoOptions, output_dir: str | None, *,
+                       baseline: bool = False, log=print) -> tuple:
+    """Train one model through the Trainer, then evaluate it: (Results, TrainResult, seconds)."""
+    t0 = time.perf_counter()
+    result = train(model, data, opts, output_dir, baseline=baseline, log=log)
+    t1 = time.perf_counter()
+    results = evaluate_model(model.eval(), tasks, pools, opts, log=log)
+    return results, result, {"train": round(t1 - t0, 1), "eval": round(time.perf_counter() - t1, 1)}
+
+
+def run_real_demo(opts: RealDemoOptions, log=print) -> dict:
+    from omniret.fingerprint import fingerprint_model
+    from omniret.threads import apply_threads
+
+    t0 = time.perf_counter()
+    if opts.steps < 1:
+        raise ValueError(f"steps must be >= 1, got {opts.steps}")
+    threads = apply_threads(opts.threads)
+    log(f"torch threads: {threads} (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})")
+    os.makedirs(opts.output, exist_ok=True)
+    root = ensure_benchmark(opts, log)
+    features = ensure_features(root, opts, log)
+    t_data = time.perf_counter() - t0
+    data = train_set(root, opts)
+    tasks, pools = eval_tasks(root, opts)
+
+    model = build_model(opts)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"model: real preset, pooling={model.config.pooling}, {n_train / 1e6:.2f}M trainable parameters")
+    ours, result, seconds = train_and_evaluate(model, data, tasks, pools, opts, os.path.join(opts.output, "train"),
+                                               log=log)
+    model_dir = os.path.join(opts.output, "model")
+    model.save_pretrained(model_dir)
+    metrics = os.path.join(opts.output, "train", "metrics.jsonl")  # every step, also those before a resume
+    history = read_jsonl_log(metrics) if os.path.exists(metrics) else result.history
+
+    base = base_result = None
+    base_seconds: dict = {}
+    if opts.baseline:
+        baseline_model = build_baseline(opts)
+        base, base_result, base_seconds = train_and_evaluate(
+            baseline_model, data, tasks, pools, opts, os.path.join(opts.output, "baseline_train"), baseline=True,
+            log=log)
+        baseline_model.save_pretrained(os.path.join(opts.output, "baseline_model"))
+
+    index_report = search = None
+    if opts.build_index:
+        index_report = build_gallery_index(ours, pools, model_dir, fingerprint_model(model), opts.output, log)
+        search = example_search(model, index_report["path"], tasks, log=log)
+    min_steps = opts.steps // 2 if opts.min_steps is None else opts.min_steps
+    stopped = "done" if result.steps >= opts.steps else result.stopped
+    steps_done = min(result.steps, base_result.steps) if base_result is not None else result.steps
+    info = {
+        "benchmark": "real", "data_root": root, "features": features, "steps": steps_done,
+        "steps_planned": opts.steps, "stopped": stopped if base_result is None or base_result.steps >= opts.steps
+        else base_result.stopped, "min_steps": min_steps, "too_few_steps": steps_done < min_steps,
+        "pairs_seen": result.samples, "trainable_parameters": n_train, "threads": torch.get_num_threads(),
+        "final_loss": history[-1]["loss"] if history else None,
+        "goals": compare(ours, base),
+        "seconds": {"data": round(t_data, 1), "omniret": seconds, "dual_encoder": base_seconds,
+                    "total": round(time.perf_counter() - t0, 1)},
+        "options": asdict(opts), "index": index_report, "search": search,
+    }
+    extra = {"info": info}
+    if base is not None:
+        extra["baselines"] = {"dual_encoder": base.tasks}
+    payload = ours.to_json(**extra)
+    from omniret.files import atomic_write_json
+
+    atomic_write_json(os.path.join(opts.output, "results.json"), payload, indent=2, default=str)
+    plot(ours, base, history, os.path.join(opts.output, "results.png"))
+    atomic_write_text(os.path.join(opts.output, "results.md"), results_markdown(ours, base, info))
+    print_table(ours, base, log)
+    for group, c in info["goals"].items():
+        log(f"{group}: OmniRet R@5 {100 * c['omniret_R@5']:.1f} vs dual encoder {100 * c['dual_encoder_R@5']:.1f} "
+            f"({100 * c['difference']:+.1f} points; goal {100 * c['needed']:+.0f}): {'met' if c['met'] else 'not met'}")
+    return {"results": ours, "baseline": base, "info": info, "history": history}

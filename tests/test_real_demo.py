@@ -1,0 +1,79 @@
+"""`omniret demo` on the real benchmark (omniret/demo/real_demo.py), end to end at smoke sizes: a seeded subset
+built from the installed packages, the frozen features, OmniRet and the dual-encoder baseline trained by the
+Trainer, both evaluated, the index and one search. Skipped, with the reason, when a source is not installed."""
+import json
+import os
+
+import pytest
+
+from omniret.data import real_benchmark
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    missing = {k: v for k, v in real_benchmark.source_status().items() if v}
+    if missing:
+        pytest.skip(f"real benchmark sources not installed: {missing}")
+    from omniret.cli import main
+
+    root = tmp_path_factory.mktemp("real_demo")
+    out = root / "out"
+    args = ["demo", "--smoke", "--output", str(out), "--data-dir", str(root / "data"),
+            "--feature-cache", str(root / "features"), "--threads", "2"]
+    status = main(args)
+    return status, out, root, args
+
+
+def test_smoke_run_writes_ours_and_the_baseline_for_every_task(smoke_run):
+    status, out, root, _ = smoke_run
+    assert status == 0
+    payload = json.loads((out / "results.json").read_text())
+    tasks = payload["tasks"]
+    assert len(tasks) == len(real_benchmark.TASKS)
+    base = payload["baselines"]["dual_encoder"]
+    assert set(base) == set(tasks)
+    for task, metrics in tasks.items():
+        assert set(metrics) == {"R@1", "R@5", "R@10"} and set(base[task]) == {"R@1", "R@5", "R@10"}
+        for m in (metrics, base[task]):
+            assert 0.0 <= m["R@1"] <= m["R@5"] <= m["R@10"] <= 1.0
+    info = payload["info"]
+    assert info["steps"] == info["steps_planned"] == 4 and info["stopped"] == "done"
+    assert set(info["goals"]) == {"composed", "single"}
+    for c in info["goals"].values():
+        assert c["met"] == (c["difference"] >= c["needed"])
+    assert (out / "results.png").stat().st_size > 10_000
+    assert "dual encoder" in (out / "results.md").read_text()
+    # the search ran against the index of every distinct test candidate, with the query's own text
+    hits = info["search"]["hits"]
+    assert len(hits) == 5 and [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
+    assert all(hits[i]["score"] >= hits[i + 1]["score"] for i in range(4))
+    assert info["index"]["count"] >= len(hits)
+
+
+def test_the_trained_models_load_and_search_from_the_command_line(smoke_run, capsys):
+    status, out, _, _ = smoke_run
+    from omniret.baselines.dual_encoder import DualEncoder
+    from omniret.cli import main
+
+    assert DualEncoder.from_pretrained(str(out / "baseline_model")) is not None
+    query = json.loads((out / "results.json").read_text())["info"]["search"]["query"]
+    capsys.readouterr()
+    assert main(["search", "--index", str(out / "index"), "--text", query["text"], "-k", "3", "--json",
+                 "--instruction", query["instruction"]]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    first = json.loads((out / "results.json").read_text())["info"]["search"]["hits"][0]
+    assert hits[0]["id"] == first["id"]  # the command line finds what the demo found
+
+
+def test_a_second_run_reuses_the_benchmark_and_features_and_gives_the_same_numbers(smoke_run, tmp_path, capsys):
+    status, out, root, args = smoke_run
+    from omniret.cli import main
+
+    again = tmp_path / "again"
+    capsys.readouterr()
+    assert main([a if a != str(out) else str(again) for a in args]) == 0
+    log = capsys.readouterr().out
+    assert "(cached)" in log and "0 encoded now" in log
+    first, second = (json.loads((d / "results.json").read_text()) for d in (out, again))
+    assert first["tasks"] == second["tasks"]
+    assert first["baselines"] == second["baselines"]
