@@ -10,6 +10,48 @@ def _options(*flags):
     return options_from_args(build_parser("demo").parse_args(["demo", "--output", "out", *flags]))
 
 
+def _real_options(*flags):
+    from omniret.commands.demo import real_options_from_args
+
+    return real_options_from_args(build_parser("demo").parse_args(["demo", "--output", "out", *flags]))
+
+
+def test_real_is_the_default_benchmark_and_its_flags_reach_its_options():
+    from omniret.commands.demo import REAL_SMOKE
+    from omniret.demo.real_demo import RealDemoOptions
+
+    assert build_parser("demo").parse_args(["demo", "--output", "o"]).benchmark == "real"
+    got, want = _real_options(), RealDemoOptions(output="out")
+    for field in dataclasses.fields(RealDemoOptions):
+        assert getattr(got, field.name) == getattr(want, field.name), field.name
+    opts = _real_options("--steps", "7", "--lora-lr", "5e-4", "--no-baseline", "--max-items", "9", "--data-dir", "d",
+                         "--feature-cache", "f", "--pooling", "mean")
+    assert (opts.steps, opts.lora_lr, opts.baseline, opts.max_items, opts.data_dir, opts.feature_cache,
+            opts.pooling) == (7, 5e-4, False, 9, "d", "f", "mean")
+    smoke = _real_options("--smoke", "--steps", "999")
+    for name, value in REAL_SMOKE.items():
+        assert getattr(smoke, name) == value, name
+    # the digits benchmark keeps its own defaults for the shared flags
+    assert _options("--benchmark", "digits").steps == 450 and want.steps != 450
+
+
+def test_configs_real_yaml_is_the_real_demos_recipe():
+    import os
+
+    from omniret.commands.train import load_config
+    from omniret.demo.real_demo import RealDemoOptions, train_config
+    from omniret.train.trainer import TrainConfig
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(os.path.join(root, "configs", "real.yaml"))
+    want = train_config(RealDemoOptions(output="x"), "../runs/real-train")
+    for key in ("resume", "progress_bar"):
+        want.pop(key)
+    assert cfg["train"] == want
+    assert cfg["model"] == {"preset": "real"} and cfg["data"] == {"mbeir": "../data/real", "global_pool": True}
+    TrainConfig.from_dict(cfg["train"])
+
+
 def test_defaults_are_demo_options_defaults():
     got = _options()
     want = DemoOptions(output="out")
@@ -90,7 +132,8 @@ def test_a_run_cut_short_by_the_budget_says_so_and_fails_below_min_steps(monkeyp
         return {"results": results, "info": info, "history": []}
 
     monkeypatch.setattr(command, "missing_requirements", lambda: [])
-    args = build_parser("demo").parse_args(["demo", "--output", "out", "--time-budget", "5", "--no-index"])
+    args = build_parser("demo").parse_args(["demo", "--benchmark", "digits", "--output", "out", "--time-budget", "5",
+                                            "--no-index"])
     monkeypatch.setattr(demo, "run_demo", lambda opts: fake_run(opts, 12))
     assert command.run(args) == 3
     assert "stopped training after 12 of 450 steps, fewer than --min-steps 225" in capsys.readouterr().err

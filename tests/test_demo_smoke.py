@@ -18,8 +18,8 @@ pytestmark = [pytest.mark.slow,
 
 
 def _smoke(out, cache):
-    cmd = [sys.executable, "-m", "omniret.cli", "demo", "--smoke", "--output", str(out), "--data-cache", str(cache),
-           "--seed", "1"]
+    cmd = [sys.executable, "-m", "omniret.cli", "demo", "--benchmark", "digits", "--smoke", "--output", str(out),
+           "--data-cache", str(cache), "--seed", "1"]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("OMP_NUM_THREADS", None)  # the command's own default, as a user gets it
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

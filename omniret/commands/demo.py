@@ -140,8 +140,23 @@ def missing_requirements() -> list[str]:
     return out
 
 
+def missing_real_sources(opts) -> list[str]:
+    """The real benchmark's packages that are not installed, unless its data are already built."""
+    import os
+
+    from omniret.data.real_benchmark import MANIFEST, source_status
+    from omniret.demo.real_demo import benchmark_config, default_data_dir
+
+    root = opts.data_dir or default_data_dir(benchmark_config(opts))
+    if os.path.exists(os.path.join(root, MANIFEST)):
+        return []
+    return [message for message in source_status().values() if message]
+
+
 def run(args) -> int:
     missing = missing_requirements()
+    if args.benchmark == "real":
+        missing += missing_real_sources(real_options_from_args(args))
     if missing:
         print("omniret demo: missing requirements (the demo installs nothing itself):", file=sys.stderr)
         for line in missing:

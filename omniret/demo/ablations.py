@@ -69,7 +69,8 @@ def record_path(output: str, variant: str, seed: int) -> str:
 
 def sweep(args) -> list:
     """Every (variant, seed) without a record, run by `args.jobs` worker processes."""
-    todo = [(v, s) for v in args.variants for s in args.seeds if not os.path.exists(record_path(args.output, v, s))]
+    # seed-major: a sweep stopped early still has every variant at its first seeds
+    todo = [(v, s) for s in args.seeds for v in args.variants if not os.path.exists(record_path(args.output, v, s))]
     print(f"ablations: {len(todo)} runs to do of {len(args.variants) * len(args.seeds)}", flush=True)
     running: list = []
     while todo or running:
