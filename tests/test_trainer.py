@@ -151,6 +151,8 @@ def test_two_stages_train_and_resume_in_process(tmp_path):
     resumed_model = toy_model(seed=1)  # a fresh process would build the model anew
     rest = Trainer(resumed_model, _cfg(tmp_path / "part")).fit(data)
     assert rest.steps == 8 and len(rest.history) == 3
+    assert full.stage_steps == rest.stage_steps == {"stage0": 4, "stage1": 4} and part.stage_steps == {"stage0": 4,
+                                                                                                      "stage1": 1}
     for k, v in after.items():
         assert torch.equal(v, resumed_model.state_dict()[k]), k
     lines = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
@@ -187,6 +189,18 @@ def test_config_from_dict_rejects_unknown_keys():
         TrainConfig.from_dict({"stages": [{"stage": 1, "step": 3}]})
     cfg = TrainConfig.from_dict({"stages": [{"stage": 2, "steps": 3, "batch_size": 4}], "adam_betas": [0.8, 0.9]})
     assert cfg.stages[0].steps == 3 and cfg.adam_betas == (0.8, 0.9)
+    with pytest.raises(ValueError, match="name must be its own"):
+        TrainConfig.from_dict({"stages": [{"name": "a"}, {"name": "a"}]})
+
+
+def test_a_checkpoint_of_the_old_format_is_refused_in_one_line(tmp_path):
+    """Version-1 checkpoints (a sampler instead of the stage objective's state) are not resumed as if new."""
+    from omniret.errors import InputError
+
+    CheckpointManager(tmp_path / "checkpoints").save({"version": 1, "stage_index": 0, "stage_step": 2,
+                                                      "global_step": 2, "samples": 24}, 2)
+    with pytest.raises(InputError, match="version 1 was written by an older omniret"):
+        Trainer(toy_model(), _cfg(tmp_path)).fit(toy_dataset(per_dataset=4))
 
 
 # ----------------------------------------------------------------------------------------------------------
