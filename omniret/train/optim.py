@@ -58,4 +58,5 @@ def build_optimizer(groups: List[Dict[str, Any]], betas: Sequence[float], lr_fac
     """AdamW over `groups` (each with its own "lr") and a LambdaLR that scales every group's rate by
     lr_factor(step) (step: optimizer steps taken in the stage)."""
     opt = torch.optim.AdamW(groups, betas=tuple(betas))
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    # (a plain function: LambdaLR's state_dict would copy the attributes of a callable object or method)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step))
