@@ -9,7 +9,7 @@ supplies what differs:
   embeds its shard of the batch; False: every rank runs the whole step on its own replica);
 - `trainable`: the parameters the optimizer steps and the norm covers (modules of the objective's own included,
   e.g. the tower warm-up's classifiers), `param_groups()` over them, `lr_factor(step)` for the LambdaLR;
-- `micro_step(global_step, stage_step, micro, loss_scale, sync)`: draws its batch, runs forward and backward
+- `micro_step(stage_step, micro, loss_scale, sync)`: draws its batch, runs forward and backward
   (gradients scaled by `loss_scale`), returns floats for `metric_keys` (averaged over the micro-batches into the
   step's record), "pairs" (query-candidate pairs, counted in TrainResult.samples) and "examples" (for
   samples_per_s);
@@ -64,8 +64,13 @@ class ContrastiveObjective:
     distributed = True
 
     def __init__(self, net: nn.Module, model: nn.Module, dataset, stage, config, sampler: TaskBalancedSampler,
-                 temperature: Optional[nn.Module], world: int, rank: int, filler: Optional[List[str]]):
+                 temperature: Optional[nn.Module], world: int, rank: int, filler: Optional[List[str]],
+                 first_step: int = 0):
+        """first_step: the contrastive steps of the stages before this one. A micro-batch's draw number (the data
+        set's per-draw choices, the text noise) counts contrastive steps only, so a tower warm-up before them,
+        however long, leaves the contrastive run's data as it is."""
         self.model, self.dataset, self.config, self.sampler = model, dataset, config, sampler
+        self.first_step = first_step
         self.world, self.rank, self.filler = world, rank, filler
         self.temperature = temperature
         self.steps = stage.steps
@@ -95,11 +100,10 @@ class ContrastiveObjective:
     def lr_factor(self, step: int) -> float:
         return warmup_cosine(step, self.steps, self.warmup, self.config.min_lr_ratio)
 
-    def micro_step(self, global_step: int, stage_step: int, micro: int, loss_scale: float,
-                   sync: bool) -> Dict[str, float]:
+    def micro_step(self, stage_step: int, micro: int, loss_scale: float, sync: bool) -> Dict[str, float]:
         cfg = self.config
         indices = self.sampler.next_batch()
-        draw = global_step * self.micro_batches + micro
+        draw = (self.first_step + stage_step) * self.micro_batches + micro
         queries, candidates, ids, relevant = split_batch(self.dataset, indices, self.rank, self.world, draw)
         if self.filler is not None:
             queries = add_filler_words(queries, self.filler, cfg.text_noise, torch.Generator().manual_seed(

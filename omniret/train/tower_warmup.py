@@ -158,8 +158,7 @@ class TowerWarmup:
                 return 0.5 * (1.0 + math.cos(math.pi * (step - t.start) / (t.end - t.start)))
         return 0.0  # past the last step
 
-    def micro_step(self, global_step: int, stage_step: int, micro: int, loss_scale: float,
-                   sync: bool) -> Dict[str, float]:
+    def micro_step(self, stage_step: int, micro: int, loss_scale: float, sync: bool) -> Dict[str, float]:
         self._settle(stage_step)  # towers of no steps before this one are measured first
         tower = next(t for t in self.towers if t.start <= stage_step < t.end)
         start = time.perf_counter()

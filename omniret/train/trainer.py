@@ -137,8 +137,9 @@ class Trainer:
                 stage.tasks_per_batch if stage.tasks_per_batch is not None else cfg.tasks_per_batch,
                 tuple(stage.datasets_per_task if stage.datasets_per_task is not None else cfg.datasets_per_task),
                 stage.tasks, seed=cfg.seed + 1000 * index, task_counts=stage.task_counts)
+        first_step = sum(s.steps for s in cfg.stages[:index] if s.kind == "contrastive")
         return ContrastiveObjective(net, self.model, dataset, stage, cfg, sampler, self.temperature, self.world,
-                                    self.rank, filler)
+                                    self.rank, filler, first_step)
 
     def _trainable_state(self) -> Dict[str, torch.Tensor]:
         keep = {n for n, p in self.model.named_parameters() if p.requires_grad}
@@ -343,8 +344,7 @@ class Trainer:
                 sums = dict.fromkeys(objective.metric_keys, 0.0)
                 pairs = examples = 0
                 for micro in range(n_micro):
-                    stats = objective.micro_step(at.global_step, at.stage_step, micro, 1.0 / n_micro,
-                                                 micro == n_micro - 1)
+                    stats = objective.micro_step(at.stage_step, micro, 1.0 / n_micro, micro == n_micro - 1)
                     for k in objective.metric_keys:
                         sums[k] = sums[k] + stats[k] / n_micro
                     pairs += stats["pairs"]
