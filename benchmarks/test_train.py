@@ -10,7 +10,7 @@
 - time by chunk size: a GradCache step at batch 256 with chunks of 32, 64, 128 and 256, against the plain step
   (printed, for choosing a chunk size; no goal), and the fixed cost of one model call that makes small chunks
   slow (`-k fixed_cost`), and RSS growth at 3072 by chunk size (`-k memory_by_chunk`);
-- throughput: samples (query-candidate pairs) per second of a demo-preset training step, printed;
+- throughput: samples (query-candidate pairs) per second of a demo-preset Trainer step, printed;
 - GradCache's overhead on the `demo` preset at batch 256 and 1024 (`-k demo_overhead`): a GradCache step (chunk
   64, as the demo) against a plain full-batch step, and its floor: the trainable part's forward without autograd
   over the whole batch (the work a replaying GradCache adds; frozen work runs once per step), both as fractions of
@@ -347,20 +347,19 @@ def test_grad_cache_demo_overhead_and_floor(batch, rounds):
 
 @goal
 def test_demo_training_step_throughput(tmp_path):
-    from omniret.train import GradCache
+    """Steps of the Trainer (the package's one optimizer loop) on the demo preset: one task, batch 128, chunk 64;
+    the median of the steps after the first (which warms caches up)."""
+    from omniret.train import StageConfig, TrainConfig, Trainer
 
-    model, params = _demo_model()
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    n = 128
+    model, _ = _demo_model()
+    n, steps = 128, 4
     queries, candidates = _demo_batch(n)
-    gc = GradCache(model, chunk_size=64)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        gc.step(queries, candidates)
-        opt.step()
-
-    seconds = median_time(step, warmup=1, repeat=3)
+    data = [{"query": q, "candidate": c, "task": "audio|text->image", "dataset": "demo"}
+            for q, c in zip(queries, candidates)]
+    cfg = TrainConfig(stages=[StageConfig(2, steps, n)], chunk_size=64, lr=1e-4, warmup_steps=0, output_dir=None,
+                      progress_bar=False, tensorboard=False)
+    history = Trainer(model, cfg).fit(data).history
+    seconds = statistics.median(n / h["samples_per_s"] for h in history[1:])
     print(f"\ndemo preset training step, batch {n} (chunk 64): {seconds:.2f} s, {n / seconds:.1f} pairs/s")
     record("train_throughput", preset="demo", batch=n, chunk=64, step_s=seconds, pairs_per_s=n / seconds)
-    assert seconds > 0
+    assert len(history) == steps and seconds > 0

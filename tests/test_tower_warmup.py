@@ -1,11 +1,14 @@
-"""warm_up_towers: the demo's supervised tower pretraining. A tower learns labels it could not know at random
-initialisation, nothing outside the towers moves, and bad input is named."""
+"""The towers' supervised warm-up: a Trainer stage of kind "tower_warmup" (omniret.train.tower_warmup.TowerWarmup
+is its objective; the Trainer's loop steps it). A tower learns labels it could not know at random initialisation,
+nothing outside the towers moves, a run stopped mid-stage resumes to the same weights, and bad input is named."""
+import json
 import math
 
 import pytest
 import torch
 
-from omniret.train.tower_warmup import _mean_tokens, warm_up_towers
+from omniret.train import StageConfig, TrainConfig, Trainer
+from omniret.train.tower_warmup import TowerWarmup, _mean_tokens
 
 
 @pytest.fixture(scope="module")
@@ -17,6 +20,24 @@ def demo_model():
     model = OmniRet.from_config("demo")
     model.setup_stage(2)
     return model
+
+
+class LabelledMedia:
+    """A data set of labelled media only: {modality: (items, labels)}."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def labelled_media(self, modalities):
+        return {m: self.data[m] for m in modalities}
+
+
+def warm_up(model, data, epochs, *, seed=0, output_dir=None, max_steps=None, **stage):
+    """One tower_warmup stage through the Trainer; epochs: one count for every tower of `data`, or a mapping."""
+    epochs = dict(epochs) if isinstance(epochs, dict) else {m: epochs for m in data}
+    cfg = TrainConfig(stages=[StageConfig(2, kind="tower_warmup", name="warmup", epochs=epochs, **stage)], seed=seed,
+                      output_dir=output_dir, progress_bar=False, tensorboard=False)
+    return Trainer(model, cfg).fit(LabelledMedia(data), max_steps=max_steps)
 
 
 def _images(n, seed):
@@ -54,11 +75,14 @@ def _tones(n, seed):
 def test_towers_learn_and_nothing_else_moves(demo_model):
     before = {n: p.detach().clone() for n, p in demo_model.named_parameters()}
     data = {"image": _images(64, 1), "audio": _tones(40, 2)}
-    report = warm_up_towers(demo_model, data, epochs=4, lr=3e-3, batch_size=16, log=lambda *a: None)
+    result = warm_up(demo_model, data, 4, lr=3e-3, batch_size=16)
+    report = result.tower_warmup["warmup"]
     assert set(report) == {"image", "audio"}
     for modality in ("image", "audio"):
         assert report[modality]["train_accuracy"] >= 0.9, report
-        assert math.isfinite(report[modality]["final_loss"])
+        assert math.isfinite(report[modality]["final_loss"]) and report[modality]["epochs"] == 4
+    assert result.steps == result.stage_steps["warmup"] == 4 * (64 // 16) + 4 * math.ceil(40 / 16)
+    assert [h["tower"] for h in result.history] == ["image"] * 16 + ["audio"] * 12
     changed = {n for n, p in demo_model.named_parameters() if not torch.equal(p, before[n])}
     assert changed, "the towers did not train"
     assert all(n.startswith(("encoders.image.", "encoders.audio.")) for n in changed), sorted(changed)
@@ -76,24 +100,60 @@ def test_towers_learn_and_nothing_else_moves(demo_model):
     assert (nearest == labels).float().mean() >= 0.9
 
 
+def _restore(model, state):
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(state[n])
+
+
 def test_same_seed_same_weights(demo_model):
     data = {"image": _images(32, 4)}
-    state = {n: p.detach().clone() for n, p in demo_model.encoders["image"].named_parameters()}
-    warm_up_towers(demo_model, data, epochs=1, batch_size=8, seed=5, log=lambda *a: None)
+    state = {n: p.detach().clone() for n, p in demo_model.named_parameters()}
+    warm_up(demo_model, data, 1, batch_size=8, seed=5)
     first = [p.detach().clone() for p in demo_model.encoders["image"].parameters()]
-    with torch.no_grad():
-        for n, p in demo_model.encoders["image"].named_parameters():
-            p.copy_(state[n])
-    warm_up_towers(demo_model, data, epochs=1, batch_size=8, seed=5, log=lambda *a: None)
+    _restore(demo_model, state)
+    warm_up(demo_model, data, 1, batch_size=8, seed=5)
     assert all(torch.equal(a, b) for a, b in zip(first, demo_model.encoders["image"].parameters()))
+    _restore(demo_model, state)
+
+
+def test_a_run_stopped_mid_stage_resumes_to_the_same_weights(demo_model, tmp_path):
+    """Stopped mid-epoch of the first tower, then at the boundary between the towers, each time resumed from its
+    checkpoint by a fresh Trainer on a model whose towers were reset: the towers' weights are bit-identical to an
+    unbroken run's, and so are the per-step losses and the report (augmentations on: their generator resumes)."""
+    data = {"image": _images(24, 6), "audio": _tones(10, 7)}
+    augment = {"image": "random_affine", "audio": "speed_perturb", "audio_features": "warp_frequencies"}
+    start = {n: p.detach().clone() for n, p in demo_model.named_parameters()}
+    kw = dict(batch_size=8, augment=augment, seed=3)
+    whole = warm_up(demo_model, data, {"image": 2, "audio": 2}, output_dir=str(tmp_path / "whole"), **kw)
+    assert whole.steps == 2 * 3 + 2 * 2
+    want = {n: p.detach().clone() for n, p in demo_model.encoders.named_parameters()}
+
+    parts = []
+    for max_steps in (4, 2, None):  # 4: in the image tower's second epoch; 4 + 2: the image tower's last step
+        _restore(demo_model, start)  # a fresh process: the model as built, the checkpoint puts the rest back
+        parts.append(warm_up(demo_model, data, {"image": 2, "audio": 2}, output_dir=str(tmp_path / "split"),
+                             max_steps=max_steps, **kw))
+    assert [p.stopped for p in parts] == ["max_steps", "max_steps", "done"]
+    assert [len(p.history) for p in parts] == [4, 2, 4] and parts[-1].steps == whole.steps
+    for n, p in demo_model.encoders.named_parameters():
+        assert torch.equal(p, want[n]), n
+    assert [h["loss"] for p in parts for h in p.history] == [h["loss"] for h in whole.history]
+    strip = lambda r: {m: {k: v for k, v in x.items() if k != "seconds"} for m, x in r.items()}  # noqa: E731
+    assert strip(parts[-1].tower_warmup["warmup"]) == strip(whole.tower_warmup["warmup"])
+    lines = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, whole.steps + 1))
+    _restore(demo_model, start)
 
 
 def test_augment_sees_every_training_item_and_schedule_decays(demo_model, monkeypatch):
+    from omniret.train import augment as augmentations
+
     items, labels = _tones(12, 7)
     seen = []
 
-    def louder(x, generator):
-        assert isinstance(generator, torch.Generator)
+    def louder(x, generator, **bounds):
+        assert isinstance(generator, torch.Generator) and bounds == {"low": 0.9, "high": 1.1}
         seen.append(x.shape[0])
         return x * 1.5
 
@@ -105,22 +165,21 @@ def test_augment_sees_every_training_item_and_schedule_decays(demo_model, monkey
         return step(self, *a, **k)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", record)
-    warm_up_towers(demo_model, {"audio": (items, labels)}, epochs=3, lr=1e-3, batch_size=5,
-                   augment={"audio": louder}, log=lambda *a: None)
+    monkeypatch.setattr(augmentations, "speed_perturb", louder)
+    result = warm_up(demo_model, {"audio": (items, labels)}, 3, lr=1e-3, batch_size=5,
+                     augment={"audio": "speed_perturb:0.9:1.1"})
     assert sorted(seen) == sorted([x.shape[0] for x in items] * 3)  # every item, every epoch
     assert len(lrs) == 9 and lrs[0] == pytest.approx(1e-3) and all(b < a for a, b in zip(lrs, lrs[1:]))
     assert lrs[-1] < 0.1 * lrs[0]
-    lrs.clear()
-    warm_up_towers(demo_model, {"audio": (items, labels)}, epochs=1, lr=1e-3, batch_size=5, schedule="constant",
-                   log=lambda *a: None)
-    assert lrs == [pytest.approx(1e-3)] * 3
-    with pytest.raises(ValueError, match="augment"):
-        warm_up_towers(demo_model, {"audio": (items, labels)}, epochs=1, augment={"image": louder})
-    with pytest.raises(ValueError, match="schedule"):
-        warm_up_towers(demo_model, {"audio": (items, labels)}, epochs=1, schedule="linear")
+    assert [h["lr"] for h in result.history] == lrs
+    assert [h["epoch"] for h in result.history] == [1] * 3 + [2] * 3 + [3] * 3
+    with pytest.raises(ValueError, match="augment names \\['image'\\]"):
+        warm_up(demo_model, {"audio": (items, labels)}, 1, augment={"image": "random_affine"})
 
 
-def test_feature_augment_runs_inside_the_tower_while_training_only(demo_model):
+def test_feature_augment_runs_inside_the_tower_while_training_only(demo_model, monkeypatch):
+    from omniret.train import augment as augmentations
+
     items, labels = _tones(10, 3)
     enc = demo_model.encoders["audio"]
     calls = []
@@ -130,19 +189,22 @@ def test_feature_augment_runs_inside_the_tower_while_training_only(demo_model):
         calls.append(features.shape[1])
         return features * 0.5
 
-    warm_up_towers(demo_model, {"audio": (items, labels)}, epochs=2, lr=1e-3, batch_size=4,
-                   feature_augment={"audio": mark}, log=lambda *a: None)
+    monkeypatch.setattr(augmentations, "warp_frequencies", mark)
+    warm_up(demo_model, {"audio": (items, labels)}, 2, lr=1e-3, batch_size=4,
+            augment={"audio_features": "warp_frequencies"})
     assert len(calls) == 2 * len(items)  # every training item, every epoch; not the accuracy check (eval mode)
     assert enc.feature_augment is None  # the hook is cleared
     with pytest.raises(ValueError, match="feature_augment"):
-        warm_up_towers(demo_model, {"audio": (items, labels)}, epochs=1, feature_augment={"image": mark})
+        TowerWarmup(demo_model, {"audio": (items, labels)}, {"audio": 1}, feature_augment={"image": mark})
     with pytest.raises(ValueError, match="no feature_augment hook"):
-        warm_up_towers(demo_model, {"image": _images(4, 0)}, epochs=1, feature_augment={"image": mark})
+        TowerWarmup(demo_model, {"image": _images(4, 0)}, {"image": 1}, feature_augment={"image": mark})
+
     def fail(features, generator):
         raise RuntimeError("boom")
 
+    monkeypatch.setattr(augmentations, "warp_frequencies", fail)
     with pytest.raises(RuntimeError, match="boom"):  # the hook is cleared when training fails too
-        warm_up_towers(demo_model, {"audio": (items, labels)}, epochs=1, feature_augment={"audio": fail})
+        warm_up(demo_model, {"audio": (items, labels)}, 1, augment={"audio_features": "warp_frequencies"})
     assert enc.feature_augment is None
 
 
@@ -168,13 +230,16 @@ def test_tower_feature_augment_changes_training_mode_tokens_only(demo_model):
 def test_epochs_per_tower(demo_model):
     data = {"image": _images(8, 1), "audio": _tones(6, 2)}
     image_before = [p.detach().clone() for p in demo_model.encoders["image"].parameters()]
-    report = warm_up_towers(demo_model, data, epochs={"image": 0, "audio": 2}, batch_size=4, log=lambda *a: None)
+    report = warm_up(demo_model, data, {"image": 0, "audio": 2}, batch_size=4).tower_warmup["warmup"]
     assert report["image"]["epochs"] == 0 and report["audio"]["epochs"] == 2
+    assert list(report) == ["image", "audio"]  # a tower of no steps is measured all the same, in its turn
     assert all(torch.equal(a, b) for a, b in zip(image_before, demo_model.encoders["image"].parameters()))
     with pytest.raises(ValueError, match="one count per tower"):
-        warm_up_towers(demo_model, data, epochs={"image": 1})
+        TowerWarmup(demo_model, data, {"image": 1})
     with pytest.raises(ValueError, match="epochs"):
-        warm_up_towers(demo_model, data, epochs={"image": 1, "audio": -1})
+        warm_up(demo_model, data, {"image": 1, "audio": -1})
+    with pytest.raises(ValueError, match="epochs"):
+        warm_up(demo_model, data, {"image": 1.5, "audio": 1})
 
 
 def test_mean_tokens_matches_a_loop():
@@ -187,23 +252,26 @@ def test_mean_tokens_matches_a_loop():
 def test_bad_input_is_named(demo_model):
     items, labels = _images(4, 0)
     with pytest.raises(ValueError, match="video"):
-        warm_up_towers(demo_model, {"video": (items, labels)}, epochs=1)
+        warm_up(demo_model, {"video": (items, labels)}, 1)
     with pytest.raises(ValueError, match="no items"):
-        warm_up_towers(demo_model, {"image": ([], torch.zeros(0, dtype=torch.long))}, epochs=1)
+        warm_up(demo_model, {"image": ([], torch.zeros(0, dtype=torch.long))}, 1)
     with pytest.raises(ValueError, match="labels"):
-        warm_up_towers(demo_model, {"image": (items, labels[:3])}, epochs=1)
+        warm_up(demo_model, {"image": (items, labels[:3])}, 1)
     with pytest.raises(ValueError, match="labels"):
-        warm_up_towers(demo_model, {"image": (items, labels.float())}, epochs=1)
-    with pytest.raises(ValueError, match="epochs"):
-        warm_up_towers(demo_model, {"image": (items, labels)}, epochs=-1)
+        warm_up(demo_model, {"image": (items, labels.float())}, 1)
+    with pytest.raises(ValueError, match="labels must be >= 0"):
+        warm_up(demo_model, {"image": (items, labels - 5)}, 1)
+    with pytest.raises(ValueError, match="labelled_media"):  # a data set without labels
+        Trainer(demo_model, TrainConfig(stages=[StageConfig(2, kind="tower_warmup", epochs={"image": 1})],
+                                        output_dir=None, progress_bar=False)).fit([])
+    with pytest.raises(ValueError, match="grad_accum"):
+        warm_up(demo_model, {"image": (items, labels)}, 1, grad_accum=2)
 
 
 def test_frozen_tower_is_refused(demo_model):
     items, labels = _images(4, 0)
-    enc = demo_model.encoders["image"]
-    enc.requires_grad_(False)
     try:
         with pytest.raises(ValueError, match="frozen"):
-            warm_up_towers(demo_model, {"image": (items, labels)}, epochs=1)
+            warm_up(demo_model, {"image": (items, labels)}, 1, freeze=["encoders.image."])
     finally:
-        enc.requires_grad_(True)
+        demo_model.setup_stage(2)  # trainable again

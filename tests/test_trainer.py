@@ -1,5 +1,6 @@
 """Sampler, checkpoints and the trainer, including a run killed with SIGKILL and resumed."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ from collections import Counter
 
 import pytest
 import torch
+import torch.nn as nn
 
 from omniret.train import CheckpointManager, StageConfig, TaskBalancedSampler, TrainConfig, Trainer
 from omniret.train.checkpoint import atomic_write_bytes
@@ -151,6 +153,8 @@ def test_two_stages_train_and_resume_in_process(tmp_path):
     resumed_model = toy_model(seed=1)  # a fresh process would build the model anew
     rest = Trainer(resumed_model, _cfg(tmp_path / "part")).fit(data)
     assert rest.steps == 8 and len(rest.history) == 3
+    assert full.stage_steps == rest.stage_steps == {"stage0": 4, "stage1": 4} and part.stage_steps == {"stage0": 4,
+                                                                                                      "stage1": 1}
     for k, v in after.items():
         assert torch.equal(v, resumed_model.state_dict()[k]), k
     lines = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
@@ -187,6 +191,18 @@ def test_config_from_dict_rejects_unknown_keys():
         TrainConfig.from_dict({"stages": [{"stage": 1, "step": 3}]})
     cfg = TrainConfig.from_dict({"stages": [{"stage": 2, "steps": 3, "batch_size": 4}], "adam_betas": [0.8, 0.9]})
     assert cfg.stages[0].steps == 3 and cfg.adam_betas == (0.8, 0.9)
+    with pytest.raises(ValueError, match="name must be its own"):
+        TrainConfig.from_dict({"stages": [{"name": "a"}, {"name": "a"}]})
+
+
+def test_a_checkpoint_of_the_old_format_is_refused_in_one_line(tmp_path):
+    """Version-1 checkpoints (a sampler instead of the stage objective's state) are not resumed as if new."""
+    from omniret.errors import InputError
+
+    CheckpointManager(tmp_path / "checkpoints").save({"version": 1, "stage_index": 0, "stage_step": 2,
+                                                      "global_step": 2, "samples": 24}, 2)
+    with pytest.raises(InputError, match="version 1 was written by an older omniret"):
+        Trainer(toy_model(), _cfg(tmp_path)).fit(toy_dataset(per_dataset=4))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -383,3 +399,63 @@ def test_a_tower_warmup_stage_needs_epochs_and_labelled_data(tmp_path):
     cfg = _cfg(tmp_path, stages=[StageConfig(1, 0, 4, kind="tower_warmup", epochs={"image": 1})], output_dir=None)
     with pytest.raises(ValueError, match="labelled_media"):
         Trainer(toy_model(), cfg).fit(toy_dataset(per_dataset=4))
+
+
+class _TinyTower(nn.Module):
+    """A media tower as the warm-up stage needs one: preprocess, encode -> (packed tokens, cu_seqlens), out_dim."""
+
+    def __init__(self, dim_in=12, out_dim=6):
+        super().__init__()
+        self.out_dim = out_dim
+        self.lin = nn.Linear(dim_in, out_dim)
+
+    @property
+    def device(self):
+        return self.lin.weight.device
+
+    def preprocess(self, x, name):
+        return torch.as_tensor(x, dtype=torch.float32)
+
+    def encode(self, batch):
+        x = self.lin(torch.stack(batch))
+        tokens = torch.stack([x, 0.5 * x], dim=1).flatten(0, 1)  # two tokens per item
+        return tokens, torch.arange(0, 2 * len(batch) + 1, 2, dtype=torch.int32)
+
+
+class _DrawsAndLabels(ToyPairs):
+    """Toy pairs that record each contrastive draw number and hold labelled images for a warm-up stage."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.draws = []
+
+    def draw(self, i, n):
+        self.draws.append(n)
+        return self[i]
+
+    def labelled_media(self, modalities):
+        assert list(modalities) == ["image"]
+        items = [self._media(self.image_protos, k, noise) for _, k, noise in self.examples]
+        return {"image": (items, torch.tensor([k for _, k, _ in self.examples]))}
+
+
+def test_a_warmup_stage_then_contrastive_stages_in_one_loop(tmp_path):
+    """A tower warm-up stage, then two contrastive stages: every stage's optimizer steps are the run's (global_step,
+    metrics, stage_steps), the warm-up's report is in the result, and the contrastive draw numbers count contrastive
+    micro-batches only (0, 1, 2, then 3 x 2 + micro with accumulation 2): the warm-up leaves the data as it is."""
+    model = toy_model(seed=5)
+    model.encoders = nn.ModuleDict({"image": _TinyTower()})
+    data = _DrawsAndLabels(per_dataset=6)
+    stages = [StageConfig(2, kind="tower_warmup", name="warm", epochs={"image": 2}, batch_size=16),
+              StageConfig(2, 3, 8), StageConfig(2, 2, 8, grad_accum=2)]
+    tower_before = {n: p.detach().clone() for n, p in model.encoders.named_parameters()}
+    result = Trainer(model, _cfg(tmp_path, stages=stages, checkpoint_every=0)).fit(data)
+    warm_steps = 2 * math.ceil(len(data) / 16)
+    assert result.stage_steps == {"warm": warm_steps, "stage1": 3, "stage2": 2}
+    assert result.steps == warm_steps + 5 and [h["step"] for h in result.history] == list(range(1, result.steps + 1))
+    assert [h["kind"] for h in result.history] == ["tower_warmup"] * warm_steps + ["contrastive"] * 5
+    assert list(dict.fromkeys(data.draws)) == [0, 1, 2, 6, 7, 8, 9]  # (one call per example of a micro-batch)
+    report = result.tower_warmup["warm"]["image"]
+    assert report["epochs"] == 2 and 0 <= report["train_accuracy"] <= 1 and math.isfinite(report["final_loss"])
+    assert any(not torch.equal(p, tower_before[n]) for n, p in model.encoders.named_parameters())
+    assert result.samples == 3 * 8 + 2 * 2 * 8  # pairs of the contrastive steps only

@@ -193,9 +193,15 @@ def train(model, data_root: str, opts: DemoOptions, log=print):
                          hard_negatives=1 if opts.source_negatives else 0)
     result = Trainer(model, config).fit(data, time_budget_s=opts.time_budget)
     pairs = sum(task_counts(opts).values())
-    log(f"trained {len(result.history)} steps ({len(result.history) * pairs} pairs) in this run; "
-        f"{result.steps} in all; stopped: {result.stopped}")
+    steps = len(contrastive_steps(result.history))
+    log(f"trained {steps} contrastive steps ({steps * pairs} pairs) in this run; "
+        f"{result.stage_steps.get('contrastive', 0)} in all; stopped: {result.stopped}")
     return result
+
+
+def contrastive_steps(history: list) -> list:
+    """The contrastive steps' metrics of a Trainer history (the towers' warm-up steps are logged there too)."""
+    return [h for h in history if h.get("kind") == "contrastive"]
 
 
 def eval_tasks(split, opts: DemoOptions) -> tuple[list, dict]:
@@ -239,7 +245,7 @@ def plot_curve(history: list, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [h["step"] for h in history]
+    steps = [h["stage_step"] for h in history]  # the contrastive stage's own step numbers
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for key in ("loss", "contrastive", "triplet"):
         axes[0].plot(steps, [h[key] for h in history], label=key, lw=1)
@@ -351,8 +357,9 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
         shutil.rmtree(os.path.join(opts.output, "train"), ignore_errors=True)
     result = train(model, data_root, opts, log)
     metrics = os.path.join(opts.output, "train", "metrics.jsonl")  # every step, also those before a resume
-    history = read_jsonl_log(metrics) if os.path.exists(metrics) else result.history
+    history = contrastive_steps(read_jsonl_log(metrics) if os.path.exists(metrics) else result.history)
     warmup_report = result.tower_warmup.get("tower_warmup", {})
+    steps_done = result.stage_steps.get("contrastive", 0)
     t_train = time.perf_counter() - t0 - t_data
     model_dir = os.path.join(opts.output, "model")
     model.save_pretrained(model_dir)
@@ -366,14 +373,14 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
     index_report = (build_gallery_index(results, bench["test"], opts, model_dir, log, fingerprint_model(model))
                     if opts.build_index else None)
     min_steps = opts.steps // 2 if opts.min_steps is None else opts.min_steps
-    stopped = "done" if result.steps >= opts.steps else result.stopped
+    stopped = "done" if steps_done >= opts.steps else result.stopped
     if stopped != "done":
-        log(f"the time budget ({opts.time_budget:g} s) stopped training after {result.steps} of {opts.steps} steps: "
-            "this is not the seeded run's result" + (f"; fewer than --min-steps {min_steps}" if result.steps < min_steps
+        log(f"the time budget ({opts.time_budget:g} s) stopped training after {steps_done} of {opts.steps} steps: "
+            "this is not the seeded run's result" + (f"; fewer than --min-steps {min_steps}" if steps_done < min_steps
                                                       else ""))
     info = {
-        "pooling": opts.pooling, "steps": result.steps, "steps_planned": opts.steps, "stopped": stopped,
-        "min_steps": min_steps, "too_few_steps": result.steps < min_steps,
+        "pooling": opts.pooling, "steps": steps_done, "steps_planned": opts.steps, "stopped": stopped,
+        "min_steps": min_steps, "too_few_steps": steps_done < min_steps,
         "pairs_seen": result.samples, "data_root": data_root,
         "final_loss": history[-1]["loss"] if history else None, "tower_warmup": warmup_report,
         "trainable_parameters": n_train, "threads": torch.get_num_threads(),

@@ -255,7 +255,7 @@ class CNNAudioTower(MediaEncoder):
     (mean normalisation, as speech front ends do for cepstra: a voice's or a channel's fixed spectral tilt is
     removed, which helps a small tower on unseen voices). `feature_augment`: None, or fn(log-mel (bins, frames)) ->
     log-mel, applied to each item (after the mean subtraction) in training mode only (set by
-    omniret.train.tower_warmup.warm_up_towers for its `feature_augment`)."""
+    the tower warm-up stage, omniret.train.tower_warmup.TowerWarmup, for its `feature_augment`)."""
 
     modality = "audio"
 

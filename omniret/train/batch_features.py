@@ -49,7 +49,7 @@ _AUGMENTS = {"image": "random_affine", "audio": "speed_perturb", "audio_features
 
 def tower_augmentations(spec: Optional[Dict[str, str]]) -> tuple:
     """A tower_warmup stage's `augment` ({"image": "random_affine", "audio": "speed_perturb:0.8:1.25",
-    "audio_features": "warp_frequencies:0.85:1.2"}) -> (augment, feature_augment) for warm_up_towers."""
+    "audio_features": "warp_frequencies:0.85:1.2"}) -> (augment, feature_augment) for the TowerWarmup objective."""
     import functools
 
     from omniret.train import augment as aug
