@@ -419,12 +419,13 @@ def run_real_demo(opts: RealDemoOptions, log=print) -> dict:
         index_report = build_gallery_index(ours, pools, model_dir, fingerprint_model(model), opts.output, log)
         search = example_search(model, index_report["path"], tasks, log=log)
     min_steps = opts.steps // 2 if opts.min_steps is None else opts.min_steps
-    stopped = "done" if result.steps >= opts.steps else result.stopped
-    steps_done = min(result.steps, base_result.steps) if base_result is not None else result.steps
+    runs = [result] + ([base_result] if base_result is not None else [])
+    steps_done = min(r.steps for r in runs)  # a time budget may stop either model early
+    stopped = next((r.stopped for r in runs if r.steps < opts.steps), "done")
     info = {
         "benchmark": "real", "data_root": root, "features": features, "steps": steps_done,
-        "steps_planned": opts.steps, "stopped": stopped if base_result is None or base_result.steps >= opts.steps
-        else base_result.stopped, "min_steps": min_steps, "too_few_steps": steps_done < min_steps,
+        "steps_planned": opts.steps, "stopped": stopped, "min_steps": min_steps,
+        "too_few_steps": steps_done < min_steps,
         "pairs_seen": result.samples, "trainable_parameters": n_train, "threads": torch.get_num_threads(),
         "final_loss": history[-1]["loss"] if history else None,
         "goals": compare(ours, base),
