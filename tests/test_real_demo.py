@@ -2,7 +2,6 @@
 built from the installed packages, the frozen features, OmniRet and the dual-encoder baseline trained by the
 Trainer, both evaluated, the index and one search. Skipped, with the reason, when a source is not installed."""
 import json
-import os
 
 import pytest
 

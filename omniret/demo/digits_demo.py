@@ -335,14 +335,10 @@ def print_table(results: Results, log=print) -> None:
 
 
 def run_demo(opts: DemoOptions, log=print) -> dict:
-    from omniret.threads import apply_threads
+    from omniret.demo import start_run
 
     t0 = time.perf_counter()
-    if opts.steps < 1:
-        raise ValueError(f"steps must be >= 1, got {opts.steps}")
-    threads = apply_threads(opts.threads)
-    log(f"torch threads: {threads} (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})")
-    os.makedirs(opts.output, exist_ok=True)
+    start_run(opts.steps, opts.threads, opts.output, log)
     bench = digits.build(opts.data, cache_dir=opts.cache_dir, log=log)
     log(f"data: train {len(bench['train'].image_labels)} images, {len(bench['train'].waves)} clips "
         f"({len(set(bench['train'].audio_voices))} voices); test {len(bench['test'].image_labels)} images, "

@@ -381,14 +381,10 @@ def train_and_evaluate(model, data, tasks, pools, opts: RealDemoOptions, output_
 
 def run_real_demo(opts: RealDemoOptions, log=print) -> dict:
     from omniret.fingerprint import fingerprint_model
-    from omniret.threads import apply_threads
+    from omniret.demo import start_run
 
     t0 = time.perf_counter()
-    if opts.steps < 1:
-        raise ValueError(f"steps must be >= 1, got {opts.steps}")
-    threads = apply_threads(opts.threads)
-    log(f"torch threads: {threads} (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})")
-    os.makedirs(opts.output, exist_ok=True)
+    start_run(opts.steps, opts.threads, opts.output, log)
     root = ensure_benchmark(opts, log)
     features = ensure_features(root, opts, log)
     t_data = time.perf_counter() - t0
