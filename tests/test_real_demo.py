@@ -42,9 +42,10 @@ def test_smoke_run_writes_ours_and_the_baseline_for_every_task(smoke_run):
         assert c["met"] == (c["difference"] >= c["needed"])
     assert (out / "results.png").stat().st_size > 10_000
     assert "dual encoder" in (out / "results.md").read_text()
-    # the search ran against the index of every distinct test candidate, with the query's own text
+    # the search ran against the index of the test galleries' images and recordings, with the query's own text
     hits = info["search"]["hits"]
     assert len(hits) == 5 and [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
+    assert all(("image" in h) != ("audio" in h) and "text" not in h for h in hits)
     assert all(hits[i]["score"] >= hits[i + 1]["score"] for i in range(4))
     assert info["index"]["count"] >= len(hits)
 

@@ -326,8 +326,9 @@ def results_markdown(ours: Results, baseline: Results | None, info: dict) -> str
 # index and search
 # ---------------------------------------------------------------------------------------------------------
 def build_gallery_index(ours: Results, pools: dict, model_dir: str, fingerprint: str, output: str, log=print) -> dict:
-    """One exact index over every distinct test candidate (all tasks' galleries), from the evaluation's
-    embeddings, with each candidate's text or media path as metadata."""
+    """One exact index over every distinct image and audio candidate of the test galleries (the media a user
+    searches for; the captions and transcripts of the two ->text tasks stay out, or a text query finds texts
+    like itself first), from the evaluation's embeddings, with each candidate's media path as metadata."""
     from omniret.eval.index import SearchIndex
 
     seen, rows, ids, records = set(), [], [], []
@@ -336,7 +337,7 @@ def build_gallery_index(ours: Results, pools: dict, model_dir: str, fingerprint:
         if emb is None:
             continue
         for i, (did, item) in enumerate(zip(pool.ids, pool.items)):
-            if did in seen:
+            if did in seen or not any(k in item for k in ("image", "audio")):
                 continue
             seen.add(did)
             rows.append(emb[i])
@@ -346,7 +347,7 @@ def build_gallery_index(ours: Results, pools: dict, model_dir: str, fingerprint:
                               model={"path": os.path.abspath(model_dir), "preset": "real", "fingerprint": fingerprint})
     path = os.path.join(output, "index")
     exact.save(path)
-    log(f"index: {len(exact)} test candidates -> {path}")
+    log(f"index: {len(exact)} test images and recordings -> {path}")
     return {"count": len(exact), "dim": exact.dim, "path": path}
 
 
