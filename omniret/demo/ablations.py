@@ -129,7 +129,8 @@ def table(summary: dict, metric: str = "R@5") -> str:
     lines = [f"| variant | {' | '.join(short[t] for t in tasks)} | composed mean | single mean |",
              "|---|" + "---:|" * (len(tasks) + 2)]
     for variant, per_task in summary.items():
-        cells = [f"{100 * per_task[t][metric]['mean']:.1f} ± {100 * per_task[t][metric]['std']:.1f}" for t in tasks]
+        cells = [f"{100 * per_task[t][metric]['mean']:.1f}" + (f" ± {100 * per_task[t][metric]['std']:.1f}"
+                                                               if per_task[t][metric]["n"] > 1 else "") for t in tasks]
         comp = [per_task[t][metric]["mean"] for t in tasks if t in COMPOSED_TASKS]
         single = [per_task[t][metric]["mean"] for t in tasks if t not in COMPOSED_TASKS]
         lines.append(f"| {variant} | {' | '.join(cells)} | {100 * statistics.fmean(comp):.1f} | "
@@ -178,6 +179,8 @@ def main(argv=None) -> int:
     p.add_argument("--feature-cache", default=None)
     p.add_argument("--max-items", type=int, default=None)
     p.add_argument("--max-eval-queries", type=int, default=None)
+    p.add_argument("--report", action="store_true",
+                   help="write the summary, table and plot from the records already there; run nothing")
     p.add_argument("--one", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.steps < 1 or args.jobs < 1 or args.threads < 1:
@@ -190,13 +193,16 @@ def main(argv=None) -> int:
             p.error(f"unknown variant {variant!r}")
         atomic_write_json(record_path(args.output, variant, seed), run_one(variant, seed, args), indent=1)
         return 0
-    records = sweep(args)
+    records = ([json.load(open(record_path(args.output, v, s))) for v in args.variants for s in args.seeds
+                if os.path.exists(record_path(args.output, v, s))] if args.report else sweep(args))
     if not records:
         print("ablations: no run finished", file=sys.stderr)
         return 1
     summary = summarise(records)
     atomic_write_json(os.path.join(args.output, "summary.json"), summary, indent=1)
-    text = "\n\n".join(f"### {metric}\n\n{table(summary, metric)}" for metric in ("R@1", "R@5", "R@10"))
+    seeds = {v: sum(r["variant"] == v for r in records) for v in summary}
+    text = "\n\n".join(f"### {metric}\n\n{table(summary, metric)}" for metric in ("R@5", "R@1", "R@10"))
+    text = "Seeds per variant: " + ", ".join(f"{v} {n}" for v, n in seeds.items()) + ".\n\n" + text
     atomic_write_text(os.path.join(args.output, "table.md"), text + "\n")
     plot(records, os.path.join(args.output, "ablations.png"))
     print(text)
