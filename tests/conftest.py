@@ -22,6 +22,17 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (a module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`):
+    tiny models run faster on one thread than on two contending on a shared 2-core machine, and a kill test's
+    subprocesses (OMP_NUM_THREADS=1) then compute exactly as the in-process run does."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def poison_like(t: torch.Tensor) -> torch.Tensor:
     """An output buffer full of NaN, so that a kernel that forgets to write an element is caught."""
     return torch.full_like(t, float("nan"))

@@ -22,12 +22,7 @@ CHANGES = ["at night", "in the snow", "painted red"]
 TOKENS = {"image": (49, 1280), "audio": (12, 96)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py says why
 
 
 class FakeMedia:

@@ -14,13 +14,7 @@ from toy import ToyPairs, toy_model
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread beats two threads contending on a shared 2-core machine by 10x+."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py says why
 
 
 def _batch(n, n_neg=0, seed=0):

@@ -20,14 +20,7 @@ from omniret.train.trainer import warmup_cosine
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The toy model's ops are tiny: one thread is faster than two fighting over a shared machine, and the
-    kill test's subprocesses (OMP_NUM_THREADS=1) then compute exactly as the in-process run does."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py says why
 
 
 def _groups(spec):
