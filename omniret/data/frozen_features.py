@@ -221,14 +221,12 @@ def media_files(root: str) -> dict:
 def extract_all(root: str, cache_dir: str | None = None, threads: int = 1, log=print) -> dict:
     """Features of every media file of the benchmark under `root` (computed once, then cached):
     {"image": {path: (49, 1280)}, "audio": {path: (T, 96)}}."""
-    cache_dir = cache_dir or default_cache_dir()
-    files = media_files(root)
     out = {}
-    for modality, encoder_cls in (("image", EfficientNetLite0), ("audio", SpeechEmbedding)):
-        cache = FeatureCache(cache_dir, encoder_cls(threads=threads))
-        feats = cache.get(files[modality])
-        log(f"{modality}: {len(feats)} files, {cache.encoder.calls} encoded now, cache {cache.folder}")
-        out[modality] = dict(zip(files[modality], feats))
+    for modality, paths in media_files(root).items():
+        store = FeatureStore(modality, cache_dir, threads=threads)
+        store.preload(paths)
+        log(f"{modality}: {len(paths)} files, {store.cache.encoder.calls} encoded now, cache {store.cache.folder}")
+        out[modality] = {p: store.get(p) for p in paths}
     return out
 
 

@@ -70,7 +70,7 @@ class PrecomputedFeatureEncoder(MediaEncoder):
         else:
             raise ValueError(f"{name}: the {self.backbone_config.kind} encoder takes a file path or its (tokens, "
                              f"{self.out_dim}) features, got {type(raw).__name__}")
-        x = torch.as_tensor(np.asarray(feats) if isinstance(feats, np.ndarray) else feats).to(torch.float32)
+        x = torch.as_tensor(feats).to(torch.float32)
         if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] != self.out_dim:
             raise ValueError(f"{name}: features of shape {tuple(x.shape)}; the {self.backbone_config.kind} encoder "
                              f"gives (tokens >= 1, {self.out_dim})")
