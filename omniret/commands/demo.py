@@ -155,17 +155,18 @@ def missing_real_sources(opts) -> list[str]:
 
 def run(args) -> int:
     missing = missing_requirements()
-    if args.benchmark == "real":
-        missing += missing_real_sources(real_options_from_args(args))
+    real = real_options_from_args(args) if args.benchmark == "real" else None
+    if real is not None:
+        missing += missing_real_sources(real)
     if missing:
         print("omniret demo: missing requirements (the demo installs nothing itself):", file=sys.stderr)
         for line in missing:
             print(f"  - {line}", file=sys.stderr)
         return 2
-    if args.benchmark == "real":
+    if real is not None:
         from omniret.demo.real_demo import run_real_demo
 
-        out = run_real_demo(real_options_from_args(args))
+        out = run_real_demo(real)
         print(f"\nwrote {args.output}/results.json, results.md, results.png, model/, baseline_model/ and index/")
     else:
         from omniret.demo.digits_demo import run_demo
