@@ -141,3 +141,25 @@ def test_a_run_cut_short_by_the_budget_says_so_and_fails_below_min_steps(monkeyp
     assert command.run(args) == 0
     text = demo.results_markdown(results, fake_run(DemoOptions(output="x"), 12)["info"])
     assert "**Training was cut short by the time budget: 12 of 450 steps.**" in text
+
+
+def test_real_stage1_is_the_papers_warm_up_carved_from_the_steps():
+    """--stage1-steps N: the first N of --steps train the new modules without LoRA on the single-modality tasks
+    (stage 1), the rest every task with LoRA (stage 2); the dual encoder keeps --steps steps of every task."""
+    import pytest
+
+    from omniret.data.real_benchmark import COMPOSED_TASKS
+    from omniret.demo.real_demo import baseline_train_config, task_counts, train_config
+
+    opts = _real_options("--steps", "30", "--stage1-steps", "10", "--stage1-lr", "3e-4")
+    stages = train_config(opts, None)["stages"]
+    assert [(s["stage"], s["steps"]) for s in stages] == [(1, 10), (2, 20)]
+    assert stages[0]["lr"] == 3e-4 and stages[1]["lr"] == opts.lr
+    every = task_counts(opts)
+    assert stages[1]["task_counts"] == every and len(every) == 7
+    assert set(stages[0]["task_counts"]) == set(every) - {"image,text->image", "audio,text->image"}
+    assert len(COMPOSED_TASKS) == 2
+    assert [s.steps for s in baseline_train_config(opts, None).stages] == [30]
+    assert [s["stage"] for s in train_config(_real_options("--steps", "30"), None)["stages"]] == [2]
+    with pytest.raises(ValueError, match="stage1_steps"):
+        train_config(_real_options("--steps", "10", "--stage1-steps", "10"), None)

@@ -568,3 +568,37 @@ def test_bf16_frozen_backbones():
     lora = [p for n, p in m.named_parameters() if "lora_A" in n]
     assert lora and all(p.dtype == torch.float32 for p in m.trainable_parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.projectors.parameters())
+
+
+def test_pool_instruction_false_pools_the_query_without_its_instruction():
+    """pool_instruction=False: the LLM reads the instruction (it changes the query's token states) but the pooling
+    head averages only the other tokens; candidates (no instruction) pool every token, as before."""
+    m = OmniRet.from_config(preset("tiny", pooling="mean", pool_instruction=False)).eval()
+    items = [{"text": "a small red apple", "instruction": "Find the drawing."}, "plain candidate text",
+             {"text": "hello <image> there", "image": _media()["image"], "instruction": "Say it."}]
+    batch = m.prepare(items)
+    assert [k for k, _ in batch.sequences[0]].count("instruction") == 1
+    assert all(k != "instruction" for k, _ in batch.sequences[1])
+    sequences, offsets, resampled = _inputs(m, items)
+    with torch.no_grad():
+        embeds, mask = m.composer.build_inputs(sequences, offsets, resampled)
+        hidden = m.composer(embeds, mask)
+        got = m(items)[0]
+    head_len = len(m.composer.tokenizer.encode(m.composer._template_head.format(instruction="Find the drawing.")))
+    prefix = len(m.composer.tokenizer.prefix_ids)
+    for i in range(len(items)):
+        keep = mask[i].clone()
+        if i != 1:  # the template's head sits after the prefix tokens
+            n = head_len if i == 0 else len(m.composer.tokenizer.encode(
+                m.composer._template_head.format(instruction="Say it.")))
+            assert keep[prefix:prefix + n].all()
+            keep[prefix:prefix + n] = False
+        torch.testing.assert_close(got[i], hidden[i][keep].mean(0), rtol=1e-5, atol=1e-6)
+    # the instruction still reaches the LLM: another instruction gives the query another embedding
+    other = m([{"text": "a small red apple", "instruction": "Find a song."}])[0][0]
+    assert not torch.allclose(other, got[0])
+    # the paper's pooling (every token) differs for queries and is the same for the candidate
+    paper = OmniRet.from_config(preset("tiny", pooling="mean")).eval()
+    with torch.no_grad():
+        full = paper(items)[0]
+    assert not torch.allclose(full[0], got[0]) and torch.allclose(full[1], got[1], atol=1e-6)

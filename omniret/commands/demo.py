@@ -57,6 +57,11 @@ def add_arguments(p) -> None:
                    help="real: a seeded subset of N items per source (quick runs)")
     p.add_argument("--pooling", default=_default("pooling"), choices=("aswp", "eos", "mean"),
                    help="embedding pooling: ASWP (default) or the Table 5(a) ablations: last token or mean")
+    p.add_argument("--stage1-steps", type=nonnegative_int, default=_default("stage1_steps", "real"),
+                   help="real: the first N of --steps are the paper's stage 1 (projectors, resamplers and pooling "
+                        "head only, no LoRA, single-modality tasks) at --stage1-lr (default %(default)s: none)")
+    p.add_argument("--stage1-lr", type=positive_float, default=_default("stage1_lr", "real"),
+                   help="real: stage 1's learning rate (default %(default)s)")
     p.add_argument("--steps", type=positive_int, default=None,
                    help=f"contrastive training steps ({_both('steps')}): the result depends on the seed only, not "
                         "on the machine's speed or load")
@@ -204,7 +209,8 @@ def real_options_from_args(args):
     return RealDemoOptions(output=args.output, pooling=args.pooling, seed=args.seed, time_budget=args.time_budget,
                            min_steps=args.min_steps, resume=args.resume, baseline=not args.no_baseline,
                            data_dir=args.data_dir, feature_cache=args.feature_cache, build_index=not args.no_index,
-                           threads=args.threads, **given, **sizes)
+                           threads=args.threads, stage1_steps=args.stage1_steps, stage1_lr=args.stage1_lr,
+                           **given, **sizes)
 
 
 def options_from_args(args):

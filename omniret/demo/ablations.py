@@ -30,6 +30,8 @@ VARIANTS = {
                      "feature fusion", {"baseline": True}),
     "pool_eos": ("pooling: last token instead of ASWP", {"model_overrides": {"pooling": "eos"}}),
     "pool_mean": ("pooling: mean over tokens instead of ASWP", {"model_overrides": {"pooling": "mean"}}),
+    "pool_instruction": ("the paper's pooling input: the instruction's tokens pooled too (the preset leaves them out)",
+                         {"model_overrides": {"pool_instruction": True}}),
     "no_resampler": ("no media resampler: projected encoder tokens go to the LLM",
                      {"model_overrides": {"media_resampler": "none"}}),
     "separate_resamplers": ("one resampler per modality instead of one shared",

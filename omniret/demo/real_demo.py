@@ -33,6 +33,10 @@ class RealDemoOptions:
     # 56 pairs (~1.4 epochs of the 6,124 training queries) keep the README's main command under 10 minutes with the
     # data cached (docs/real_benchmark.md has the timings)
     steps: int = 150
+    # the paper's stage 1 (section 5.1): the first `stage1_steps` of `steps` train only the new modules
+    # (projectors, resamplers, pooling head; no LoRA) on the single-modality tasks, at `stage1_lr`
+    stage1_steps: int = 0
+    stage1_lr: float = 1e-3
     per_task: int = 8  # training pairs of each of the 7 tasks per step
     per_composed_task: int = 8
     lr: float = 1e-4  # projectors, resampler, pooling head
@@ -46,6 +50,7 @@ class RealDemoOptions:
     mu1: float = 1.0  # triplet weight (0: without the triplet loss)
     mu2: float = 0.1  # diversity weight (0: without the diversity loss)
     triplet: str = "mean"
+    symmetric: bool = False  # CLIP's symmetric InfoNCE (the dual encoder's) instead of the paper's query->candidate
     hard_negatives: int = 0
     chunk_size: int = 64
     keep_graphs: int = 2
@@ -130,16 +135,20 @@ def build_model(opts: RealDemoOptions):
         cfg = cfg.replace(image_encoder=BackboneConfig(kind="efficientnet_lite0", path=opts.feature_cache),
                           audio_encoder=BackboneConfig(kind="speech_embedding", path=opts.feature_cache))
     model = OmniRet.from_config(cfg)
-    model.setup_stage(2)  # projectors, resampler, head and LoRA train; MiniLM's own weights stay frozen
+    # the first stage's trainable parameters (the Trainer sets each stage up again): stage 2 adds LoRA
+    model.setup_stage(1 if opts.stage1_steps else 2)
     return model
 
 
-def task_counts(opts: RealDemoOptions) -> dict:
+def task_counts(opts: RealDemoOptions, composed: bool = True) -> dict:
+    """{task key: training pairs per step}; composed=False: the single-modality tasks only (stage 1)."""
     from omniret.data.mbeir_train import task_key
     from omniret.data.real_benchmark import COMPOSED_TASKS, TASKS
 
     counts: dict = {}
     for name, (_, _, qmod, cmod, _) in TASKS.items():
+        if name in COMPOSED_TASKS and not composed:
+            continue
         key = task_key(qmod, cmod)
         counts[key] = counts.get(key, 0) + (opts.per_composed_task if name in COMPOSED_TASKS else opts.per_task)
     return counts
@@ -150,10 +159,18 @@ def train_config(opts: RealDemoOptions, output_dir: str | None) -> dict:
     train`): `opts.steps` steps of fixed pairs per task, AdamW (LoRA at its own rate), linear warm-up and cosine
     decay to 2%, gradient norm clipped at 5; negatives are the batch's candidates of the target's modality, as in
     evaluation."""
-    stage = {"stage": 2, "name": "contrastive", "steps": opts.steps, "lr": opts.lr, "task_counts": task_counts(opts),
-             "warmup_steps": max(1, int(round(opts.warmup * opts.steps)))}
-    return {"stages": [stage], "param_groups": [{"match": ["lora_"], "lr": opts.lora_lr}], "triplet": opts.triplet,
-            "mu1": opts.mu1, "mu2": opts.mu2, **_shared_settings(opts, output_dir)}
+    if not 0 <= opts.stage1_steps < opts.steps:
+        raise ValueError(f"stage1_steps must be in [0, steps), got {opts.stage1_steps} of {opts.steps}")
+    stages = []
+    if opts.stage1_steps:
+        stages.append({"stage": 1, "name": "warmup", "steps": opts.stage1_steps, "lr": opts.stage1_lr,
+                       "task_counts": task_counts(opts, composed=False),
+                       "warmup_steps": max(1, int(round(opts.warmup * opts.stage1_steps)))})
+    steps = opts.steps - opts.stage1_steps
+    stages.append({"stage": 2, "name": "contrastive", "steps": steps, "lr": opts.lr, "task_counts": task_counts(opts),
+                   "warmup_steps": max(1, int(round(opts.warmup * steps)))})
+    return {"stages": stages, "param_groups": [{"match": ["lora_"], "lr": opts.lora_lr}], "triplet": opts.triplet,
+            "symmetric": opts.symmetric, "mu1": opts.mu1, "mu2": opts.mu2, **_shared_settings(opts, output_dir)}
 
 
 def _shared_settings(opts: RealDemoOptions, output_dir: str | None) -> dict:

@@ -25,6 +25,7 @@ __all__ = ["PLACEHOLDERS", "ParsedItem", "parse_item", "ByteTokenizer", "HFToken
 PLACEHOLDERS = {m: f"<{m}>" for m in MEDIA_MODALITIES}
 _PLACEHOLDER_RE = re.compile("(" + "|".join(re.escape(p) for p in PLACEHOLDERS.values()) + ")")
 _KEYS = MODALITIES + ("instruction",)
+TOKEN_KINDS = ("ids", "instruction")  # sequence entries that hold token ids (the rest are media)
 
 
 @dataclass
@@ -173,23 +174,41 @@ class Composer(nn.Module):
         self._template_head, self._template_tail = tmpl.split("{query}")
 
     def tokenize(self, parsed: ParsedItem) -> list:
-        """-> the item's sequence as ("ids", list[int]) and (modality, k-th media of that modality) entries."""
+        """-> the item's sequence as ("ids", list[int]) and (modality, k-th media of that modality) entries; with
+        `config.pool_instruction` False the template's head (`Instruct: {instruction}\nQuery: `) is an
+        ("instruction", list[int]) entry: the LLM reads it, the pooling head does not (`pool_mask`)."""
         segments = list(parsed.segments)
         if parsed.instruction is not None:
-            segments = ([("text", self._template_head.format(instruction=parsed.instruction))] + segments
+            head = "instruction" if not self.cfg.pool_instruction else "text"
+            segments = ([(head, self._template_head.format(instruction=parsed.instruction))] + segments
                         + ([("text", self._template_tail)] if self._template_tail else []))
         seq = [("ids", list(self.tokenizer.prefix_ids))]
         counters = {}
         for kind, value in segments:
-            if kind == "text":
+            if kind in ("text", "instruction"):
                 ids = self.tokenizer.encode(value)[: self.cfg.max_text_tokens]
                 if ids:
-                    seq.append(("ids", ids))
+                    seq.append(("ids" if kind == "text" else "instruction", ids))
             else:
                 seq.append((kind, counters.get(kind, 0)))
                 counters[kind] = counters.get(kind, 0) + 1
         seq.append(("ids", list(self.tokenizer.suffix_ids)))
         return [(k, v) for k, v in seq if not (k == "ids" and not v)]
+
+    @staticmethod
+    def pool_mask(sequences: list, mask: torch.Tensor) -> torch.Tensor:
+        """The positions the pooling head reads: `mask` without the instruction entries' tokens (GritLM and
+        NV-Embed leave the instruction out of the pooled tokens: it is the same for every query of a task)."""
+        out = mask.clone()
+        for b, seq in enumerate(sequences):
+            at = 0
+            for kind, value in seq:
+                if kind not in TOKEN_KINDS:  # a media entry: the instruction comes before the first one
+                    break
+                if kind == "instruction":
+                    out[b, at:at + len(value)] = False
+                at += len(value)
+        return out
 
     def build_inputs(self, sequences: list, media_offsets: list, resampled: dict):
         """sequences: per item, the output of `tokenize`; media_offsets[i][modality]: index of item i's first
@@ -213,7 +232,7 @@ class Composer(nn.Module):
             for n in sizes[:-1]:
                 starts.append(starts[-1] + n)
             media_start[kind], media_len[kind] = starts, sizes
-        ids = [i for seq in sequences for kind, value in seq if kind == "ids" for i in value]
+        ids = [i for seq in sequences for kind, value in seq if kind in TOKEN_KINDS for i in value]
         base, offset = {}, len(ids)
         for kind, rows in zip(resampled, media_rows):
             base[kind] = offset
@@ -223,7 +242,7 @@ class Composer(nn.Module):
         for seq, offsets in zip(sequences, media_offsets):
             row = []
             for kind, value in seq:
-                if kind == "ids":
+                if kind in TOKEN_KINDS:
                     row.extend(range(next_id, next_id + len(value)))
                     next_id += len(value)
                 else:

@@ -386,6 +386,8 @@ class OmniRet(nn.Module):
             aux["diversity"] = self._diversity(resampled)
         embeds, mask = self.composer.build_inputs(batch.sequences, batch.media_offsets, resampled)
         hidden = self.composer(embeds, mask)
+        if not self.config.pool_instruction:
+            mask = self.composer.pool_mask(batch.sequences, mask)
         return self.head(hidden, mask), aux
 
     def _diversity(self, resampled: dict) -> torch.Tensor:
