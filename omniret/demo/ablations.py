@@ -91,8 +91,19 @@ def sweep(args) -> list:
             running.remove(entry)
             state = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}; see logs/{variant}-s{seed}.log)"
             print(f"ablations: {variant} seed {seed}: {state} in {time.perf_counter() - t0:.0f}s", flush=True)
-    return [json.load(open(record_path(args.output, v, s))) for v in args.variants for s in args.seeds
-            if os.path.exists(record_path(args.output, v, s))]
+    return load_records(args)
+
+
+def load_records(args) -> list:
+    """The records already written for args.variants x args.seeds (variant-major), skipping runs not done."""
+    records = []
+    for variant in args.variants:
+        for seed in args.seeds:
+            path = record_path(args.output, variant, seed)
+            if os.path.exists(path):
+                with open(path, encoding="utf-8") as f:
+                    records.append(json.load(f))
+    return records
 
 
 def _forward(args) -> list:
@@ -195,8 +206,7 @@ def main(argv=None) -> int:
             p.error(f"unknown variant {variant!r}")
         atomic_write_json(record_path(args.output, variant, seed), run_one(variant, seed, args), indent=1)
         return 0
-    records = ([json.load(open(record_path(args.output, v, s))) for v in args.variants for s in args.seeds
-                if os.path.exists(record_path(args.output, v, s))] if args.report else sweep(args))
+    records = load_records(args) if args.report else sweep(args)
     if not records:
         print("ablations: no run finished", file=sys.stderr)
         return 1

@@ -166,12 +166,17 @@ def train_config(opts: RealDemoOptions, output_dir: str | None) -> dict:
     if opts.stage1_steps:
         stages.append({"stage": 1, "name": "warmup", "steps": opts.stage1_steps, "lr": opts.stage1_lr,
                        "task_counts": task_counts(opts, composed=False),
-                       "warmup_steps": max(1, int(round(opts.warmup * opts.stage1_steps)))})
+                       "warmup_steps": _warmup_steps(opts, opts.stage1_steps)})
     steps = opts.steps - opts.stage1_steps
     stages.append({"stage": 2, "name": "contrastive", "steps": steps, "lr": opts.lr, "task_counts": task_counts(opts),
-                   "warmup_steps": max(1, int(round(opts.warmup * steps)))})
+                   "warmup_steps": _warmup_steps(opts, steps)})
     return {"stages": stages, "param_groups": [{"match": ["lora_"], "lr": opts.lora_lr}], "triplet": opts.triplet,
             "symmetric": opts.symmetric, "mu1": opts.mu1, "mu2": opts.mu2, **_shared_settings(opts, output_dir)}
+
+
+def _warmup_steps(opts: RealDemoOptions, steps: int) -> int:
+    """A stage's linear warm-up: `opts.warmup` of its steps, at least one."""
+    return max(1, int(round(opts.warmup * steps)))
 
 
 def _shared_settings(opts: RealDemoOptions, output_dir: str | None) -> dict:
@@ -192,7 +197,7 @@ def baseline_train_config(opts: RealDemoOptions, output_dir: str | None):
     for key in ("chunk_size", "keep_graphs"):  # the baseline's whole batch is one chunk (its heads are small)
         settings.pop(key)
     return dual_encoder_train_config(opts.steps, task_counts=task_counts(opts), lr=opts.baseline_lr,
-                                     warmup_steps=max(1, int(round(opts.warmup * opts.steps))), **settings)
+                                     warmup_steps=_warmup_steps(opts, opts.steps), **settings)
 
 
 def train_set(root: str, opts: RealDemoOptions):
