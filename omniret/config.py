@@ -22,7 +22,7 @@ from typing import Any, Optional
 __all__ = ["BackboneConfig", "OmniRetConfig", "PRESETS", "preset"]
 
 IMAGE_KINDS = ("siglip", "cnn_image", "efficientnet_lite0")
-AUDIO_KINDS = ("whisper", "qwen2_audio", "cnn_audio", "speech_embedding")
+AUDIO_KINDS = ("whisper", "qwen2_audio", "cnn_audio", "whisper_tiny_en", "speech_embedding")
 POOLINGS = ("aswp", "eos", "mean", "multi_vector")
 ASWP_POOLINGS = ("stm", "max", "mean", "weighted")
 MEDIA_RESAMPLERS = ("shared", "shared_no_latents", "separate", "none")
@@ -33,8 +33,9 @@ class BackboneConfig:
     """One backbone (media encoder or the LLM composer).
 
     kind: "siglip" | "cnn_image" | "efficientnet_lite0" (image), "whisper" | "qwen2_audio" | "cnn_audio" |
-        "speech_embedding" (audio), "llm" (any `transformers` model that accepts `inputs_embeds`).
-        "efficientnet_lite0" and "speech_embedding" read features computed ahead of time by those frozen networks
+        "whisper_tiny_en" | "speech_embedding" (audio), "llm" (any `transformers` model that accepts
+        `inputs_embeds`). "efficientnet_lite0", "whisper_tiny_en" (Whisper tiny.en's encoder, CTranslate2) and
+        "speech_embedding" read features computed ahead of time by those frozen networks
         (omniret.model.precomputed); their `path` is the feature cache directory (None: the default one).
     path: where the pretrained weights are. A local directory (loaded with `from_pretrained(path)`, offline);
         "pkg:<module>" for a Python package with a `get_model_path()` (the demo's MiniLM); a Hugging Face hub
@@ -239,13 +240,13 @@ def _demo() -> OmniRetConfig:
 
 def _real() -> OmniRetConfig:
     # The demo's composer (MiniLM-L6 + LoRA) over frozen pretrained media encoders whose tokens are computed once
-    # per file (omniret.model.precomputed): EfficientNet-Lite0's 7x7x1280 map and the speech embedding's 96-d
-    # frames. The shared resampler condenses either into `media_latents` tokens for the LLM.
+    # per file (omniret.model.precomputed): EfficientNet-Lite0's 7x7x1280 map and Whisper tiny.en's encoder states
+    # (384-d, 40 ms a token). The shared resampler condenses either into `media_latents` tokens for the LLM.
     demo = _demo()
     return demo.replace(
         preset="real",
         image_encoder=BackboneConfig(kind="efficientnet_lite0"),
-        audio_encoder=BackboneConfig(kind="speech_embedding"),
+        audio_encoder=BackboneConfig(kind="whisper_tiny_en"),
         video=False, max_text_tokens=64,
         media_latents=8, resampler_depth=1, resampler_heads=6,
         pooling="aswp", num_slices=1024, output_latents=8,

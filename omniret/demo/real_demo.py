@@ -133,8 +133,8 @@ def build_model(opts: RealDemoOptions):
     overrides.setdefault("pooling", opts.pooling)
     cfg = preset("real", seed=opts.seed, **overrides)
     if opts.feature_cache:
-        cfg = cfg.replace(image_encoder=BackboneConfig(kind="efficientnet_lite0", path=opts.feature_cache),
-                          audio_encoder=BackboneConfig(kind="speech_embedding", path=opts.feature_cache))
+        cfg = cfg.replace(image_encoder=BackboneConfig(kind=cfg.image_encoder.kind, path=opts.feature_cache),
+                          audio_encoder=BackboneConfig(kind=cfg.audio_encoder.kind, path=opts.feature_cache))
     model = OmniRet.from_config(cfg)
     # the first stage's trainable parameters (the Trainer sets each stage up again): stage 2 adds LoRA
     model.setup_stage(1 if opts.stage1_steps else 2)

@@ -1,7 +1,7 @@
 """Media encoders whose tokens were computed ahead of time by a frozen pretrained network (the `real` preset).
 
 The paper keeps its media encoders frozen, so their tokens are a fixed function of the file: the real benchmark
-runs EfficientNet-Lite0 (images, 49 x 1280) and the speech embedding (audio, T x 96) once per file
+runs EfficientNet-Lite0 (images, 49 x 1280) and Whisper tiny.en's encoder (audio, T x 384) once per file
 (omniret.data.frozen_features) and a training step only reads the result. `preprocess(path)` looks a file's
 tokens up in the process's FeatureStore (computing and caching them on a miss); `encode` packs them. There is
 no second cache: the model's own FeatureCache (omniret.model.cache) is skipped for these encoders (`cacheable`).
@@ -21,11 +21,12 @@ from omniret.model.encoders import MediaEncoder, cu_seqlens_from_lengths
 __all__ = ["PrecomputedFeatureEncoder", "PRECOMPUTED_KINDS"]
 
 # kind -> (modality, token width)
-PRECOMPUTED_KINDS = {"efficientnet_lite0": ("image", 1280), "speech_embedding": ("audio", 96)}
+PRECOMPUTED_KINDS = {"efficientnet_lite0": ("image", 1280), "whisper_tiny_en": ("audio", 384),
+                     "speech_embedding": ("audio", 96)}
 
 
 class PrecomputedFeatureEncoder(MediaEncoder):
-    """kind "efficientnet_lite0" (image) or "speech_embedding" (audio). `BackboneConfig.path`: the feature cache
+    """kind "efficientnet_lite0" (image), "whisper_tiny_en" or "speech_embedding" (audio). `BackboneConfig.path`: the feature cache
     directory (None: $OMNIRET_CACHE/features, default ~/.cache/omniret/features)."""
 
     trainable = False
@@ -53,7 +54,7 @@ class PrecomputedFeatureEncoder(MediaEncoder):
     def _store(self):
         from omniret.data.frozen_features import feature_store
 
-        return feature_store(self.modality, self.cache_dir)
+        return feature_store(self.modality, self.cache_dir, kind=self.backbone_config.kind)
 
     def preload(self, paths: list, progress: bool = True) -> None:
         """Look up (or compute) the features of many files at once, batched: before training or evaluation."""
