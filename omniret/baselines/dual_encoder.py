@@ -3,7 +3,7 @@
 Every part of an item is embedded on its own and projected into one shared space:
 - text: the frozen all-MiniLM-L6-v2 sentence embedding (omniret.baselines.frozen_inputs.SentenceEmbeddings,
   memoised per string);
-- image / audio: the frozen encoder's tokens (EfficientNet-Lite0 (49, 1280), speech_embedding (T, 96)),
+- image / audio: the frozen encoder's tokens (EfficientNet-Lite0 (49, 1280), Whisper tiny.en (T, 384)),
   mean-pooled, from an injected `media_features(modality, paths)` (default: the on-disk feature cache);
 - one projection head per modality (a 2-layer MLP with GELU, or linear), after a LayerNorm by default, then
   L2-normalised.
@@ -38,6 +38,7 @@ from omniret.baselines.frozen_inputs import (MINILM_DIM, MINILM_MAX_TOKENS, MINI
                                              MediaFeatures, shared_sentence_embeddings)
 from omniret.data.frozen_features import AUDIO_DIM, IMAGE_DIM
 from omniret.errors import check_field_types
+from omniret.model.media_norm import MediaStandardizer, media_paths_of, token_moments
 from omniret.files import atomic_path, atomic_write_json, load_safetensors
 
 __all__ = ["DualEncoder", "DualEncoderConfig", "dual_encoder_train_config"]
@@ -65,6 +66,9 @@ class DualEncoderConfig:
         default_factory=lambda: {"text": MINILM_DIM, "image": IMAGE_DIM, "audio": AUDIO_DIM})
     text_model: str = MINILM_PATH
     max_text_tokens: int = MINILM_MAX_TOKENS
+    # the frozen media tokens standardised per channel with statistics of the training media (fitted by
+    # `before_training`, which the Trainer calls on a fresh run): the real preset's `standardize_media`
+    standardize_media: bool = False
 
     def validate(self) -> "DualEncoderConfig":
         check_field_types(self, "dual_encoder")
@@ -118,6 +122,9 @@ class DualEncoder(nn.Module):
                 torch.manual_seed(seed)
             self.heads = nn.ModuleDict({m: _projection_head(self.config, self.config.feature_dims[m])
                                         for m in MODALITIES if m in self.config.feature_dims})
+        if self.config.standardize_media:
+            self.media_norms = nn.ModuleDict({m: MediaStandardizer(w, f"{m} features")
+                                              for m, w in self.config.feature_dims.items() if m != "text"})
         # plain attributes, not submodules: the frozen inputs are neither trained nor saved
         self._media_features = media_features
         self._text_features = text_features
@@ -211,9 +218,25 @@ class DualEncoder(nn.Module):
             self._pooled.update(pooled)  # only once every file of the call is good
         return torch.stack([self._pooled[(modality, p)] for p in paths])
 
+    def before_training(self, dataset) -> None:
+        """With `standardize_media`: fits each media standardizer not fitted yet to the frozen tokens of the
+        dataset's media of its modality (each file once). The Trainer calls it before a fresh run."""
+        if not self.config.standardize_media:
+            return
+        for m, norm in self.media_norms.items():
+            if bool(norm.fitted):
+                continue
+            paths = media_paths_of(dataset, m)
+            if not paths:
+                raise ValueError(f"standardize_media: the training data hold no {m} media to fit its statistics on")
+            mean, std, _ = token_moments(torch.as_tensor(f) for f in self.media_features(m, paths))
+            norm.set_stats(mean, std)
+
     def _frozen(self, modality: str, values: List[str]) -> torch.Tensor:
         if modality != "text":
-            return self._pooled_media(modality, values)
+            pooled = self._pooled_media(modality, values)
+            # pooling is linear: the pooled standardised tokens are the standardised pooled feature
+            return self.media_norms[modality](pooled) if self.config.standardize_media else pooled
         feats = torch.as_tensor(self.text_features(values))
         width = self.config.feature_dims["text"]
         if feats.shape != (len(values), width):

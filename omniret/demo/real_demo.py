@@ -223,7 +223,12 @@ def build_baseline(opts: RealDemoOptions):
     from omniret.baselines.dual_encoder import DualEncoder, DualEncoderConfig
     from omniret.baselines.frozen_inputs import CachedMediaFeatures
 
-    return DualEncoder(DualEncoderConfig(), media_features=CachedMediaFeatures(opts.feature_cache), seed=opts.seed)
+    from omniret.config import preset
+
+    # the frozen features OmniRet reads: standardised per channel when its preset (and overrides) say so
+    standardize = opts.model_overrides.get("standardize_media", preset("real").standardize_media)
+    return DualEncoder(DualEncoderConfig(standardize_media=standardize),
+                       media_features=CachedMediaFeatures(opts.feature_cache), seed=opts.seed)
 
 
 # ---------------------------------------------------------------------------------------------------------

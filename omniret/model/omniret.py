@@ -26,6 +26,7 @@ from omniret.modalities import MEDIA_MODALITIES
 from omniret.model.composer import Composer, ParsedItem, parse_item
 from omniret.model.encoders import MediaEncoder, build_encoder, cu_seqlens_from_lengths
 from omniret.model.heads import build_head, late_interaction_scores
+from omniret.model.media_norm import MediaStandardizer
 from omniret.model.projectors import build_projector
 from omniret_kernels import SharedMediaResampler, diversity_loss
 
@@ -112,6 +113,9 @@ class OmniRet(nn.Module):
             dim = self.composer.hidden_size
             self.projectors = nn.ModuleDict({
                 name: build_projector(config.projector, enc.out_dim, dim) for name, enc in self.encoders.items()})
+            if config.standardize_media:
+                self.media_norms = nn.ModuleDict({name: MediaStandardizer(enc.out_dim, f"{name} encoder")
+                                                  for name, enc in self.encoders.items()})
             self.media_resampler = self._build_media_resampler(dim)
             self.head = build_head(config, dim)
         self.feature_cache: Optional[FeatureCache] = None
@@ -326,6 +330,33 @@ class OmniRet(nn.Module):
                         seen += len(xs)
         return seen
 
+    def before_training(self, dataset, batch_size: int = 64) -> None:
+        """Called by the Trainer before a fresh run's first step: with `standardize_media`, fits each media
+        standardizer not fitted yet to the tokens of the dataset's media of its modality (each file once)."""
+        if not self.config.standardize_media:
+            return
+        from omniret.model.media_norm import media_paths_of, token_moments
+
+        for name, norm in self.media_norms.items():
+            if bool(norm.fitted):
+                continue
+            modalities = ("image", "video") if name == "image" else (name,)
+            paths = [p for m in modalities for p in media_paths_of(dataset, m)]
+            if not paths:
+                raise ValueError(f"standardize_media: the training data hold no {name} media to fit its statistics "
+                                 f"on (set standardize_media=False, or drop the {name} encoder)")
+
+            def tokens():
+                with torch.inference_mode():
+                    for s in range(0, len(paths), batch_size):
+                        batch = self.prepare([{name: p} for p in paths[s:s + batch_size]])
+                        packed, cu = self.encode_media(name, batch.media[name])
+                        for i in range(cu.shape[0] - 1):
+                            yield packed[cu[i]:cu[i + 1]].float().cpu()
+
+            mean, std, _ = token_moments(tokens())
+            norm.set_stats(mean, std)
+
     def takes_gradient(self, modality: str) -> bool:
         """Whether the encoder of `modality` trains now (a trainable tower with parameters that require grad).
         One that does not is a fixed feature extractor: a training step runs it once per batch."""
@@ -379,7 +410,10 @@ class OmniRet(nn.Module):
                 continue
             tokens, cu = self._media_tokens(batch, modality)
             proj = self._projector_for(modality)
-            tokens = proj(tokens.to(next(proj.parameters()).dtype))
+            tokens = tokens.to(next(proj.parameters()).dtype)
+            if self.config.standardize_media:
+                tokens = self.media_norms["image" if modality == "video" else modality](tokens)
+            tokens = proj(tokens)
             resampled[modality] = self.resample_media(modality, tokens, cu)
         aux = {"num_media": batch.num_media}
         if diversity:

@@ -275,6 +275,9 @@ class Trainer:
             raise ValueError("negatives='modality' is implemented for one process only")
         self._groups = None
         state = self._load_checkpoint()
+        prepare = getattr(self.model, "before_training", None)
+        if state is None and prepare is not None:  # a fresh run: fixed statistics of the data (a resume loads them)
+            prepare(dataset)
         at = _Position()
         if state is not None:
             at = _Position(state["stage_index"], state["stage_step"], state["global_step"], state["samples"],
