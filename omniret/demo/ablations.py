@@ -32,6 +32,8 @@ VARIANTS = {
     "pool_mean": ("pooling: mean over tokens instead of ASWP", {"model_overrides": {"pooling": "mean"}}),
     "pool_instruction": ("the paper's pooling input: the instruction's tokens pooled too (the preset leaves them out)",
                          {"model_overrides": {"pool_instruction": True}}),
+    "raw_features": ("the frozen tokens as the encoders give them (the preset standardises them per channel)",
+                     {"model_overrides": {"standardize_media": False}}),
     "no_resampler": ("no media resampler: projected encoder tokens go to the LLM",
                      {"model_overrides": {"media_resampler": "none"}}),
     "separate_resamplers": ("one resampler per modality instead of one shared",

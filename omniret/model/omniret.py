@@ -340,8 +340,7 @@ class OmniRet(nn.Module):
         for name, norm in self.media_norms.items():
             if bool(norm.fitted):
                 continue
-            modalities = ("image", "video") if name == "image" else (name,)
-            paths = [p for m in modalities for p in media_paths_of(dataset, m)]
+            paths = media_paths_of(dataset, name)  # images only for the image encoder: its video frames share them
             if not paths:
                 raise ValueError(f"standardize_media: the training data hold no {name} media to fit its statistics "
                                  f"on (set standardize_media=False, or drop the {name} encoder)")
