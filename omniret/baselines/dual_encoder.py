@@ -38,7 +38,7 @@ from omniret.baselines.frozen_inputs import (MINILM_DIM, MINILM_MAX_TOKENS, MINI
                                              MediaFeatures, shared_sentence_embeddings)
 from omniret.data.frozen_features import AUDIO_DIM, IMAGE_DIM
 from omniret.errors import check_field_types
-from omniret.model.media_norm import MediaStandardizer, media_paths_of, token_moments
+from omniret.model.media_norm import MediaStandardizer, fit_standardizers
 from omniret.files import atomic_path, atomic_write_json, load_safetensors
 
 __all__ = ["DualEncoder", "DualEncoderConfig", "dual_encoder_train_config"]
@@ -221,16 +221,9 @@ class DualEncoder(nn.Module):
     def before_training(self, dataset) -> None:
         """With `standardize_media`: fits each media standardizer not fitted yet to the frozen tokens of the
         dataset's media of its modality (each file once). The Trainer calls it before a fresh run."""
-        if not self.config.standardize_media:
-            return
-        for m, norm in self.media_norms.items():
-            if bool(norm.fitted):
-                continue
-            paths = media_paths_of(dataset, m)
-            if not paths:
-                raise ValueError(f"standardize_media: the training data hold no {m} media to fit its statistics on")
-            mean, std, _ = token_moments(torch.as_tensor(f) for f in self.media_features(m, paths))
-            norm.set_stats(mean, std)
+        if self.config.standardize_media:
+            fit_standardizers(self.media_norms, dataset,
+                              lambda m, paths: (torch.as_tensor(f) for f in self.media_features(m, paths)))
 
     def _frozen(self, modality: str, values: List[str]) -> torch.Tensor:
         if modality != "text":

@@ -97,8 +97,6 @@ class _WaveEncoder:
     """What the audio encoders share: files -> 16 kHz mono waveforms cut to MAX_AUDIO_SECONDS and padded with
     silence to MIN_AUDIO_SECONDS (so a short clip still fills one window) -> `embed_wave` -> (T, width)."""
 
-    calls = 0
-
     @staticmethod
     def fit_length(wave: np.ndarray) -> np.ndarray:
         wave = wave[: int(MAX_AUDIO_SECONDS * SAMPLE_RATE)]

@@ -310,11 +310,11 @@ class CNNAudioTower(MediaEncoder):
 
 
 def build_encoder(bb: BackboneConfig, cfg: OmniRetConfig) -> MediaEncoder:
-    from omniret.model.precomputed import PrecomputedFeatureEncoder
+    from omniret.model.precomputed import PRECOMPUTED_KINDS, PrecomputedFeatureEncoder
 
-    builders = {"efficientnet_lite0": PrecomputedFeatureEncoder, "speech_embedding": PrecomputedFeatureEncoder,
-                "whisper_tiny_en": PrecomputedFeatureEncoder, "siglip": SiglipImageEncoder, "cnn_image": CNNImageTower,
-                "whisper": WhisperAudioEncoder, "qwen2_audio": WhisperAudioEncoder, "cnn_audio": CNNAudioTower}
+    builders = {**dict.fromkeys(PRECOMPUTED_KINDS, PrecomputedFeatureEncoder), "siglip": SiglipImageEncoder,
+                "cnn_image": CNNImageTower, "whisper": WhisperAudioEncoder, "qwen2_audio": WhisperAudioEncoder,
+                "cnn_audio": CNNAudioTower}
     if bb.kind not in builders:
         raise ValueError(f"unknown encoder kind {bb.kind!r}; known: {sorted(builders)}")
     enc = builders[bb.kind](bb, cfg)

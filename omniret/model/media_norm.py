@@ -11,12 +11,12 @@ model, never trained.
 from __future__ import annotations
 
 import warnings
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-__all__ = ["MediaStandardizer", "token_moments", "media_paths_of"]
+__all__ = ["MediaStandardizer", "token_moments", "media_paths_of", "fit_standardizers"]
 
 MIN_STD = 1e-3  # channels that never vary (a dead unit) are divided by this, not by zero
 
@@ -57,6 +57,21 @@ def media_paths_of(dataset, modality: str) -> list:
                 if isinstance(m, str):
                     seen.setdefault(m, None)
     return list(seen)
+
+
+def fit_standardizers(norms, dataset, tokens_of: Callable[[str, list], Iterable[torch.Tensor]]) -> None:
+    """Fits each standardizer of `norms` ({modality: MediaStandardizer}) that is not fitted yet to the tokens of
+    the dataset's media of its modality, each file once: `tokens_of(modality, paths)` yields their (T, D) tokens.
+    A model's `before_training` calls it with its own way of reading tokens."""
+    for modality, norm in norms.items():
+        if bool(norm.fitted):
+            continue
+        paths = media_paths_of(dataset, modality)
+        if not paths:
+            raise ValueError(f"standardize_media: the training data hold no {modality} media to fit its statistics "
+                             f"on (set standardize_media=False, or drop the {modality} encoder)")
+        mean, std, _ = token_moments(tokens_of(modality, paths))
+        norm.set_stats(mean, std)
 
 
 class MediaStandardizer(nn.Module):

@@ -26,7 +26,7 @@ from omniret.modalities import MEDIA_MODALITIES
 from omniret.model.composer import Composer, ParsedItem, parse_item
 from omniret.model.encoders import MediaEncoder, build_encoder, cu_seqlens_from_lengths
 from omniret.model.heads import build_head, late_interaction_scores
-from omniret.model.media_norm import MediaStandardizer
+from omniret.model.media_norm import MediaStandardizer, fit_standardizers
 from omniret.model.projectors import build_projector
 from omniret_kernels import SharedMediaResampler, diversity_loss
 
@@ -332,29 +332,20 @@ class OmniRet(nn.Module):
 
     def before_training(self, dataset, batch_size: int = 64) -> None:
         """Called by the Trainer before a fresh run's first step: with `standardize_media`, fits each media
-        standardizer not fitted yet to the tokens of the dataset's media of its modality (each file once)."""
+        standardizer not fitted yet to its encoder's tokens of the dataset's media of that modality (each file
+        once; the image encoder's on images only: video frames share its statistics)."""
         if not self.config.standardize_media:
             return
-        from omniret.model.media_norm import media_paths_of, token_moments
 
-        for name, norm in self.media_norms.items():
-            if bool(norm.fitted):
-                continue
-            paths = media_paths_of(dataset, name)  # images only for the image encoder: its video frames share them
-            if not paths:
-                raise ValueError(f"standardize_media: the training data hold no {name} media to fit its statistics "
-                                 f"on (set standardize_media=False, or drop the {name} encoder)")
+        def tokens_of(modality: str, paths: list):
+            with torch.inference_mode():
+                for s in range(0, len(paths), batch_size):
+                    batch = self.prepare([{modality: p} for p in paths[s:s + batch_size]])
+                    packed, cu = self.encode_media(modality, batch.media[modality])
+                    for i in range(cu.shape[0] - 1):
+                        yield packed[cu[i]:cu[i + 1]].float().cpu()
 
-            def tokens():
-                with torch.inference_mode():
-                    for s in range(0, len(paths), batch_size):
-                        batch = self.prepare([{name: p} for p in paths[s:s + batch_size]])
-                        packed, cu = self.encode_media(name, batch.media[name])
-                        for i in range(cu.shape[0] - 1):
-                            yield packed[cu[i]:cu[i + 1]].float().cpu()
-
-            mean, std, _ = token_moments(tokens())
-            norm.set_stats(mean, std)
+        fit_standardizers(self.media_norms, dataset, tokens_of)
 
     def takes_gradient(self, modality: str) -> bool:
         """Whether the encoder of `modality` trains now (a trainable tower with parameters that require grad).

@@ -16,18 +16,19 @@ import numpy as np
 import torch
 
 from omniret.config import BackboneConfig, OmniRetConfig
+from omniret.data.frozen_features import ENCODERS as FROZEN_ENCODERS, feature_store
 from omniret.model.encoders import MediaEncoder, cu_seqlens_from_lengths
 
 __all__ = ["PrecomputedFeatureEncoder", "PRECOMPUTED_KINDS"]
 
-# kind -> (modality, token width)
-PRECOMPUTED_KINDS = {"efficientnet_lite0": ("image", 1280), "whisper_tiny_en": ("audio", 384),
-                     "speech_embedding": ("audio", 96)}
+# kind -> (modality, token width), from the frozen encoders that compute the features
+PRECOMPUTED_KINDS = {kind: (encoder.modality, encoder.width) for kind, encoder in FROZEN_ENCODERS.items()}
 
 
 class PrecomputedFeatureEncoder(MediaEncoder):
-    """kind "efficientnet_lite0" (image), "whisper_tiny_en" or "speech_embedding" (audio). `BackboneConfig.path`: the feature cache
-    directory (None: $OMNIRET_CACHE/features, default ~/.cache/omniret/features)."""
+    """kind "efficientnet_lite0" (image), "whisper_tiny_en" or "speech_embedding" (audio): PRECOMPUTED_KINDS.
+    `BackboneConfig.path`: the feature cache directory (None: $OMNIRET_CACHE/features, default
+    ~/.cache/omniret/features)."""
 
     trainable = False
     cacheable = False  # the features come from a cache already
@@ -52,8 +53,6 @@ class PrecomputedFeatureEncoder(MediaEncoder):
         return self._anchor.dtype
 
     def _store(self):
-        from omniret.data.frozen_features import feature_store
-
         return feature_store(self.modality, self.cache_dir, kind=self.backbone_config.kind)
 
     def preload(self, paths: list, progress: bool = True) -> None:
