@@ -163,3 +163,28 @@ def test_real_stage1_is_the_papers_warm_up_carved_from_the_steps():
     assert [s["stage"] for s in train_config(_real_options("--steps", "30"), None)["stages"]] == [2]
     with pytest.raises(ValueError, match="stage1_steps"):
         train_config(_real_options("--steps", "10", "--stage1-steps", "10"), None)
+
+
+def test_real_projectors_learn_at_their_own_rate():
+    """--projector-lr: the projectors' parameters (and only they) form a group at that rate; LoRA keeps its group,
+    the resamplers and the head the stage's --lr."""
+    from omniret.config import preset
+    from omniret.demo.real_demo import train_config
+    from omniret.model.omniret import OmniRet
+    from omniret.train.optim import named_param_groups
+
+    opts = _real_options("--projector-lr", "2e-3", "--lr", "3e-5")
+    specs = train_config(opts, None)["param_groups"]
+    assert {"match": ["projectors."], "lr": 2e-3} in specs
+    assert _real_options().projector_lr == 1e-3
+    model = OmniRet(preset("tiny"))
+    model.add_lora()
+    params = model.trainable_parameters()
+    groups = named_param_groups(model, params, specs, 3e-5, 0.0)
+    by_id = {id(p): g["lr"] for g in groups for p in g["params"]}
+    names = dict((id(p), n) for n, p in model.named_parameters())
+    for p in params:
+        name = names[id(p)]
+        want = 2e-3 if name.startswith("projectors.") else 1e-3 if "lora_" in name else 3e-5
+        assert by_id[id(p)] == want, name
+    assert any(n.startswith("projectors.") for n in map(names.get, map(id, params)))

@@ -89,8 +89,11 @@ def add_arguments(p) -> None:
                    help="gradient-caching chunks backpropagated from the embedding pass, without a re-run "
                         f"({_both('keep_graphs')})")
     p.add_argument("--lr", type=float, default=None,
-                   help=f"towers, projectors, resamplers, pooling head ({_both('lr')})")
+                   help=f"towers, projectors (digits), resamplers, pooling head ({_both('lr')})")
     p.add_argument("--lora-lr", type=float, default=None, help=f"LoRA in the composer ({_both('lora_lr')})")
+    p.add_argument("--projector-lr", type=positive_float, default=_default("projector_lr", "real"),
+                   help="real: the projectors from the frozen encoders' tokens to the LLM's width (default "
+                        "%(default)s; --lr sets the resamplers and the pooling head)")
     p.add_argument("--tower-warmup-epochs", type=nonnegative_int, default=_default("tower_warmup_epochs"),
                    help="supervised warm-up of the CNN towers on the training labels before contrastive training "
                         "(a stand-in for pretrained encoders; counts against --time-budget): the audio tower's epochs, "
@@ -210,7 +213,7 @@ def real_options_from_args(args):
                            min_steps=args.min_steps, resume=args.resume, baseline=not args.no_baseline,
                            data_dir=args.data_dir, feature_cache=args.feature_cache, build_index=not args.no_index,
                            threads=args.threads, stage1_steps=args.stage1_steps, stage1_lr=args.stage1_lr,
-                           **given, **sizes)
+                           projector_lr=args.projector_lr, **given, **sizes)
 
 
 def options_from_args(args):

@@ -34,6 +34,8 @@ VARIANTS = {
                          {"model_overrides": {"pool_instruction": True}}),
     "raw_features": ("the frozen tokens as the encoders give them (the preset standardises them per channel)",
                      {"model_overrides": {"standardize_media": False}}),
+    "slow_projector": ("the projectors at the resamplers' rate (1e-4; the preset gives them 1e-3)",
+                       {"projector_lr": 1e-4}),
     "no_resampler": ("no media resampler: projected encoder tokens go to the LLM",
                      {"model_overrides": {"media_resampler": "none"}}),
     "separate_resamplers": ("one resampler per modality instead of one shared",
