@@ -1,0 +1,116 @@
+"""How spread out OmniRet's items are at each stage of the model, before and after a few training steps.
+
+    python -m omniret.demo.real_spread --steps 20 --lr 1e-3 --json out/spread.json
+
+For 48 test items of each kind (images, audio clips, texts, texts with their instruction) it prints the mean
+pairwise cosine across items of: the media resampler's output, the LLM's input and output (mean over positions),
+and the embedding. 1.0 means every item looks the same at that stage (a collapse); the frozen features after
+standardisation sit near 0. docs/real_benchmark.md ("The collapse") reads it: with every new module at 1e-3 the
+embeddings collapse within a few steps, with the text's LLM output still spread.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from omniret.files import atomic_write_json
+
+__all__ = ["mean_pairwise_cosine", "stage_spread", "main"]
+
+STAGES = ("resampled", "llm_input", "llm_output", "embedding")
+
+
+def mean_pairwise_cosine(x: torch.Tensor) -> float:
+    """Mean cosine over the distinct pairs of rows of x (n, ...) flattened per row, n >= 2."""
+    if x.shape[0] < 2:
+        raise ValueError(f"need at least 2 items, got {x.shape[0]}")
+    u = torch.nn.functional.normalize(x.reshape(x.shape[0], -1).double(), dim=1)
+    n = u.shape[0]
+    total = (u.sum(0) ** 2).sum() - n  # sum over i != j of <u_i, u_j>
+    return float(total / (n * (n - 1)))
+
+
+@torch.no_grad()
+def stage_spread(model, items: list) -> dict:
+    """{stage: mean pairwise cosine} for one call of the model over `items` (eval mode); media stages only when
+    the items carry media and the model has a media resampler."""
+    seen: dict = {}
+    llm = model.composer.llm
+    # BERT-like LLMs: after their embedding LayerNorm; others: the input embeddings as the LLM takes them
+    embed = getattr(llm, "embeddings", None) or llm.get_input_embeddings()
+    hooks = [embed.register_forward_hook(lambda m, i, o: seen.__setitem__("llm_input", o))]
+    hooks.append(llm.register_forward_hook(
+        lambda m, i, o: seen.__setitem__("llm_output", o.last_hidden_state if hasattr(o, "last_hidden_state") else o[0])))
+    if isinstance(model.media_resampler, torch.nn.Module) and not isinstance(model.media_resampler, torch.nn.ModuleDict):
+        hooks.append(model.media_resampler.register_forward_hook(lambda m, i, o: seen.__setitem__("resampled", o)))
+    was_training = model.training
+    model.eval()
+    try:
+        emb, _ = model(items)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    out = {"embedding": mean_pairwise_cosine(emb)}
+    if "resampled" in seen:
+        out["resampled"] = mean_pairwise_cosine(seen["resampled"])
+    for key in ("llm_input", "llm_output"):
+        if key in seen:
+            out[key] = mean_pairwise_cosine(seen[key].mean(dim=1))
+    return {k: round(out[k], 4) for k in STAGES if k in out}
+
+
+def _probe_items(tasks, per_kind: int) -> dict:
+    by_name = {t.name: t for t in tasks}
+    texts = by_name["openclipart_text2image"].queries[:per_kind]
+    return {
+        "image": [{"image": q["image"]} for q in by_name["tuxpaint_image2text"].queries[:per_kind]],
+        "audio": [{"audio": q["audio"]} for q in by_name["asterisk_audio2text"].queries[:per_kind]],
+        "text": [{"text": q["text"]} for q in texts],
+        "text+instruction": [{"text": q["text"], "instruction": q["instruction"]} for q in texts],
+    }
+
+
+def main(argv=None) -> dict:
+    from omniret.demo import real_demo
+    from omniret.threads import apply_threads
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=20, help="training steps (their own warm-up and cosine schedule)")
+    p.add_argument("--lr", type=float, default=1e-4, help="the resamplers' and the head's rate")
+    p.add_argument("--projector-lr", type=float, default=None, help="the projectors' rate (default: the demo's)")
+    p.add_argument("--items", type=int, default=48, help="test items of each kind")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--max-items", type=int, default=None, help="a seeded subset of the benchmark (quick runs)")
+    p.add_argument("--json", default=None, help="write the numbers here")
+    args = p.parse_args(argv)
+    apply_threads(args.threads)
+    extra = {} if args.projector_lr is None else {"projector_lr": args.projector_lr}
+    opts = real_demo.RealDemoOptions(output="", steps=max(args.steps, 1), lr=args.lr, seed=args.seed,
+                                     max_items=args.max_items, progress=False, checkpoint_every=0, baseline=False,
+                                     **extra)
+    root = real_demo.ensure_benchmark(opts)
+    real_demo.ensure_features(root, opts)
+    tasks, _ = real_demo.eval_tasks(root, opts)
+    items = _probe_items(tasks, args.items)
+    model = real_demo.build_model(opts)
+    data = real_demo.train_set(root, opts)
+    model.before_training(data)
+    report = {"options": {k: v for k, v in vars(args).items() if k != "json"},
+              "before": {kind: stage_spread(model, xs) for kind, xs in items.items()}}
+    if args.steps:
+        real_demo.train(model, data, opts, None, log=lambda *a: None)
+        report["after"] = {kind: stage_spread(model, xs) for kind, xs in items.items()}
+    for when in ("before", "after"):
+        for kind, row in report.get(when, {}).items():
+            print(f"{when:6s} {kind:17s} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))
+    if args.json:
+        atomic_write_json(args.json, report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
