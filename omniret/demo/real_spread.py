@@ -81,6 +81,7 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=20, help="training steps (their own warm-up and cosine schedule)")
     p.add_argument("--lr", type=float, default=1e-4, help="the resamplers' and the head's rate")
     p.add_argument("--projector-lr", type=float, default=None, help="the projectors' rate (default: the demo's)")
+    p.add_argument("--pooling", default="aswp", choices=("aswp", "eos", "mean"), help="the embedding's pooling")
     p.add_argument("--items", type=int, default=48, help="test items of each kind")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
@@ -90,6 +91,7 @@ def main(argv=None) -> dict:
     apply_threads(args.threads)
     extra = {} if args.projector_lr is None else {"projector_lr": args.projector_lr}
     opts = real_demo.RealDemoOptions(output="", steps=max(args.steps, 1), lr=args.lr, seed=args.seed,
+                                     pooling=args.pooling,
                                      max_items=args.max_items, progress=False, checkpoint_every=0, baseline=False,
                                      **extra)
     root = real_demo.ensure_benchmark(opts)
