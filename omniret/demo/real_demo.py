@@ -42,8 +42,8 @@ class RealDemoOptions:
     per_composed_task: int = 8
     lr: float = 1e-4  # resamplers, pooling head
     # the projectors (encoder tokens -> the LLM's width) learn at 10x `lr`: at 1e-4 they stay near their random
-    # start in 150 steps; at 1e-3, +4.0 single-modality R@5 points at seed 0 (docs/real_benchmark.md, "Learning
-    # rates per module"). The attention modules at 1e-3 lose points, so they keep `lr`
+    # start in 150 steps; at 1e-3, single-modality R@5 +4.0 / 0.0 / +0.8 points on seeds 0-2 (docs/real_benchmark.md,
+    # "Learning rates per module"). The resamplers at 1e-3 collapse every item to one embedding, so they keep `lr`
     projector_lr: float = 1e-3
     lora_lr: float = 1e-3
     baseline_lr: float = 1e-3  # the dual encoder's heads start from scratch
@@ -161,9 +161,9 @@ def task_counts(opts: RealDemoOptions, composed: bool = True) -> dict:
 
 def train_config(opts: RealDemoOptions, output_dir: str | None) -> dict:
     """OmniRet's recipe as a Trainer config (TrainConfig fields; configs/real.yaml says the same for `omniret
-    train`): `opts.steps` steps of fixed pairs per task, AdamW (LoRA and the projectors at their own rates), linear warm-up and cosine
-    decay to 2%, gradient norm clipped at 5; negatives are the batch's candidates of the target's modality, as in
-    evaluation."""
+    train`): `opts.steps` steps of fixed pairs per task, AdamW (LoRA and the projectors at their own rates), linear
+    warm-up and cosine decay to 2%, gradient norm clipped at 5; negatives are the batch's candidates of the target's
+    modality, as in evaluation."""
     if not 0 <= opts.stage1_steps < opts.steps:
         raise ValueError(f"stage1_steps must be in [0, steps), got {opts.stage1_steps} of {opts.steps}")
     stages = []
