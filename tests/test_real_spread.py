@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from omniret.config import preset
-from omniret.demo.real_spread import mean_pairwise_cosine, stage_spread
+from omniret.demo.real_spread import mean_pairwise_cosine, stage_spread, stage_vectors
 from omniret.model.omniret import OmniRet
 
 
@@ -37,3 +37,14 @@ def test_stage_spread_reads_every_stage_and_sees_a_collapse():
     collapsed = stage_spread(model, texts)
     assert collapsed["embedding"] == pytest.approx(1.0)
     assert collapsed["llm_output"] < 0.9999
+
+
+def test_stage_vectors_leave_the_padding_out():
+    """An item's LLM means are the same in a batch padded to a longer item as alone."""
+    model = OmniRet(preset("tiny"))
+    items = [{"text": "ab"}, {"text": "a much longer text than the first, to pad it"}, {"text": "cd e"}]
+    batch = stage_vectors(model, items)
+    for i, item in enumerate(items):
+        alone = stage_vectors(model, [item])
+        for key in ("llm_input", "llm_output", "embedding"):
+            assert torch.allclose(batch[key][i], alone[key][0], atol=1e-5), (key, i)

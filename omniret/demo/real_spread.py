@@ -3,8 +3,8 @@
     python -m omniret.demo.real_spread --steps 20 --lr 1e-3 --json out/spread.json
 
 For 48 test items of each kind (images, audio clips, texts, texts with their instruction) it prints the mean
-pairwise cosine across items of: the media resampler's output, the LLM's input and output (mean over positions),
-and the embedding. 1.0 means every item looks the same at that stage (a collapse); the frozen features after
+pairwise cosine across items of: the media resampler's output, the LLM's input and output (mean over the valid
+positions), and the embedding. 1.0 means every item looks the same at that stage (a collapse); the frozen features after
 standardisation sit near 0. docs/real_benchmark.md ("The collapse") reads it: with every new module at 1e-3 the
 embeddings collapse within a few steps, with the text's LLM output still spread.
 """
@@ -17,7 +17,7 @@ import torch
 
 from omniret.files import atomic_write_json
 
-__all__ = ["mean_pairwise_cosine", "stage_spread", "main"]
+__all__ = ["mean_pairwise_cosine", "stage_vectors", "stage_spread", "main"]
 
 STAGES = ("resampled", "llm_input", "llm_output", "embedding")
 
@@ -33,16 +33,20 @@ def mean_pairwise_cosine(x: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def stage_spread(model, items: list) -> dict:
-    """{stage: mean pairwise cosine} for one call of the model over `items` (eval mode); media stages only when
-    the items carry media and the model has a media resampler."""
+def stage_vectors(model, items: list) -> dict:
+    """{stage: (n, ...) per-item tensor} for one call of the model over `items` (eval mode): the media resampler's
+    output (when the items carry media and the model has one resampler), the LLM's input and output averaged over
+    each item's valid positions, and the embedding."""
     seen: dict = {}
     llm = model.composer.llm
-    # BERT-like LLMs: after their embedding LayerNorm; others: the input embeddings as the LLM takes them
-    embed = getattr(llm, "embeddings", None) or llm.get_input_embeddings()
-    hooks = [embed.register_forward_hook(lambda m, i, o: seen.__setitem__("llm_input", o))]
-    hooks.append(llm.register_forward_hook(
-        lambda m, i, o: seen.__setitem__("llm_output", o.last_hidden_state if hasattr(o, "last_hidden_state") else o[0])))
+
+    def composer_call(module, inputs, output):  # (inputs_embeds, mask) -> hidden; the mask leaves the padding out
+        seen.setdefault("llm_input", inputs[0])
+        seen.update(llm_output=output, mask=inputs[1])
+
+    hooks = [model.composer.register_forward_hook(composer_call)]
+    if hasattr(llm, "embeddings"):  # BERT-like LLMs: the LLM's input after its embedding LayerNorm instead
+        hooks.append(llm.embeddings.register_forward_hook(lambda m, i, o: seen.__setitem__("llm_input", o)))
     if isinstance(model.media_resampler, torch.nn.Module) and not isinstance(model.media_resampler, torch.nn.ModuleDict):
         hooks.append(model.media_resampler.register_forward_hook(lambda m, i, o: seen.__setitem__("resampled", o)))
     was_training = model.training
@@ -53,13 +57,16 @@ def stage_spread(model, items: list) -> dict:
         model.train(was_training)
         for h in hooks:
             h.remove()
-    out = {"embedding": mean_pairwise_cosine(emb)}
-    if "resampled" in seen:
-        out["resampled"] = mean_pairwise_cosine(seen["resampled"])
+    keep = seen.pop("mask").to(emb.dtype).unsqueeze(-1)
     for key in ("llm_input", "llm_output"):
-        if key in seen:
-            out[key] = mean_pairwise_cosine(seen[key].mean(dim=1))
-    return {k: round(out[k], 4) for k in STAGES if k in out}
+        seen[key] = (seen[key] * keep).sum(dim=1) / keep.sum(dim=1)
+    seen["embedding"] = emb
+    return {k: seen[k] for k in STAGES if k in seen}
+
+
+def stage_spread(model, items: list) -> dict:
+    """{stage: mean pairwise cosine across `items`} of `stage_vectors`."""
+    return {k: round(mean_pairwise_cosine(v), 4) for k, v in stage_vectors(model, items).items()}
 
 
 def _probe_items(tasks, per_kind: int) -> dict:
