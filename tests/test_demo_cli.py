@@ -1,6 +1,8 @@
 """`omniret demo`'s flags: their defaults are DemoOptions', and they reach DemoOptions (no training here)."""
 import dataclasses
 
+import pytest
+
 from omniret.cli import build_parser
 from omniret.commands.demo import options_from_args
 from omniret.demo.digits_demo import DemoOptions
@@ -165,6 +167,34 @@ def test_real_stage1_is_the_papers_warm_up_carved_from_the_steps():
         train_config(_real_options("--steps", "10", "--stage1-steps", "10"), None)
 
 
+@pytest.mark.parametrize("resampler", ["shared", "separate"])
+def test_real_resampler_matrices_step_with_muon(resampler):
+    """--muon-lr: exactly the resampler blocks' matrices (media and the pooling head's) form the Muon group at that
+    rate; their latents, norms and ASWP's parameters stay on AdamW at --lr; --muon-lr 0 gives no Muon group."""
+    from omniret.config import preset
+    from omniret.demo.real_demo import train_config
+    from omniret.model.omniret import OmniRet
+    from omniret.train.optim import named_param_groups
+
+    assert _real_options().muon_lr == 1e-3
+    specs = train_config(_real_options("--muon-lr", "2e-3", "--lr", "3e-5"), None)["param_groups"]
+    model = OmniRet(preset("tiny", media_resampler=resampler))
+    model.add_lora()
+    params = model.trainable_parameters()
+    groups = named_param_groups(model, params, specs, 3e-5, 0.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for g in groups if g.get("optimizer") == "muon" for p in g["params"]}
+    assert all(g["lr"] == 2e-3 for g in groups if g.get("optimizer") == "muon")
+    blocks = {n for n, p in model.named_parameters() if p.requires_grad and p.dim() == 2 and "lora_" not in n
+              and "resampler" in n and ".layers." in n}
+    assert muon == blocks and any(n.startswith("media_resampler.") for n in muon)
+    assert any(n.startswith("head.hidden_state_resampler.") for n in muon)
+    rest = {names[id(p)]: g["lr"] for g in groups if g.get("optimizer") != "muon" for p in g["params"]}
+    assert all(rate == 3e-5 for n, rate in rest.items() if "resampler" in n or n.startswith("head."))
+    off = train_config(_real_options("--muon-lr", "0"), None)["param_groups"]
+    assert not any(g.get("optimizer") == "muon" for g in off)
+
+
 def test_real_projectors_learn_at_their_own_rate():
     """--projector-lr: the projectors' parameters (and only they) form a group at that rate; LoRA keeps its group,
     the resamplers and the head the stage's --lr."""
@@ -185,6 +215,8 @@ def test_real_projectors_learn_at_their_own_rate():
     names = dict((id(p), n) for n, p in model.named_parameters())
     for p in params:
         name = names[id(p)]
+        if "resampler" in name and ".layers." in name and p.dim() == 2:
+            continue  # the Muon group (test_real_resampler_matrices_step_with_muon)
         want = 2e-3 if name.startswith("projectors.") else 1e-3 if "lora_" in name else 3e-5
         assert by_id[id(p)] == want, name
     assert any(n.startswith("projectors.") for n in map(names.get, map(id, params)))

@@ -128,11 +128,17 @@ def _params(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_two_stages_train_and_resume_in_process(tmp_path):
+MUON_GROUPS = [{"match": ["head."], "lr": 3e-3, "optimizer": "muon"}]
+
+
+@pytest.mark.parametrize("groups", [[], MUON_GROUPS], ids=["adamw", "muon"])
+def test_two_stages_train_and_resume_in_process(tmp_path, groups):
+    """A run stopped after 5 of 8 steps and resumed in a fresh model ends bit for bit where the whole run ends;
+    with the head's matrices on Muon (omniret.train.optim.MultiOptimizer) too."""
     data = toy_dataset(per_dataset=10)
     full_model = toy_model(seed=1)
     before = _params(full_model)
-    full = Trainer(full_model, _cfg(tmp_path / "full")).fit(data)
+    full = Trainer(full_model, _cfg(tmp_path / "full", param_groups=groups)).fit(data)
     assert full.steps == 8 and full.stopped == "done"
     after = _params(full_model)
     # stage 1 keeps the text table frozen; stage 2 trains it and starts audio latents from image latents
@@ -141,10 +147,10 @@ def test_two_stages_train_and_resume_in_process(tmp_path):
     assert all(math_finite(h["loss"]) for h in full.history)
 
     part_model = toy_model(seed=1)
-    part = Trainer(part_model, _cfg(tmp_path / "part")).fit(data, max_steps=5)
+    part = Trainer(part_model, _cfg(tmp_path / "part", param_groups=groups)).fit(data, max_steps=5)
     assert part.stopped == "max_steps" and part.steps == 5
     resumed_model = toy_model(seed=1)  # a fresh process would build the model anew
-    rest = Trainer(resumed_model, _cfg(tmp_path / "part")).fit(data)
+    rest = Trainer(resumed_model, _cfg(tmp_path / "part", param_groups=groups)).fit(data)
     assert rest.steps == 8 and len(rest.history) == 3
     assert full.stage_steps == rest.stage_steps == {"stage0": 4, "stage1": 4} and part.stage_steps == {"stage0": 4,
                                                                                                       "stage1": 1}

@@ -35,6 +35,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def nonnegative_float(text: str) -> float:
+    value = _parse(text, float)
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be >= 0 and finite, got {text}")
+    return value
+
+
 def probability(text: str) -> float:
     value = _parse(text, float)
     if not 0.0 <= value <= 1.0:  # also catches nan

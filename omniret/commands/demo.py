@@ -8,7 +8,7 @@ import argparse
 import importlib.util
 import sys
 
-from omniret.commands._args import nonnegative_int, positive_float, positive_int, probability
+from omniret.commands._args import nonnegative_float, nonnegative_int, positive_float, positive_int, probability
 from omniret.threads import passive_openmp
 
 # before anything imports torch: OpenMP threads that wait sleep instead of spinning (omniret/threads.py says why)
@@ -94,6 +94,9 @@ def add_arguments(p) -> None:
     p.add_argument("--projector-lr", type=positive_float, default=_default("projector_lr", "real"),
                    help="real: the projectors from the frozen encoders' tokens to the LLM's width (default "
                         "%(default)s; --lr sets the resamplers and the pooling head)")
+    p.add_argument("--muon-lr", type=nonnegative_float, default=_default("muon_lr", "real"),
+                   help="real: the resamplers' attention and MLP matrices step with Muon at this rate (default "
+                        "%(default)s; 0: AdamW at --lr like the rest of the resamplers)")
     p.add_argument("--tower-warmup-epochs", type=nonnegative_int, default=_default("tower_warmup_epochs"),
                    help="supervised warm-up of the CNN towers on the training labels before contrastive training "
                         "(a stand-in for pretrained encoders; counts against --time-budget): the audio tower's epochs, "
@@ -213,7 +216,7 @@ def real_options_from_args(args):
                            min_steps=args.min_steps, resume=args.resume, baseline=not args.no_baseline,
                            data_dir=args.data_dir, feature_cache=args.feature_cache, build_index=not args.no_index,
                            threads=args.threads, stage1_steps=args.stage1_steps, stage1_lr=args.stage1_lr,
-                           projector_lr=args.projector_lr, **given, **sizes)
+                           projector_lr=args.projector_lr, muon_lr=args.muon_lr, **given, **sizes)
 
 
 def options_from_args(args):

@@ -36,6 +36,8 @@ VARIANTS = {
                      {"model_overrides": {"standardize_media": False}}),
     "slow_projector": ("the projectors at the resamplers' rate (1e-4; the preset gives them 1e-3)",
                        {"projector_lr": 1e-4}),
+    "adamw_resamplers": ("the resamplers' matrices on AdamW at their rate (1e-4; the preset steps them with Muon at 1e-3)",
+                         {"muon_lr": 0.0}),
     "no_resampler": ("no media resampler: projected encoder tokens go to the LLM",
                      {"model_overrides": {"media_resampler": "none"}}),
     "separate_resamplers": ("one resampler per modality instead of one shared",

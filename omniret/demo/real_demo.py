@@ -24,6 +24,10 @@ from omniret.files import atomic_path, atomic_write_text, read_jsonl_log
 
 COMPOSED_MARGIN = 0.05  # the issue's goal: composed tasks, mean R@5 at least 5 points above the dual encoder's
 SINGLE_TOLERANCE = 0.02  # single-modality tasks: mean R@5 at most 2 points below it
+# The Muon group's names: the resampler blocks' matrices (media_resampler[.<modality>].layers.<i>...,
+# head.hidden_state_resampler.layers.<i>...). LoRA's group comes first and the LLM's own weights are frozen, so
+# no other trainable matrix has this in its name; the latents and ASWP's directions are not in a block.
+MUON_MODULES = (".layers.",)
 
 
 @dataclass
@@ -43,8 +47,11 @@ class RealDemoOptions:
     lr: float = 1e-4  # resamplers, pooling head
     # the projectors (encoder tokens -> the LLM's width) learn at 10x `lr`: at 1e-4 they stay near their random
     # start in 150 steps; at 1e-3, single-modality R@5 +4.0 / 0.0 / +0.8 points on seeds 0-2 (docs/real_benchmark.md,
-    # "Learning rates per module"). The resamplers at 1e-3 collapse every item to one embedding, so they keep `lr`
+    # "Learning rates per module"). The resamplers on AdamW at 1e-3 collapse every item to one embedding
     projector_lr: float = 1e-3
+    # the resamplers' attention and MLP matrices (the media resampler's and the pooling head's) step with Muon at
+    # this rate (omniret.train.optim says why); their latents and norms keep AdamW at `lr`. 0: AdamW at `lr`
+    muon_lr: float = 1e-3
     lora_lr: float = 1e-3
     baseline_lr: float = 1e-3  # the dual encoder's heads start from scratch
     warmup: float = 0.05
@@ -161,7 +168,8 @@ def task_counts(opts: RealDemoOptions, composed: bool = True) -> dict:
 
 def train_config(opts: RealDemoOptions, output_dir: str | None) -> dict:
     """OmniRet's recipe as a Trainer config (TrainConfig fields; configs/real.yaml says the same for `omniret
-    train`): `opts.steps` steps of fixed pairs per task, AdamW (LoRA and the projectors at their own rates), linear
+    train`): `opts.steps` steps of fixed pairs per task, AdamW (LoRA and the projectors at their own rates; the
+    resamplers' matrices on Muon at `opts.muon_lr`), linear
     warm-up and cosine decay to 2%, gradient norm clipped at 5; negatives are the batch's candidates of the target's
     modality, as in evaluation."""
     if not 0 <= opts.stage1_steps < opts.steps:
@@ -175,6 +183,8 @@ def train_config(opts: RealDemoOptions, output_dir: str | None) -> dict:
     stages.append({"stage": 2, "name": "contrastive", "steps": steps, "lr": opts.lr, "task_counts": task_counts(opts),
                    "warmup_steps": _warmup_steps(opts, steps)})
     groups = [{"match": ["lora_"], "lr": opts.lora_lr}, {"match": ["projectors."], "lr": opts.projector_lr}]
+    if opts.muon_lr > 0:
+        groups.append({"match": list(MUON_MODULES), "lr": opts.muon_lr, "optimizer": "muon"})
     return {"stages": stages, "param_groups": groups, "triplet": opts.triplet,
             "symmetric": opts.symmetric, "mu1": opts.mu1, "mu2": opts.mu2, **_shared_settings(opts, output_dir)}
 

@@ -1,12 +1,13 @@
 """How spread out OmniRet's items are at each stage of the model, before and after a few training steps.
 
-    python -m omniret.demo.real_spread --steps 20 --lr 1e-3 --json out/spread.json
+    python -m omniret.demo.real_spread --steps 20 --lr 1e-3 --muon-lr 0 --json out/spread.json
 
 For 48 test items of each kind (images, audio clips, texts, texts with their instruction) it prints the mean
 pairwise cosine across items of: the media resampler's output, the LLM's input and output (mean over the valid
 positions), and the embedding. 1.0 means every item looks the same at that stage (a collapse); the frozen features after
 standardisation sit near 0. docs/real_benchmark.md ("The collapse") reads it: with every new module at 1e-3 the
-embeddings collapse within a few steps, with the text's LLM output still spread.
+embeddings collapse within a few steps on AdamW (`--muon-lr 0`), with the text's LLM output still spread; the
+resamplers' matrices on Muon (the default) do not.
 """
 from __future__ import annotations
 
@@ -88,6 +89,8 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=20, help="training steps (their own warm-up and cosine schedule)")
     p.add_argument("--lr", type=float, default=1e-4, help="the resamplers' and the head's rate")
     p.add_argument("--projector-lr", type=float, default=None, help="the projectors' rate (default: the demo's)")
+    p.add_argument("--muon-lr", type=float, default=None,
+                   help="the resamplers' matrices on Muon at this rate (default: the demo's; 0: AdamW at --lr)")
     p.add_argument("--pooling", default="aswp", choices=("aswp", "eos", "mean"), help="the embedding's pooling")
     p.add_argument("--items", type=int, default=48, help="test items of each kind")
     p.add_argument("--seed", type=int, default=0)
@@ -97,6 +100,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     apply_threads(args.threads)
     extra = {} if args.projector_lr is None else {"projector_lr": args.projector_lr}
+    if args.muon_lr is not None:
+        extra["muon_lr"] = args.muon_lr
     opts = real_demo.RealDemoOptions(output="", steps=max(args.steps, 1), lr=args.lr, seed=args.seed,
                                      pooling=args.pooling,
                                      max_items=args.max_items, progress=False, checkpoint_every=0, baseline=False,

@@ -9,6 +9,8 @@ from typing import Any, Dict, List, Optional
 
 from omniret.errors import check_field_types
 
+OPTIMIZERS = ("adamw", "muon")  # what a parameter group may step with ("optimizer"; adamw when left out)
+
 __all__ = ["StageConfig", "TrainConfig"]
 
 
@@ -72,7 +74,9 @@ class TrainConfig:
     datasets_per_task: tuple = (1, 2)
     # Learning rates per parameter group: [{"match": ["lora_"], "lr": 1e-3}, ...]; a trainable parameter joins the
     # first group one of whose substrings its name contains, else the default group (`lr`). "weight_decay"
-    # optional per group. Parameters of fewer than 2 dimensions get no weight decay in any group.
+    # optional per group. Parameters of fewer than 2 dimensions get no weight decay in any group. "optimizer":
+    # "muon" steps the group's matrices with torch.optim.Muon (omniret.train.optim); its vectors go on to the
+    # next group that matches them.
     param_groups: List[Dict[str, Any]] = field(default_factory=list)
     # "all": every other candidate of the batch is a query's negative (SPEC). "modality": only the candidates of
     # its positive's modality, as in evaluation, where each task searches a pool of one modality (docs/demo.md)
@@ -156,6 +160,10 @@ class TrainConfig:
             raise ValueError(f"keep_graphs must be >= 0, got {self.keep_graphs}")
         if self.strategy not in ("ddp", "fsdp"):
             raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {self.strategy!r}")
+        uses_muon = any(g.get("optimizer") == "muon" for g in
+                        list(self.param_groups) + [g for s in self.stages for g in (s.param_groups or [])])
+        if uses_muon and self.strategy == "fsdp":  # Muon orthogonalises whole matrices; FSDP2 holds shards
+            raise ValueError("param_groups: 'optimizer': 'muon' needs whole matrices; use strategy 'ddp' with it")
         if self.negatives not in ("all", "modality"):
             raise ValueError(f"negatives must be 'all' or 'modality', got {self.negatives!r}")
         if self.triplet not in ("sum", "mean"):
@@ -169,9 +177,11 @@ class TrainConfig:
 
 
 def _check_group(group: Dict[str, Any], where: str) -> None:
-    unknown = set(group) - {"match", "lr", "weight_decay"}
+    unknown = set(group) - {"match", "lr", "weight_decay", "optimizer"}
     if unknown or "match" not in group or "lr" not in group:
         raise ValueError(f"{where}: a parameter group is {{'match': [name substrings], 'lr': float"
-                         f"[, 'weight_decay': float]}}, got {group}")
+                         f"[, 'weight_decay': float][, 'optimizer': 'adamw' or 'muon']}}, got {group}")
     if not isinstance(group["match"], (list, tuple, str)) or float(group["lr"]) < 0:
         raise ValueError(f"{where}: match must be a substring or a list of them and lr >= 0, got {group}")
+    if group.get("optimizer", "adamw") not in OPTIMIZERS:
+        raise ValueError(f"{where}: optimizer must be one of {list(OPTIMIZERS)}, got {group['optimizer']!r}")
