@@ -44,7 +44,7 @@ class RealDemoOptions:
     stage1_lr: float = 1e-4
     per_task: int = 8  # training pairs of each of the 7 tasks per step
     per_composed_task: int = 8
-    lr: float = 1e-4  # resamplers, pooling head
+    lr: float = 1e-4  # the resamplers' latents and norms, ASWP (and the resamplers' matrices when muon_lr is 0)
     # the projectors (encoder tokens -> the LLM's width) learn at 10x `lr`: at 1e-4 they stay near their random
     # start in 150 steps; at 1e-3, single-modality R@5 +4.0 / 0.0 / +0.8 points on seeds 0-2 (docs/real_benchmark.md,
     # "Learning rates per module"). The resamplers on AdamW at 1e-3 collapse every item to one embedding

@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=20, help="training steps (their own warm-up and cosine schedule)")
-    p.add_argument("--lr", type=float, default=1e-4, help="the resamplers' and the head's rate")
+    p.add_argument("--lr", type=float, default=1e-4, help="the rate of the resamplers' latents and norms and ASWP (of their matrices too with --muon-lr 0)")
     p.add_argument("--projector-lr", type=float, default=None, help="the projectors' rate (default: the demo's)")
     p.add_argument("--muon-lr", type=float, default=None,
                    help="the resamplers' matrices on Muon at this rate (default: the demo's; 0: AdamW at --lr)")
