@@ -2,11 +2,12 @@
 ask for it), the learning-rate schedule, and the check that stops a step whose loss or gradient is not finite
 before the optimizer moves.
 
-Why Muon: AdamW moves every weight by about its rate each step, whatever the gradient's shape. When the gradient
+Why Muon (the mechanism as we read it; docs/real_benchmark.md has the evidence, "Muon for the resamplers"): AdamW
+moves every weight by about its rate each step, whatever the gradient's shape. When the gradient
 of a square attention matrix points the same way for every item (early in training, when every embedding of a
 kind moves together), that is a rank-1 update whose largest singular value grows by ~rate * width per step:
 at 1e-3 on MiniLM's 384 width the randomly initialised resamplers gain a component larger than their whole
-initial weight within ~10 steps, and every item comes out the same (docs/real_benchmark.md, "The collapse").
+initial weight within ~10 steps, and every item comes out the same (the collapse).
 Muon orthogonalises each matrix's update (Newton-Schulz), so no direction outgrows the others; with
 `match_rms_adamw` its rate means what an AdamW rate means."""
 from __future__ import annotations
