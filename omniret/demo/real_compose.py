@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from omniret.eval.evaluate import encode_pool
 from omniret.eval.recall import normalize, recall_at_k
 from omniret.files import atomic_write_json
 
@@ -68,8 +69,8 @@ def main(argv=None) -> dict:
         model.eval()
         pool_cache: dict = {}
         for task in (t for t in tasks if t.name in COMPOSED_TASKS):
-            if task.pool not in pool_cache:
-                pool_cache[task.pool] = normalize(torch.as_tensor(model.encode_corpus(pools[task.pool].items)))
+            if task.pool not in pool_cache:  # the two composed tasks search one gallery: encoded once per model
+                pool_cache[task.pool] = encode_pool(pools[task.pool], model.encode_corpus, None, name)
             row = text_effect(model.encode_queries, task.queries, pool_cache[task.pool], task.relevant)
             report.setdefault(task.name, {})[name] = row
             print(f"{task.name:24s} {name:13s} cos(with, without text) {row['cosine']:.3f}  "
