@@ -1,11 +1,14 @@
 """How spread out OmniRet's items are at each stage of the model, before and after a few training steps.
 
     python -m omniret.demo.real_spread --steps 20 --lr 1e-3 --muon-lr 0 --json out/spread.json
+    python -m omniret.demo.real_spread --model out/demo/model --items 300    # a trained model against its start
 
-For 48 test items of each kind (images, audio clips, texts, texts with their instruction) it prints the mean
-pairwise cosine across items of: the media resampler's output, the LLM's input and output (mean over the valid
-positions), and the embedding. 1.0 means every item looks the same at that stage (a collapse); the frozen features after
-standardisation sit near 0. docs/real_benchmark.md ("The collapse") reads it: with every new module at 1e-3 the
+For 48 test items of each kind (images, audio clips, texts, texts with their instruction) it prints, per stage, the
+mean pairwise cosine across items and their effective rank: the projector's output (mean over an item's tokens), the
+media resampler's output, the LLM's input and output (mean over the valid positions), and the embedding. A cosine of
+1.0 means every item looks the same at that stage (a collapse); the frozen features after standardisation sit near 0.
+The effective rank (`effective_rank`) counts the directions the items spread along: a dimensional collapse lowers it
+while the cosine may stay moderate. It is at most the number of items less one. docs/real_benchmark.md ("The collapse") reads it: with every new module at 1e-3 the
 embeddings collapse within a few steps on AdamW (`--muon-lr 0`), with the text's LLM output still spread; the
 resamplers' matrices on Muon (the default) do not.
 """
@@ -18,9 +21,9 @@ import torch
 
 from omniret.files import atomic_write_json
 
-__all__ = ["mean_pairwise_cosine", "stage_vectors", "stage_spread", "main"]
+__all__ = ["mean_pairwise_cosine", "effective_rank", "stage_vectors", "stage_spread", "stage_summary", "main"]
 
-STAGES = ("resampled", "llm_input", "llm_output", "embedding")
+STAGES = ("projected", "resampled", "llm_input", "llm_output", "embedding")
 
 
 def mean_pairwise_cosine(x: torch.Tensor) -> float:
@@ -33,13 +36,32 @@ def mean_pairwise_cosine(x: torch.Tensor) -> float:
     return float(total / (n * (n - 1)))
 
 
+def effective_rank(x: torch.Tensor) -> float:
+    """The participation ratio (sum s^2)^2 / sum s^4 of the singular values s of the rows of x (n, ...) flattened
+    and centred: k for items spread evenly along k orthogonal directions, 1 when they differ along one only, 0
+    when they are all equal. n >= 2."""
+    if x.shape[0] < 2:
+        raise ValueError(f"need at least 2 items, got {x.shape[0]}")
+    flat = x.reshape(x.shape[0], -1).double()
+    power = torch.linalg.svdvals(flat - flat.mean(dim=0)) ** 2
+    total = power.sum()
+    return float(total ** 2 / (power ** 2).sum()) if total > 0 else 0.0
+
+
 @torch.no_grad()
 def stage_vectors(model, items: list) -> dict:
-    """{stage: (n, ...) per-item tensor} for one call of the model over `items` (eval mode): the media resampler's
-    output (when the items carry media and the model has one resampler), the LLM's input and output averaged over
-    each item's valid positions, and the embedding."""
+    """{stage: (n, ...) per-item tensor} for one call of the model over `items` (eval mode): the projector's output
+    averaged over each item's tokens and the media resampler's output (when the items carry media of one modality;
+    the second only with one shared resampler), the LLM's input and output averaged over each item's valid
+    positions, and the embedding."""
     seen: dict = {}
     llm = model.composer.llm
+    projected = []
+    resample_media = model.resample_media
+
+    def record_projected(modality, tokens, cu):  # the projected tokens of one modality, packed by cu_seqlens
+        projected.append((tokens, cu))
+        return resample_media(modality, tokens, cu)
 
     def composer_call(module, inputs, output):  # (inputs_embeds, mask) -> hidden; the mask leaves the padding out
         seen.setdefault("llm_input", inputs[0])
@@ -52,12 +74,18 @@ def stage_vectors(model, items: list) -> dict:
         hooks.append(model.media_resampler.register_forward_hook(lambda m, i, o: seen.__setitem__("resampled", o)))
     was_training = model.training
     model.eval()
+    model.resample_media = record_projected
     try:
         emb, _ = model(items)
     finally:
+        del model.resample_media  # the class's method again
         model.train(was_training)
         for h in hooks:
             h.remove()
+    if len(projected) == 1:
+        tokens, cu = projected[0]
+        bounds = cu.tolist()
+        seen["projected"] = torch.stack([tokens[bounds[i]:bounds[i + 1]].mean(dim=0) for i in range(len(bounds) - 1)])
     keep = seen.pop("mask").to(emb.dtype).unsqueeze(-1)
     for key in ("llm_input", "llm_output"):
         seen[key] = (seen[key] * keep).sum(dim=1) / keep.sum(dim=1)
@@ -68,6 +96,12 @@ def stage_vectors(model, items: list) -> dict:
 def stage_spread(model, items: list) -> dict:
     """{stage: mean pairwise cosine across `items`} of `stage_vectors`."""
     return {k: round(mean_pairwise_cosine(v), 4) for k, v in stage_vectors(model, items).items()}
+
+
+def stage_summary(model, items: list) -> dict:
+    """{stage: {"cosine": mean pairwise cosine, "rank": effective rank}} across `items`, from one call."""
+    return {k: {"cosine": round(mean_pairwise_cosine(v), 4), "rank": round(effective_rank(v), 2)}
+            for k, v in stage_vectors(model, items).items()}
 
 
 def _probe_items(tasks, per_kind: int) -> dict:
@@ -87,6 +121,9 @@ def main(argv=None) -> dict:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=20, help="training steps (their own warm-up and cosine schedule)")
+    p.add_argument("--model", default=None,
+                   help="a trained OmniRet folder (e.g. an `omniret demo` run's model/): measured as 'after' instead of "
+                        "training --steps; 'before' is the preset at its start with the model's seed")
     p.add_argument("--lr", type=float, default=1e-4, help="the rate of the resamplers' latents and norms and ASWP (of their matrices too with --muon-lr 0)")
     p.add_argument("--projector-lr", type=float, default=None, help="the projectors' rate (default: the demo's)")
     p.add_argument("--muon-lr", type=float, default=None,
@@ -106,6 +143,12 @@ def main(argv=None) -> dict:
                                      pooling=args.pooling,
                                      max_items=args.max_items, progress=False, checkpoint_every=0, baseline=False,
                                      **extra)
+    trained = None
+    if args.model is not None:
+        from omniret.model.omniret import OmniRet
+
+        trained = OmniRet.from_pretrained(args.model)
+        opts.seed, opts.pooling = trained.config.seed, trained.config.pooling
     root = real_demo.ensure_benchmark(opts)
     real_demo.ensure_features(root, opts)
     tasks, _ = real_demo.eval_tasks(root, opts)
@@ -114,13 +157,17 @@ def main(argv=None) -> dict:
     data = real_demo.train_set(root, opts)
     model.before_training(data)
     report = {"options": {k: v for k, v in vars(args).items() if k != "json"},
-              "before": {kind: stage_spread(model, xs) for kind, xs in items.items()}}
-    if args.steps:
+              "before": {kind: stage_summary(model, xs) for kind, xs in items.items()}}
+    if trained is not None:
+        report["after"] = {kind: stage_summary(trained, xs) for kind, xs in items.items()}
+    elif args.steps:
         real_demo.train(model, data, opts, None, log=lambda *a: None)
-        report["after"] = {kind: stage_spread(model, xs) for kind, xs in items.items()}
+        report["after"] = {kind: stage_summary(model, xs) for kind, xs in items.items()}
     for when in ("before", "after"):
         for kind, row in report.get(when, {}).items():
-            print(f"{when:6s} {kind:17s} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))
+            print(f"{when:6s} {kind:17s} ({len(items[kind])} items) "
+                  + "  ".join(f"{k} {v['cosine']:.3f} / {v['rank']:.1f}" for k, v in row.items()))
+    print("(each stage: mean pairwise cosine / effective rank)")
     if args.json:
         atomic_write_json(args.json, report)
     return report
