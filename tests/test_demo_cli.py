@@ -177,7 +177,8 @@ def test_real_resampler_matrices_step_with_muon(resampler):
     from omniret.train.optim import named_param_groups
 
     assert _real_options().muon_lr == 1e-3
-    specs = train_config(_real_options("--muon-lr", "2e-3", "--lr", "3e-5"), None)["param_groups"]
+    specs = train_config(_real_options("--muon-lr", "2e-3", "--lr", "3e-5", "--projector-muon-lr", "0"),
+                         None)["param_groups"]
     model = OmniRet(preset("tiny", media_resampler=resampler))
     model.add_lora()
     params = model.trainable_parameters()
@@ -191,8 +192,33 @@ def test_real_resampler_matrices_step_with_muon(resampler):
     assert any(n.startswith("head.hidden_state_resampler.") for n in muon)
     rest = {names[id(p)]: g["lr"] for g in groups if g.get("optimizer") != "muon" for p in g["params"]}
     assert all(rate == 3e-5 for n, rate in rest.items() if "resampler" in n or n.startswith("head."))
-    off = train_config(_real_options("--muon-lr", "0"), None)["param_groups"]
+    off = train_config(_real_options("--muon-lr", "0", "--projector-muon-lr", "0"), None)["param_groups"]
     assert not any(g.get("optimizer") == "muon" for g in off)
+
+
+def test_real_projector_matrices_step_with_muon_and_their_biases_with_adamw():
+    """--projector-muon-lr: the projectors' matrices (and only theirs, beside the resamplers' own Muon group) step
+    with Muon at that rate; their biases keep AdamW at --projector-lr; 0 puts the matrices back on AdamW."""
+    from omniret.config import preset
+    from omniret.demo.real_demo import train_config
+    from omniret.model.omniret import OmniRet
+    from omniret.train.optim import named_param_groups
+
+    assert _real_options().projector_muon_lr == 3e-3
+    specs = train_config(_real_options("--projector-muon-lr", "4e-3", "--projector-lr", "2e-3", "--muon-lr", "1e-3"),
+                         None)["param_groups"]
+    model = OmniRet(preset("tiny"))
+    model.add_lora()
+    groups = named_param_groups(model, model.trainable_parameters(), specs, 3e-5, 0.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    rate = {names[id(p)]: (g["lr"], g.get("optimizer", "adamw")) for g in groups for p in g["params"]}
+    projector = {n: p for n, p in model.named_parameters() if n.startswith("projectors.") and p.requires_grad}
+    assert projector and any(p.dim() == 2 for p in projector.values()) and any(p.dim() == 1 for p in projector.values())
+    for n, p in projector.items():
+        assert rate[n] == ((4e-3, "muon") if p.dim() == 2 else (2e-3, "adamw")), n
+    assert {n for n, r in rate.items() if r == (4e-3, "muon")} == {n for n, p in projector.items() if p.dim() == 2}
+    off = train_config(_real_options("--projector-muon-lr", "0"), None)["param_groups"]
+    assert [g for g in off if "projectors." in g["match"]] == [{"match": ["projectors."], "lr": 1e-3}]
 
 
 def test_real_projectors_learn_at_their_own_rate():
@@ -203,7 +229,7 @@ def test_real_projectors_learn_at_their_own_rate():
     from omniret.model.omniret import OmniRet
     from omniret.train.optim import named_param_groups
 
-    opts = _real_options("--projector-lr", "2e-3", "--lr", "3e-5")
+    opts = _real_options("--projector-lr", "2e-3", "--lr", "3e-5", "--projector-muon-lr", "0")
     specs = train_config(opts, None)["param_groups"]
     assert {"match": ["projectors."], "lr": 2e-3} in specs
     assert _real_options().projector_lr == 1e-3

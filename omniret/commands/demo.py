@@ -94,6 +94,9 @@ def add_arguments(p) -> None:
     p.add_argument("--projector-lr", type=positive_float, default=_default("projector_lr", "real"),
                    help="real: the projectors from the frozen encoders' tokens to the LLM's width (default "
                         "%(default)s; --lr sets the resamplers and the pooling head)")
+    p.add_argument("--projector-muon-lr", type=nonnegative_float, default=_default("projector_muon_lr", "real"),
+                   help="real: the projectors' matrices step with Muon at this rate, their biases with AdamW at "
+                        "--projector-lr (default %(default)s; 0: AdamW at --projector-lr for all of them)")
     p.add_argument("--muon-lr", type=nonnegative_float, default=_default("muon_lr", "real"),
                    help="real: the resamplers' attention and MLP matrices step with Muon at this rate (default "
                         "%(default)s; 0: AdamW at --lr like the rest of the resamplers)")
@@ -216,7 +219,8 @@ def real_options_from_args(args):
                            min_steps=args.min_steps, resume=args.resume, baseline=not args.no_baseline,
                            data_dir=args.data_dir, feature_cache=args.feature_cache, build_index=not args.no_index,
                            threads=args.threads, stage1_steps=args.stage1_steps, stage1_lr=args.stage1_lr,
-                           projector_lr=args.projector_lr, muon_lr=args.muon_lr, **given, **sizes)
+                           projector_lr=args.projector_lr, projector_muon_lr=args.projector_muon_lr,
+                           muon_lr=args.muon_lr, **given, **sizes)
 
 
 def options_from_args(args):

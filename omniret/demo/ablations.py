@@ -36,6 +36,8 @@ VARIANTS = {
                      {"model_overrides": {"standardize_media": False}}),
     "slow_projector": ("the projectors at the resamplers' rate (1e-4; the preset gives them 1e-3)",
                        {"projector_lr": 1e-4}),
+    "adamw_projectors": ("the projectors' matrices on AdamW at the projectors' rate (1e-3; the preset steps them with "
+                         "Muon at 3e-3)", {"projector_muon_lr": 0.0}),
     "adamw_resamplers": ("the resamplers' matrices on AdamW at their rate (1e-4; the preset steps them with Muon at 1e-3)",
                          {"muon_lr": 0.0}),
     "no_resampler": ("no media resampler: projected encoder tokens go to the LLM",

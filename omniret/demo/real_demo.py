@@ -49,6 +49,10 @@ class RealDemoOptions:
     # start in 150 steps; at 1e-3, single-modality R@5 +4.0 / 0.0 / +0.8 points on seeds 0-2 (docs/real_benchmark.md,
     # "Learning rates per module"). The resamplers on AdamW at 1e-3 collapse every item to one embedding
     projector_lr: float = 1e-3
+    # the projectors' matrices step with Muon at this rate, their biases with AdamW at `projector_lr`. On AdamW the
+    # image projector's output lost most of its dimensions in 150 steps (effective rank ~55 -> ~10 over 300 test
+    # images; docs/real_benchmark.md, "A dimensional collapse"). 0: AdamW at `projector_lr` for the whole projectors
+    projector_muon_lr: float = 3e-3
     # the resamplers' attention and MLP matrices (the media resampler's and the pooling head's) step with Muon at
     # this rate (omniret.train.optim says why); their latents and norms keep AdamW at `lr`. 0: AdamW at `lr`
     muon_lr: float = 1e-3
@@ -168,8 +172,8 @@ def task_counts(opts: RealDemoOptions, composed: bool = True) -> dict:
 
 def train_config(opts: RealDemoOptions, output_dir: str | None) -> dict:
     """OmniRet's recipe as a Trainer config (TrainConfig fields; configs/real.yaml says the same for `omniret
-    train`): `opts.steps` steps of fixed pairs per task, AdamW (LoRA and the projectors at their own rates; the
-    resamplers' matrices on Muon at `opts.muon_lr`), linear
+    train`): `opts.steps` steps of fixed pairs per task, AdamW (LoRA and the projectors' biases at their own rates;
+    the projectors' matrices on Muon at `opts.projector_muon_lr`, the resamplers' at `opts.muon_lr`), linear
     warm-up and cosine decay to 2%, gradient norm clipped at 5; negatives are the batch's candidates of the target's
     modality, as in evaluation."""
     if not 0 <= opts.stage1_steps < opts.steps:
@@ -182,7 +186,10 @@ def train_config(opts: RealDemoOptions, output_dir: str | None) -> dict:
     steps = opts.steps - opts.stage1_steps
     stages.append({"stage": 2, "name": "contrastive", "steps": steps, "lr": opts.lr, "task_counts": task_counts(opts),
                    "warmup_steps": _warmup_steps(opts, steps)})
-    groups = [{"match": ["lora_"], "lr": opts.lora_lr}, {"match": ["projectors."], "lr": opts.projector_lr}]
+    groups = [{"match": ["lora_"], "lr": opts.lora_lr}]
+    if opts.projector_muon_lr > 0:  # the projectors' matrices; their biases go on to the next group
+        groups.append({"match": ["projectors."], "lr": opts.projector_muon_lr, "optimizer": "muon"})
+    groups.append({"match": ["projectors."], "lr": opts.projector_lr})
     if opts.muon_lr > 0:
         groups.append({"match": list(MUON_MODULES), "lr": opts.muon_lr, "optimizer": "muon"})
     return {"stages": stages, "param_groups": groups, "triplet": opts.triplet,

@@ -126,6 +126,8 @@ def main(argv=None) -> dict:
                         "training --steps; 'before' is the preset at its start with the model's seed")
     p.add_argument("--lr", type=float, default=1e-4, help="the rate of the resamplers' latents and norms and ASWP (of their matrices too with --muon-lr 0)")
     p.add_argument("--projector-lr", type=float, default=None, help="the projectors' rate (default: the demo's)")
+    p.add_argument("--projector-muon-lr", type=float, default=None,
+                   help="the projectors' matrices on Muon at this rate (default: the demo's; 0: AdamW at the projectors' rate)")
     p.add_argument("--muon-lr", type=float, default=None,
                    help="the resamplers' matrices on Muon at this rate (default: the demo's; 0: AdamW at --lr)")
     p.add_argument("--pooling", default="aswp", choices=("aswp", "eos", "mean"), help="the embedding's pooling")
@@ -139,6 +141,8 @@ def main(argv=None) -> dict:
     extra = {} if args.projector_lr is None else {"projector_lr": args.projector_lr}
     if args.muon_lr is not None:
         extra["muon_lr"] = args.muon_lr
+    if args.projector_muon_lr is not None:
+        extra["projector_muon_lr"] = args.projector_muon_lr
     opts = real_demo.RealDemoOptions(output="", steps=max(args.steps, 1), lr=args.lr, seed=args.seed,
                                      pooling=args.pooling,
                                      max_items=args.max_items, progress=False, checkpoint_every=0, baseline=False,
