@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from omniret.config import preset
-from omniret.demo.real_spread import effective_rank, mean_pairwise_cosine, stage_spread, stage_summary, stage_vectors
+from omniret.demo.real_spread import (effective_rank, mean_pairwise_cosine, plot_ranks, stage_spread, stage_summary,
+                                      stage_vectors)
 from omniret.model.omniret import OmniRet
 
 
@@ -83,3 +84,11 @@ def test_projected_stage_is_each_items_mean_projected_token():
         assert torch.allclose(seen["projected"][i], want, atol=1e-5), i
     summary = stage_summary(model, images)
     assert set(summary["embedding"]) == {"cosine", "rank"} and 0.0 <= summary["projected"]["rank"] <= 2.0 + 1e-9
+
+
+def test_plot_ranks_draws_every_series(tmp_path):
+    row = {"projected": {"cosine": 0.5, "rank": 30.0}, "embedding": {"cosine": 0.7, "rank": 8.0}}
+    text = {"embedding": {"cosine": 0.3, "rank": 19.0}}
+    path = tmp_path / "ranks.png"
+    plot_ranks({"before": {"image": row, "text": text}, "run/model": {"image": row, "text": text}}, str(path))
+    assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"

@@ -2,6 +2,7 @@
 
     python -m omniret.demo.real_spread --steps 20 --lr 1e-3 --muon-lr 0 --json out/spread.json
     python -m omniret.demo.real_spread --model out/demo/model --items 300    # a trained model against its start
+    python -m omniret.demo.real_spread --model a/model b/model --items 300 --plot out/ranks.png
 
 For 48 test items of each kind (images, audio clips, texts, texts with their instruction) it prints, per stage, the
 mean pairwise cosine across items and their effective rank: the projector's output (mean over an item's tokens), the
@@ -21,7 +22,8 @@ import torch
 
 from omniret.files import atomic_write_json
 
-__all__ = ["mean_pairwise_cosine", "effective_rank", "stage_vectors", "stage_spread", "stage_summary", "main"]
+__all__ = ["mean_pairwise_cosine", "effective_rank", "stage_vectors", "stage_spread", "stage_summary", "plot_ranks",
+           "main"]
 
 STAGES = ("projected", "resampled", "llm_input", "llm_output", "embedding")
 
@@ -104,6 +106,30 @@ def stage_summary(model, items: list) -> dict:
             for k, v in stage_vectors(model, items).items()}
 
 
+def plot_ranks(series: dict, path: str) -> None:
+    """One panel per kind of item: the effective rank at each stage, one line per entry of `series`
+    ({label: {kind: stage_summary}}); stages a kind does not have are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(next(iter(series.values())))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(3.6 * len(kinds), 3.4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        stages = [st for st in STAGES if st in next(iter(series.values()))[kind]]
+        for label, report in series.items():
+            ax.plot(range(len(stages)), [report[kind][st]["rank"] for st in stages], marker="o", label=label)
+        ax.set_xticks(range(len(stages)), [st.replace("_", "\n") for st in stages], fontsize=7)
+        ax.set_title(kind, fontsize=9)
+        ax.set_ylim(bottom=0)
+    axes[0][0].set_ylabel("effective rank across items")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _probe_items(tasks, per_kind: int) -> dict:
     by_name = {t.name: t for t in tasks}
     texts = by_name["openclipart_text2image"].queries[:per_kind]
@@ -121,9 +147,9 @@ def main(argv=None) -> dict:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=20, help="training steps (their own warm-up and cosine schedule)")
-    p.add_argument("--model", default=None,
-                   help="a trained OmniRet folder (e.g. an `omniret demo` run's model/): measured as 'after' instead of "
-                        "training --steps; 'before' is the preset at its start with the model's seed")
+    p.add_argument("--model", nargs="+", default=None,
+                   help="trained OmniRet folders (e.g. an `omniret demo` run's model/), measured instead of training "
+                        "--steps; 'before' is the preset at its start with the first model's seed")
     p.add_argument("--lr", type=float, default=1e-4, help="the rate of the resamplers' latents and norms and ASWP (of their matrices too with --muon-lr 0)")
     p.add_argument("--projector-lr", type=float, default=None, help="the projectors' rate (default: the demo's)")
     p.add_argument("--projector-muon-lr", type=float, default=None,
@@ -136,6 +162,7 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--max-items", type=int, default=None, help="a seeded subset of the benchmark (quick runs)")
     p.add_argument("--json", default=None, help="write the numbers here")
+    p.add_argument("--plot", default=None, help="draw the effective rank per stage here (a .png)")
     args = p.parse_args(argv)
     apply_threads(args.threads)
     extra = {} if args.projector_lr is None else {"projector_lr": args.projector_lr}
@@ -147,12 +174,13 @@ def main(argv=None) -> dict:
                                      pooling=args.pooling,
                                      max_items=args.max_items, progress=False, checkpoint_every=0, baseline=False,
                                      **extra)
-    trained = None
-    if args.model is not None:
+    trained = {}
+    if args.model:
         from omniret.model.omniret import OmniRet
 
-        trained = OmniRet.from_pretrained(args.model)
-        opts.seed, opts.pooling = trained.config.seed, trained.config.pooling
+        trained = {path: OmniRet.from_pretrained(path) for path in args.model}
+        first = trained[args.model[0]].config
+        opts.seed, opts.pooling = first.seed, first.pooling
     root = real_demo.ensure_benchmark(opts)
     real_demo.ensure_features(root, opts)
     tasks, _ = real_demo.eval_tasks(root, opts)
@@ -162,16 +190,22 @@ def main(argv=None) -> dict:
     model.before_training(data)
     report = {"options": {k: v for k, v in vars(args).items() if k != "json"},
               "before": {kind: stage_summary(model, xs) for kind, xs in items.items()}}
-    if trained is not None:
-        report["after"] = {kind: stage_summary(trained, xs) for kind, xs in items.items()}
+    if trained:
+        report["models"] = {path: {kind: stage_summary(m, xs) for kind, xs in items.items()}
+                            for path, m in trained.items()}
+        report["after"] = report["models"][args.model[0]]
     elif args.steps:
         real_demo.train(model, data, opts, None, log=lambda *a: None)
         report["after"] = {kind: stage_summary(model, xs) for kind, xs in items.items()}
-    for when in ("before", "after"):
-        for kind, row in report.get(when, {}).items():
-            print(f"{when:6s} {kind:17s} ({len(items[kind])} items) "
+    series = {"before": report["before"], **(report.get("models") or {"after": report.get("after", {})})}
+    series = {label: rows for label, rows in series.items() if rows}
+    for label, rows in series.items():
+        for kind, row in rows.items():
+            print(f"{label} {kind} ({len(items[kind])} items): "
                   + "  ".join(f"{k} {v['cosine']:.3f} / {v['rank']:.1f}" for k, v in row.items()))
     print("(each stage: mean pairwise cosine / effective rank)")
+    if args.plot:
+        plot_ranks(series, args.plot)
     if args.json:
         atomic_write_json(args.json, report)
     return report
