@@ -9,9 +9,12 @@ mean pairwise cosine across items and their effective rank: the projector's outp
 media resampler's output, the LLM's input and output (mean over the valid positions), and the embedding. A cosine of
 1.0 means every item looks the same at that stage (a collapse); the frozen features after standardisation sit near 0.
 The effective rank (`effective_rank`) counts the directions the items spread along: a dimensional collapse lowers it
-while the cosine may stay moderate. It is at most the number of items less one. docs/real_benchmark.md ("The collapse") reads it: with every new module at 1e-3 the
-embeddings collapse within a few steps on AdamW (`--muon-lr 0`), with the text's LLM output still spread; the
-resamplers' matrices on Muon (the default) do not.
+while the cosine may stay moderate. It is at most the number of items less one.
+
+docs/real_benchmark.md reads it twice. "Learning rates per module, and the collapse": with every new module at 1e-3
+the embeddings collapse within a few steps on AdamW (`--muon-lr 0`), with the text's LLM output still spread; the
+resamplers' matrices on Muon do not. "Underfitting, and a dimensional collapse in the projectors": on AdamW the
+projectors' output loses most of its effective rank; their matrices on Muon (the default) keep more of it.
 """
 from __future__ import annotations
 
