@@ -4,7 +4,7 @@
     python -m omniret.demo.real_fit --run out/demo [--queries 300] [--json out/fit.json]
 
 Training recall: per task, a seeded sample of up to `--queries` training queries against a gallery of every
-positive of that task's training queries (403 to 1,680 candidates in the default build, about the size of the test
+positive of that task's training queries (312 to 1,680 candidates in the default build, about the size of the test
 galleries). Test recall is the run's own `results.json`. A model whose training recall sits near its test recall
 has not fitted what it was shown; one far above it has memorised. docs/real_benchmark.md ("Underfitting, not
 overfitting") reads it.
