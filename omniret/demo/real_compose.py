@@ -11,7 +11,6 @@ far more to the dual encoder's recall than to OmniRet's.
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
@@ -43,10 +42,8 @@ def text_effect(encode_queries, queries: list, candidates: torch.Tensor, relevan
 
 
 def main(argv=None) -> dict:
-    from omniret.baselines.dual_encoder import DualEncoder
     from omniret.data.real_benchmark import COMPOSED_TASKS
     from omniret.demo import real_demo
-    from omniret.model.omniret import OmniRet
     from omniret.threads import apply_threads
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -55,18 +52,13 @@ def main(argv=None) -> dict:
     p.add_argument("--json", default=None, help="write the numbers here")
     args = p.parse_args(argv)
     apply_threads(args.threads)
-    models = {"omniret": os.path.join(args.run, "model"), "dual_encoder": os.path.join(args.run, "baseline_model")}
-    missing = [path for path in models.values() if not os.path.isdir(path)]
-    if missing:
-        raise SystemExit(f"real_compose: no saved model at {', '.join(missing)} (run `omniret demo` first)")
+    models = real_demo.load_run_models(args.run, "real_compose")
     opts = real_demo.RealDemoOptions(output=args.run, progress=False)
     root = real_demo.ensure_benchmark(opts)
     real_demo.ensure_features(root, opts)
     tasks, pools = real_demo.eval_tasks(root, opts)
     report: dict = {}
-    for name, path in models.items():
-        model = OmniRet.from_pretrained(path) if name == "omniret" else DualEncoder.from_pretrained(path)
-        model.eval()
+    for name, model in models.items():
         pool_cache: dict = {}
         for task in (t for t in tasks if t.name in COMPOSED_TASKS):
             if task.pool not in pool_cache:  # the two composed tasks search one gallery: encoded once per model

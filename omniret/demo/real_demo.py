@@ -51,7 +51,8 @@ class RealDemoOptions:
     projector_lr: float = 1e-3
     # the projectors' matrices step with Muon at this rate, their biases with AdamW at `projector_lr`. On AdamW the
     # image projector's output lost most of its dimensions in 150 steps (effective rank ~55 -> ~10 over 300 test
-    # images; docs/real_benchmark.md, "A dimensional collapse"). 0: AdamW at `projector_lr` for the whole projectors
+    # images; docs/real_benchmark.md, "Underfitting, and a dimensional collapse in the projectors").
+    # 0: AdamW at `projector_lr` for the whole projectors
     projector_muon_lr: float = 3e-3
     # the resamplers' attention and MLP matrices (the media resampler's and the pooling head's) step with Muon at
     # this rate (omniret.train.optim says why); their latents and norms keep AdamW at `lr`. 0: AdamW at `lr`
@@ -256,22 +257,46 @@ def build_baseline(opts: RealDemoOptions):
 # ---------------------------------------------------------------------------------------------------------
 # evaluation
 # ---------------------------------------------------------------------------------------------------------
-def eval_tasks(root: str, opts: RealDemoOptions) -> tuple:
-    """Every task's test queries against its local pool (its test gallery), as `omniret eval` reads them."""
+def split_tasks(root: str, split: str, seed: int, use_global: bool = False) -> tuple:
+    """(tasks, pools) of one split of the benchmark at `root`, as `omniret eval` reads them, scored at R@1/5/10
+    with R@5 the primary; `use_global`: against the union pool (the training split has no local pools)."""
     from omniret.commands.eval import build_tasks
     from omniret.data import mbeir
 
-    problems, (loaded, pools, table) = mbeir.validate(root, "test")
+    problems, (loaded, pools, table) = mbeir.validate(root, split, use_global=use_global)
     if problems:
-        raise ValueError(f"real benchmark test split: {mbeir.format_report(problems)}")
-    tasks, pool_objs = build_tasks(loaded, pools, table, opts.seed)
+        raise ValueError(f"real benchmark {split} split: {mbeir.format_report(problems)}")
+    tasks, pool_objs = build_tasks(loaded, pools, table, seed)
     for task in tasks:
-        task.ks = (1, 5, 10)
-        task.primary_k = 5
+        task.ks, task.primary_k = (1, 5, 10), 5
+    return tasks, pool_objs
+
+
+def eval_tasks(root: str, opts: RealDemoOptions) -> tuple:
+    """Every task's test queries against its local pool (its test gallery), as `omniret eval` reads them."""
+    tasks, pool_objs = split_tasks(root, "test", opts.seed)
+    for task in tasks:
         if opts.max_eval_queries is not None and len(task.queries) > opts.max_eval_queries:
             keep = opts.max_eval_queries
             task.queries, task.relevant = task.queries[:keep], task.relevant[:keep]
     return tasks, pool_objs
+
+
+def load_run_models(run: str, tool: str) -> dict:
+    """{"omniret": model, "dual_encoder": model} saved by `omniret demo --output run` (model/, baseline_model/),
+    in eval mode; `tool` names the caller in the error for a run without them."""
+    from omniret.baselines.dual_encoder import DualEncoder
+    from omniret.model.omniret import OmniRet
+
+    paths = {"omniret": os.path.join(run, "model"), "dual_encoder": os.path.join(run, "baseline_model")}
+    missing = [path for path in paths.values() if not os.path.isdir(path)]
+    if missing:
+        raise SystemExit(f"{tool}: no saved model at {', '.join(missing)} (run `omniret demo` first)")
+    models = {"omniret": OmniRet.from_pretrained(paths["omniret"]),
+              "dual_encoder": DualEncoder.from_pretrained(paths["dual_encoder"])}
+    for model in models.values():
+        model.eval()
+    return models
 
 
 def evaluate_model(model, tasks, pools, opts: RealDemoOptions, log=print) -> Results:

@@ -6,8 +6,8 @@
 Training recall: per task, a seeded sample of up to `--queries` training queries against a gallery of every
 positive of that task's training queries (312 to 1,680 candidates in the default build, about the size of the test
 galleries). Test recall is the run's own `results.json`. A model whose training recall sits near its test recall
-has not fitted what it was shown; one far above it has memorised. docs/real_benchmark.md ("Underfitting, not
-overfitting") reads it.
+has not fitted what it was shown; one far above it has memorised. docs/real_benchmark.md ("Underfitting, and a
+dimensional collapse in the projectors") reads it.
 """
 from __future__ import annotations
 
@@ -47,16 +47,11 @@ def positives_gallery(task: EvalTask, pool: Pool, max_queries: int, seed: int = 
 
 def train_tasks(root: str, max_queries: int, seed: int = 0) -> tuple:
     """Every task of the benchmark at `root` on its training split, cut by `positives_gallery`."""
-    from omniret.commands.eval import build_tasks
-    from omniret.data import mbeir
+    from omniret.demo.real_demo import split_tasks
 
-    problems, (loaded, pools, table) = mbeir.validate(root, "train", use_global=True)
-    if problems:
-        raise ValueError(f"real benchmark train split: {mbeir.format_report(problems)}")
-    tasks, pool_objs = build_tasks(loaded, pools, table, seed)
+    tasks, pool_objs = split_tasks(root, "train", seed, use_global=True)
     out_tasks, out_pools = [], {}
     for task in tasks:
-        task.ks, task.primary_k = (1, 5, 10), 5
         sample, gallery = positives_gallery(task, pool_objs[task.pool], max_queries, seed)
         out_tasks.append(sample)
         out_pools[gallery.name] = gallery
@@ -64,11 +59,9 @@ def train_tasks(root: str, max_queries: int, seed: int = 0) -> tuple:
 
 
 def main(argv=None) -> dict:
-    from omniret.baselines.dual_encoder import DualEncoder
     from omniret.data.real_benchmark import COMPOSED_TASKS
     from omniret.demo import real_demo
     from omniret.eval.evaluate import evaluate
-    from omniret.model.omniret import OmniRet
     from omniret.threads import apply_threads
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -80,10 +73,9 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     apply_threads(args.threads)
     results_path = os.path.join(args.run, "results.json")
-    models = {"omniret": os.path.join(args.run, "model"), "dual_encoder": os.path.join(args.run, "baseline_model")}
-    missing = [path for path in [*models.values(), results_path] if not os.path.exists(path)]
-    if missing:
-        raise SystemExit(f"real_fit: {', '.join(missing)} missing (run `omniret demo` first)")
+    if not os.path.exists(results_path):
+        raise SystemExit(f"real_fit: {results_path} missing (run `omniret demo` first)")
+    models = real_demo.load_run_models(args.run, "real_fit")
     with open(results_path, encoding="utf-8") as f:
         ran = json.load(f)
     test = {"omniret": ran["tasks"], "dual_encoder": ran.get("baselines", {}).get("dual_encoder", {})}
@@ -92,9 +84,7 @@ def main(argv=None) -> dict:
     real_demo.ensure_features(root, opts)
     tasks, pools = train_tasks(root, args.queries, args.seed)
     report: dict = {}
-    for name, path in models.items():
-        model = OmniRet.from_pretrained(path) if name == "omniret" else DualEncoder.from_pretrained(path)
-        model.eval()
+    for name, model in models.items():
         fit = evaluate(tasks, pools, model.encode_queries, model.encode_corpus, log=lambda *a: None)
         for task in tasks:
             row = {"train": fit.tasks[task.name], "test": test[name].get(task.name),
