@@ -284,6 +284,33 @@ def test_two_trainers_cannot_share_an_output_dir(tmp_path):
         pass
 
 
+@pytest.mark.parametrize("which", ["real", "digits"])
+def test_two_demos_cannot_share_an_output_folder(tmp_path, which, capsys):
+    """`omniret demo` locks its output folder for the whole run (not only while a trainer writes train/): a
+    second demo there stops before it builds, trains or writes anything, naming the holder's PID; the CLI prints
+    that as one line and exits 2."""
+    from omniret.cli import main
+    from omniret.errors import RunLockedError
+    from omniret.files import RunLock
+
+    if which == "real":
+        from omniret.demo.real_demo import RealDemoOptions, run_real_demo as run
+        opts = RealDemoOptions(output=str(tmp_path), steps=1, data_dir=str(tmp_path / "no-data"))
+    else:
+        from omniret.demo.digits_demo import DemoOptions, run_demo as run
+        opts = DemoOptions(output=str(tmp_path), steps=1)
+    (tmp_path / "results.json").write_text("{}")
+    with RunLock(tmp_path):  # the first demo (another process in real life)
+        with pytest.raises(RunLockedError, match=f"PID {os.getpid()}"):
+            run(opts, log=lambda *a: pytest.fail("the locked-out demo started"))
+        if which == "digits":  # the command line: one line on stderr, exit status 2
+            assert main(["demo", "--benchmark", "digits", "--output", str(tmp_path), "--steps", "1"]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and "another process" in err[0] and f"PID {os.getpid()}" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "results.json"]
+    assert (tmp_path / "results.json").read_text() == "{}"
+
+
 # ------------------------------------------------------------------------------------------------------------
 # 3. no silent wrong answers
 # ------------------------------------------------------------------------------------------------------------

@@ -4,7 +4,23 @@ baseline (the default); digits_demo.py: the digits fixture; ablations.py: varian
 omniret/commands/demo.py is the command line; docs/real_benchmark.md and docs/demo.md the details."""
 from __future__ import annotations
 
+import functools
 import os
+
+
+def holds_output_lock(run):
+    """A demo's entry point, `run(opts, ...)`, holds the lock of its output folder (omniret.files.RunLock) while
+    it writes there: a second demo started on the same folder stops at once with RunLockedError naming the first's
+    PID, instead of the two overwriting each other's model, index and results.json."""
+
+    @functools.wraps(run)
+    def locked(opts, *args, **kwargs):
+        from omniret.files import RunLock
+
+        with RunLock(opts.output):
+            return run(opts, *args, **kwargs)
+
+    return locked
 
 
 def start_run(steps: int, threads, output: str, log=print) -> int:

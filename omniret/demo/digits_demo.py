@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from omniret.data import digits
+from omniret.demo import holds_output_lock
 from omniret.eval.evaluate import EvalTask, Pool, Results, evaluate, write_results
 from omniret.eval.recall import task_group
 from omniret.files import atomic_path, atomic_write_text, read_jsonl_log
@@ -334,6 +335,7 @@ def print_table(results: Results, log=print) -> None:
         log(f"{task:<20} {100 * m['R@1']:6.1f} {100 * m['R@5']:6.1f}  {d['queries']} (pool {d['candidates']})")
 
 
+@holds_output_lock
 def run_demo(opts: DemoOptions, log=print) -> dict:
     from omniret.demo import start_run
 

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from omniret.demo import holds_output_lock
 from omniret.eval.evaluate import Results, evaluate
 from omniret.files import atomic_path, atomic_write_text, read_jsonl_log
 
@@ -455,6 +456,7 @@ def train_and_evaluate(model, data, tasks, pools, opts: RealDemoOptions, output_
     return results, result, {"train": round(t1 - t0, 1), "eval": round(time.perf_counter() - t1, 1)}
 
 
+@holds_output_lock
 def run_real_demo(opts: RealDemoOptions, log=print) -> dict:
     from omniret.fingerprint import fingerprint_model
     from omniret.demo import start_run
