@@ -77,3 +77,48 @@ def test_a_second_run_reuses_the_benchmark_and_features_and_gives_the_same_numbe
     first, second = (json.loads((d / "results.json").read_text()) for d in (out, again))
     assert first["tasks"] == second["tasks"]
     assert first["baselines"] == second["baselines"]
+
+
+class _Killed(Exception):
+    """Stands for a kill: raised right after a checkpoint is written."""
+
+
+def test_a_run_killed_mid_training_resumes_to_the_unkilled_runs_numbers(smoke_run, tmp_path, monkeypatch):
+    """`omniret demo --resume` after a crash: killed right after OmniRet's step-2 checkpoint, the run goes on
+    from it (steps 1-2 are not rerun, and the metrics log holds each of steps 1-4 once) and ends with the
+    uninterrupted run's recall, the baseline's included."""
+    import dataclasses
+
+    from omniret.cli import build_parser
+    from omniret.commands.demo import real_options_from_args
+    from omniret.demo.real_demo import run_real_demo
+    from omniret.train.checkpoint import CheckpointManager
+
+    status, out, _, args = smoke_run
+    again = tmp_path / "again"
+    argv = [a if a != str(out) else str(again) for a in args]
+    opts = dataclasses.replace(real_options_from_args(build_parser("demo").parse_args(argv)), checkpoint_every=2)
+    save = CheckpointManager.save
+
+    def save_then_die(self, state, step):
+        path = save(self, state, step)
+        if step == 2:
+            raise _Killed(f"killed after {path.name}")
+        return path
+
+    monkeypatch.setattr(CheckpointManager, "save", save_then_die)
+    with pytest.raises(_Killed):
+        run_real_demo(opts, log=lambda *a: None)
+    monkeypatch.undo()
+    assert not (again / "results.json").exists()
+    before = (again / "train" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in before] == [1, 2]
+
+    run_real_demo(dataclasses.replace(opts, resume=True), log=lambda *a: None)
+    after = (again / "train" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in after] == [1, 2, 3, 4]
+    assert after[:2] == before  # not rerun: a rerun step logs its own throughput
+    first, resumed = (json.loads((d / "results.json").read_text()) for d in (out, again))
+    assert resumed["info"]["steps"] == 4
+    assert resumed["tasks"] == first["tasks"]
+    assert resumed["baselines"] == first["baselines"]
