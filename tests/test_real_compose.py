@@ -37,3 +37,53 @@ def test_text_effect_against_a_direct_computation():
             top = (q @ torch.nn.functional.normalize(cands, dim=1).T).topk(k, dim=1).indices
             hit = sum(bool(set(top[i].tolist()) & set(relevant[i])) for i in range(len(queries))) / len(queries)
             assert abs(moved[name][f"R@{k}"] - hit) < 1e-6, (name, k)
+
+
+def test_family_breakdown_against_a_direct_count():
+    """Fresh random embeddings and families of uneven sizes: the share of queries with some family member in the
+    top k, of targets outscoring the rest of their family, and the target's mean rank in its family equal a
+    per-query count; a bool relevance matrix
+    gives what index lists give; a query with two targets is refused."""
+    from omniret.demo.real_compose import family_breakdown
+
+    g = torch.Generator().manual_seed(3)
+    C, Q = 23, 17
+    families = [f"f{int(x)}" for x in torch.randint(0, 6, (C,), generator=g)]
+    cands = torch.randn(C, 5, generator=g, dtype=torch.float64)
+    queries = torch.randn(Q, 5, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, C, (Q,), generator=g).tolist()
+    got = family_breakdown(queries, cands, targets, families, k=3)
+    s = torch.nn.functional.normalize(queries, dim=1) @ torch.nn.functional.normalize(cands, dim=1).T
+    found = first = size = rank = 0
+    for i, t in enumerate(targets):
+        members = [j for j in range(C) if families[j] == families[t]]
+        top = s[i].argsort(descending=True)[:3].tolist()
+        found += any(j in members for j in top)
+        first += all(s[i, j] <= s[i, t] for j in members)
+        rank += sorted(members, key=lambda j: -float(s[i, j])).index(t) + 1
+        size += len(members)
+    assert abs(got["family@3"] - found / Q) < 1e-12
+    assert abs(got["target_first_in_family"] - first / Q) < 1e-12
+    assert abs(got["target_rank_in_family"] - rank / Q) < 1e-12
+    assert abs(got["family_size"] - size / Q) < 1e-12
+    assert 0 < got["family@3"] and got["target_first_in_family"] < 1  # the toy case is not degenerate
+
+    relevant = [[t] for t in targets]
+    matrix = torch.zeros(Q, C, dtype=torch.bool)
+    matrix[torch.arange(Q), torch.tensor(targets)] = True
+    encode = lambda qs: torch.stack([queries[q["image"]] for q in qs])  # noqa: E731 (the text changes nothing)
+    items = [{"image": i, "text": "t"} for i in range(Q)]
+    by_list = text_effect(encode, items, cands, relevant, families=families)["families"]
+    by_matrix = text_effect(encode, items, cands, matrix, families=families)["families"]
+    assert by_list == by_matrix and by_list["with"] == by_list["without"]
+    assert abs(by_list["with"]["target_first_in_family"] - got["target_first_in_family"]) < 1e-12
+    with pytest.raises(ValueError, match="query 0 has 2 relevant"):
+        text_effect(encode, items, cands, [[0, 1]] + relevant[1:], families=families)
+
+
+def test_emoji_family_drops_tone_and_gender():
+    from omniret.demo.real_compose import emoji_family
+
+    assert emoji_family({"image": "media/emoji/1F3C3-1F3FF-200D-2640-FE0F.png"}) == "1F3C3"
+    assert emoji_family({"image": "media/emoji/1F3C3.png"}) == emoji_family({"image": "x/1F3C3-1F3FB.png"})
+    assert emoji_family({"image": "1F44D.png"}) != emoji_family({"image": "1F3C3.png"})

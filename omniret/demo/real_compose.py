@@ -7,10 +7,15 @@ Per composed task and model it prints the mean cosine between a query's embeddin
 (1.0: the text changes nothing), and R@1 / R@5 with and without the text. docs/real_benchmark.md ("Muon for the
 resamplers") reads it: on the emoji image+text task both models score the same without the text, and the text adds
 far more to the dual encoder's recall than to OmniRet's.
+
+Then where the hits are won or lost (`family_breakdown`): the share of queries with some candidate of the target's
+emoji family (the emoji without skin tone and gender; omniret.data.sources.emoji.concept_of) in the top 5, and the
+share whose target ranks first among its family's candidates, and its mean rank there (the change text's work).
 """
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -18,7 +23,7 @@ from omniret.eval.evaluate import encode_pool
 from omniret.eval.recall import normalize, recall_at_k
 from omniret.files import atomic_write_json
 
-__all__ = ["without_text", "text_effect", "main"]
+__all__ = ["without_text", "text_effect", "emoji_family", "family_breakdown", "main"]
 
 
 def without_text(query: dict) -> dict:
@@ -30,15 +35,58 @@ def without_text(query: dict) -> dict:
 
 
 @torch.no_grad()
-def text_effect(encode_queries, queries: list, candidates: torch.Tensor, relevant, ks=(1, 5)) -> dict:
+def text_effect(encode_queries, queries: list, candidates: torch.Tensor, relevant, ks=(1, 5),
+                families: list | None = None) -> dict:
     """{"cosine": mean cos(query, query without its text), "with": {"R@k": ...}, "without": {...}} for queries
-    scored against candidate embeddings (C, E) with `relevant` as omniret.eval.recall takes it."""
+    scored against candidate embeddings (C, E) with `relevant` as omniret.eval.recall takes it. With `families`
+    (a label per candidate; each query then has one relevant candidate), also "families": {"with": ..., "without":
+    ...} from `family_breakdown`."""
     full = normalize(torch.as_tensor(encode_queries(queries)))
     bare = normalize(torch.as_tensor(encode_queries([without_text(q) for q in queries])))
     out = {"cosine": float((full * bare).sum(dim=1).mean())}
     for name, q in (("with", full), ("without", bare)):
         out[name] = {f"R@{k}": v for k, v in recall_at_k(q, candidates, relevant, ks).items()}
+    if families is not None:
+        targets = []
+        for i, rel in enumerate(relevant):
+            rel = rel.nonzero().flatten().tolist() if isinstance(rel, torch.Tensor) else list(rel)  # (Q, C) bool rows
+            if len(rel) != 1:
+                raise ValueError(f"families: query {i} has {len(rel)} relevant candidates; the breakdown needs one")
+            targets.append(rel[0])
+        out["families"] = {name: family_breakdown(q, candidates, targets, families)
+                           for name, q in (("with", full), ("without", bare))}
     return out
+
+
+def emoji_family(item: dict) -> str:
+    """The emoji family of a gallery item: its image file is named by its code points (e.g. 1F3C3-1F3FF.png)."""
+    from omniret.data.sources.emoji import concept_of
+
+    return concept_of(os.path.splitext(os.path.basename(str(item["image"])))[0])
+
+
+@torch.no_grad()
+def family_breakdown(query_emb: torch.Tensor, cand_emb: torch.Tensor, targets, families: list, k: int = 5) -> dict:
+    """Queries (Q, E) against candidates (C, E), each query with one target index in `targets`, candidates in
+    `families` (C labels). -> {"family@k": share of queries with some candidate of the target's family in the top
+    k, "target_first_in_family": share whose target outscores the rest of its family, "target_rank_in_family": its
+    mean rank among them (1 is first; a random order gives (family_size + 1) / 2), "family_size": mean candidates
+    per target family}."""
+    if len(targets) != query_emb.shape[0] or len(families) != cand_emb.shape[0]:
+        raise ValueError(f"family_breakdown: {query_emb.shape[0]} queries with {len(targets)} targets, "
+                         f"{cand_emb.shape[0]} candidates with {len(families)} families")
+    scores = normalize(query_emb.double()) @ normalize(cand_emb.double()).T
+    labels = {f: i for i, f in enumerate(dict.fromkeys(families))}
+    fam = torch.tensor([labels[f] for f in families])
+    target = torch.as_tensor(list(targets), dtype=torch.long)
+    same = fam[None, :] == fam[target][:, None]  # (Q, C): the target's family
+    top = scores.topk(min(k, scores.shape[1]), dim=1).indices
+    found = same.gather(1, top).any(dim=1)
+    above = ((scores > scores.gather(1, target[:, None])) & same).sum(dim=1)  # family members above the target
+    return {f"family@{k}": float(found.double().mean()),
+            "target_first_in_family": float((above == 0).double().mean()),
+            "target_rank_in_family": float((1 + above).double().mean()),
+            "family_size": float(same.sum(1).double().mean())}
 
 
 def main(argv=None) -> dict:
@@ -63,11 +111,20 @@ def main(argv=None) -> dict:
         for task in (t for t in tasks if t.name in COMPOSED_TASKS):
             if task.pool not in pool_cache:  # the two composed tasks search one gallery: encoded once per model
                 pool_cache[task.pool] = encode_pool(pools[task.pool], model.encode_corpus, None, name)
-            row = text_effect(model.encode_queries, task.queries, pool_cache[task.pool], task.relevant)
+            families = [emoji_family(item) for item in pools[task.pool].items]
+            row = text_effect(model.encode_queries, task.queries, pool_cache[task.pool], task.relevant,
+                              families=families)
             report.setdefault(task.name, {})[name] = row
             print(f"{task.name:24s} {name:13s} cos(with, without text) {row['cosine']:.3f}  "
                   + "  ".join(f"{k} {100 * row['with'][k]:.1f} (without text {100 * row['without'][k]:.1f})"
                               for k in row["with"]))
+            fam = row["families"]
+            print(f"{'':24s} {'':13s} family in top 5 {100 * fam['with']['family@5']:.1f} "
+                  f"(without text {100 * fam['without']['family@5']:.1f}), target first in its family "
+                  f"{100 * fam['with']['target_first_in_family']:.1f} (without text "
+                  f"{100 * fam['without']['target_first_in_family']:.1f}), its mean rank there "
+                  f"{fam['with']['target_rank_in_family']:.2f} (without text {fam['without']['target_rank_in_family']:.2f}) "
+                  f"of {fam['with']['family_size']:.1f} candidates")
     if args.json:
         atomic_write_json(args.json, report)
     return report
