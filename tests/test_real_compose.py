@@ -87,3 +87,61 @@ def test_emoji_family_drops_tone_and_gender():
     assert emoji_family({"image": "media/emoji/1F3C3-1F3FF-200D-2640-FE0F.png"}) == "1F3C3"
     assert emoji_family({"image": "media/emoji/1F3C3.png"}) == emoji_family({"image": "x/1F3C3-1F3FB.png"})
     assert emoji_family({"image": "1F44D.png"}) != emoji_family({"image": "1F3C3.png"})
+
+
+def test_emoji_attributes_from_the_code_points():
+    from omniret.demo.real_compose import emoji_attributes
+
+    assert emoji_attributes({"image": "e/1F3C3-1F3FF-200D-2640-FE0F.png"}) == {"tone": "dark", "gender": "woman"}
+    assert emoji_attributes({"image": "e/1F3C3-200D-2642-FE0F.png"}) == {"tone": "none", "gender": "man"}
+    assert emoji_attributes({"image": "1F44D-1F3FB.png"}) == {"tone": "light", "gender": "neutral"}
+
+
+def test_attribute_match_against_a_direct_count_and_its_extremes():
+    """The share of the family's top-k members with the target's value equals a per-query count on random
+    embeddings; a query equal to a candidate whose family members share its value scores 1; chance is the family's
+    share."""
+    from omniret.demo.real_compose import attribute_match
+
+    g = torch.Generator().manual_seed(5)
+    C, Q = 19, 9
+    families = ["a"] * 8 + ["b"] * 6 + ["c"] * 5
+    values = [str(int(x)) for x in torch.randint(0, 3, (C,), generator=g)]
+    cands = torch.randn(C, 4, generator=g, dtype=torch.float64)
+    queries = torch.randn(Q, 4, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, C, (Q,), generator=g).tolist()
+    got = attribute_match(queries, cands, targets, families, values, k=3)
+    s = torch.nn.functional.normalize(queries, dim=1) @ torch.nn.functional.normalize(cands, dim=1).T
+    match = chance = 0.0
+    for i, t in enumerate(targets):
+        members = [j for j in range(C) if families[j] == families[t]]
+        top = [j for j in s[i].argsort(descending=True).tolist() if j in members][:3]
+        match += sum(values[j] == values[t] for j in top) / 3
+        chance += sum(values[j] == values[t] for j in members) / len(members)
+    assert abs(got["match"] - match / Q) < 1e-12 and abs(got["chance"] - chance / Q) < 1e-12
+    same = attribute_match(cands[:1], cands, [0], families, ["x"] * C, k=3)
+    assert same == {"match": 1.0, "chance": 1.0}
+
+
+def test_change_breakdown_splits_tone_from_gender_changes():
+    """Queries are a base emoji's image; a target with another skin tone makes a tone change, one with the base's
+    tone a gender change. Each kind's R@5 equals a direct top-5 count over its own queries."""
+    from omniret.demo.real_compose import change_breakdown
+
+    names = ["1F3C3", "1F3C3-1F3FB", "1F3C3-1F3FF", "1F3C3-200D-2640-FE0F", "1F3C3-1F3FB-200D-2640-FE0F",
+             "1F44D", "1F44D-1F3FD", "1F9D1", "1F9D1-200D-2642-FE0F"]
+    items = [{"image": f"media/emoji/{n}.png"} for n in names]
+    pairs = [(0, 1), (0, 2), (0, 3), (5, 6), (7, 8), (1, 4)]  # (query image, target)
+    queries = [{"image": items[b]["image"], "text": f"change {k}"} for k, (b, _) in enumerate(pairs)]
+    g = torch.Generator().manual_seed(7)
+    cands = torch.randn(len(items), 6, generator=g, dtype=torch.float64)
+    qemb = torch.randn(len(queries), 6, generator=g, dtype=torch.float64)
+    by_text = {q["text"]: qemb[k] for k, q in enumerate(queries)}
+    encode = lambda qs: torch.stack([by_text[q["text"]] for q in qs])  # noqa: E731
+    out = change_breakdown(encode, queries, cands, [[t] for _, t in pairs], items)
+    assert out["tone"]["queries"] == 3 and out["gender"]["queries"] == 3  # (0,1) (0,2) (5,6); (0,3) (7,8) (1,4)
+    s = torch.nn.functional.normalize(qemb, dim=1) @ torch.nn.functional.normalize(cands, dim=1).T
+    for kind, picked in (("tone", [0, 1, 3]), ("gender", [2, 4, 5])):
+        hits = sum(pairs[i][1] in s[i].topk(5).indices.tolist() for i in picked)
+        assert abs(out[kind]["R@5"] - hits / 3) < 1e-6, kind
+        assert 0.0 <= out[kind]["tone"]["match"] <= 1.0 and 0.0 < out[kind]["tone"]["chance"] <= 1.0

@@ -11,6 +11,8 @@ far more to the dual encoder's recall than to OmniRet's.
 Then where the hits are won or lost (`family_breakdown`): the share of queries with some candidate of the target's
 emoji family (the emoji without skin tone and gender; omniret.data.sources.emoji.concept_of) in the top 5, and the
 share whose target ranks first among its family's candidates, and its mean rank there (the change text's work).
+For the image+text task, split by the kind of change (`change_breakdown`): how often the family's top 5 has the
+target's skin tone and gender, against a random order.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from omniret.eval.evaluate import encode_pool
 from omniret.eval.recall import normalize, recall_at_k
 from omniret.files import atomic_write_json
 
-__all__ = ["without_text", "text_effect", "emoji_family", "family_breakdown", "main"]
+__all__ = ["without_text", "text_effect", "single_targets", "emoji_family", "family_breakdown", "emoji_attributes", "attribute_match",
+           "change_breakdown", "main"]
 
 
 def without_text(query: dict) -> dict:
@@ -47,15 +50,22 @@ def text_effect(encode_queries, queries: list, candidates: torch.Tensor, relevan
     for name, q in (("with", full), ("without", bare)):
         out[name] = {f"R@{k}": v for k, v in recall_at_k(q, candidates, relevant, ks).items()}
     if families is not None:
-        targets = []
-        for i, rel in enumerate(relevant):
-            rel = rel.nonzero().flatten().tolist() if isinstance(rel, torch.Tensor) else list(rel)  # (Q, C) bool rows
-            if len(rel) != 1:
-                raise ValueError(f"families: query {i} has {len(rel)} relevant candidates; the breakdown needs one")
-            targets.append(rel[0])
+        targets = single_targets(relevant)
         out["families"] = {name: family_breakdown(q, candidates, targets, families)
                            for name, q in (("with", full), ("without", bare))}
     return out
+
+
+def single_targets(relevant) -> list:
+    """The one relevant candidate of each query, from index lists or a (Q, C) bool matrix; a query with more or
+    fewer is refused (the family measures need one target)."""
+    targets = []
+    for i, rel in enumerate(relevant):
+        rel = rel.nonzero().flatten().tolist() if isinstance(rel, torch.Tensor) else list(rel)
+        if len(rel) != 1:
+            raise ValueError(f"families: query {i} has {len(rel)} relevant candidates; the breakdown needs one")
+        targets.append(rel[0])
+    return targets
 
 
 def emoji_family(item: dict) -> str:
@@ -87,6 +97,55 @@ def family_breakdown(query_emb: torch.Tensor, cand_emb: torch.Tensor, targets, f
             "target_first_in_family": float((above == 0).double().mean()),
             "target_rank_in_family": float((1 + above).double().mean()),
             "family_size": float(same.sum(1).double().mean())}
+
+
+def emoji_attributes(item: dict) -> dict:
+    """{"tone": the skin tone or "none", "gender": "woman", "man" or "neutral"} of an emoji image item, from the
+    code points its file is named by."""
+    from omniret.data.sources.emoji import GENDERS, TONES
+
+    unified = os.path.splitext(os.path.basename(str(item["image"])))[0]
+    return {"tone": next((TONES[c] for c in unified.split("-") if c in TONES), "none"),
+            "gender": next((g for suffix, g in GENDERS.items() if unified.endswith(suffix)), "neutral")}
+
+
+@torch.no_grad()
+def attribute_match(query_emb: torch.Tensor, cand_emb: torch.Tensor, targets, families: list, values: list,
+                    k: int = 5) -> dict:
+    """Does the query pick the family members with the target's attribute (e.g. its skin tone)? -> {"match": the
+    mean share of the k best-scored candidates of the target's family whose value (`values`, one per candidate)
+    equals the target's, "chance": the mean share of the whole family with that value (a random order's)}."""
+    scores = normalize(query_emb.double()) @ normalize(cand_emb.double()).T
+    match = chance = 0.0
+    for i, t in enumerate(targets):
+        members = [j for j in range(len(families)) if families[j] == families[t]]
+        order = sorted(members, key=lambda j: -float(scores[i, j]))[:k]
+        match += sum(values[j] == values[t] for j in order) / len(order)
+        chance += sum(values[j] == values[t] for j in members) / len(members)
+    return {"match": match / len(targets), "chance": chance / len(targets)}
+
+
+def change_breakdown(encode_queries, queries: list, candidates: torch.Tensor, relevant, items: list) -> dict:
+    """The image+text queries split by what their change does (a tone change when the target's skin tone differs
+    from the query image's, else a gender change): per kind, the queries, R@5, the family measures and how often
+    the family's top 5 has the target's tone and gender (`attribute_match`) against chance."""
+    full = torch.as_tensor(encode_queries(queries))
+    targets = single_targets(relevant)
+    families = [emoji_family(item) for item in items]
+    attrs = [emoji_attributes(item) for item in items]
+    out = {}
+    for kind in ("tone", "gender"):
+        picked = [i for i, q in enumerate(queries)
+                  if (emoji_attributes(q)["tone"] != attrs[targets[i]]["tone"]) == (kind == "tone")]
+        if not picked:
+            continue
+        q, t = full[picked], [targets[i] for i in picked]
+        row = {"queries": len(picked), "R@5": recall_at_k(q, candidates, [[x] for x in t], (5,))[5]}
+        row.update(family_breakdown(q, candidates, t, families))
+        for attr in ("tone", "gender"):
+            row[attr] = attribute_match(q, candidates, t, families, [a[attr] for a in attrs])
+        out[kind] = row
+    return out
 
 
 def main(argv=None) -> dict:
@@ -125,6 +184,15 @@ def main(argv=None) -> dict:
                   f"{100 * fam['without']['target_first_in_family']:.1f}), its mean rank there "
                   f"{fam['with']['target_rank_in_family']:.2f} (without text {fam['without']['target_rank_in_family']:.2f}) "
                   f"of {fam['with']['family_size']:.1f} candidates")
+            if all("image" in q for q in task.queries):
+                row["by_change"] = change_breakdown(model.encode_queries, task.queries, pool_cache[task.pool],
+                                                    task.relevant, pools[task.pool].items)
+                for kind, part in row["by_change"].items():
+                    print(f"{'':24s} {kind} changes ({part['queries']}): R@5 {100 * part['R@5']:.1f}, rank in "
+                          f"family {part['target_rank_in_family']:.2f} of {part['family_size']:.1f}; the family's top "
+                          f"5 has the target's tone {100 * part['tone']['match']:.1f}% (chance "
+                          f"{100 * part['tone']['chance']:.1f}), its gender {100 * part['gender']['match']:.1f}% "
+                          f"(chance {100 * part['gender']['chance']:.1f})")
     if args.json:
         atomic_write_json(args.json, report)
     return report
