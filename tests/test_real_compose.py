@@ -145,3 +145,4 @@ def test_change_breakdown_splits_tone_from_gender_changes():
         hits = sum(pairs[i][1] in s[i].topk(5).indices.tolist() for i in picked)
         assert abs(out[kind]["R@5"] - hits / 3) < 1e-6, kind
         assert 0.0 <= out[kind]["tone"]["match"] <= 1.0 and 0.0 < out[kind]["tone"]["chance"] <= 1.0
+

@@ -170,6 +170,46 @@ def _pair_r1(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
     return float(np.mean(np.argmax(scores, axis=1) == np.arange(len(x))))
 
 
+def held_out_attribute_probe(x: np.ndarray, labels: list, groups: list, seed: int = 0) -> dict:
+    """Can a linear classifier read an attribute (e.g. the skin tone) from pooled features (N, D) of items it never
+    saw? A third of the groups (emoji families) is held out, features standardised with the rest's statistics,
+    L2-regularised logistic regression fitted on the rest. -> {"accuracy", "majority" (the held-out share of
+    their most common label), "test_items"}. Only groups whose members differ in the attribute take part."""
+    from sklearn.linear_model import LogisticRegression
+
+    labels, groups = np.asarray(labels), np.asarray(groups)
+    varied = [g for g in dict.fromkeys(groups.tolist()) if len(set(labels[groups == g].tolist())) > 1]
+    if len(varied) < 3:
+        raise ValueError(f"held_out_attribute_probe: {len(varied)} groups vary in the attribute; 3 or more needed")
+    order = np.random.default_rng(seed).permutation(len(varied))
+    test_groups = {varied[i] for i in order[: max(1, len(varied) // 3)]}
+    used = np.isin(groups, varied)
+    test = used & np.isin(groups, list(test_groups))
+    train = used & ~test
+    mean, std = x[train].mean(0), x[train].std(0) + 1e-6
+    z = (x - mean) / std
+    clf = LogisticRegression(max_iter=2000, C=0.1).fit(z[train], labels[train])
+    held = labels[test]
+    return {"accuracy": float(np.mean(clf.predict(z[test]) == held)),
+            "majority": float(max(np.mean(held == v) for v in set(held.tolist()))), "test_items": int(test.sum())}
+
+
+def emoji_attribute_probes(root: str, cache_dir: str | None = None) -> dict:
+    """`held_out_attribute_probe` of the skin tone and of the gender on the benchmark's emoji images
+    (EfficientNet-Lite0's tokens, mean-pooled), families held out: does the frozen image feature carry what the
+    composed image task's change text asks for?"""
+    from omniret.data.sources.emoji import attributes_of, concept_of, unified_of
+
+    paths = sorted(os.path.join(root, "media", "emoji", f) for f in os.listdir(os.path.join(root, "media", "emoji"))
+                   if f.endswith(".png"))
+    store = frozen_features.feature_store("image", cache_dir)
+    store.preload(paths, progress=False)
+    x = np.stack([pooled(store.get(p), "image") for p in paths]).astype(np.float64)
+    families = [concept_of(unified_of(p)) for p in paths]
+    attrs = [attributes_of(unified_of(p)) for p in paths]
+    return {attr: held_out_attribute_probe(x, [a[attr] for a in attrs], families) for attr in ("tone", "gender")}
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -178,10 +218,16 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--emoji-attributes", action="store_true",
+                        help="instead: can a linear probe read the emoji's skin tone and gender from the pooled image "
+                             "feature, on held-out families?")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    results = probe(args.root, args.cache_dir, args.threads)
+    if args.emoji_attributes:
+        results = emoji_attribute_probes(args.root, args.cache_dir)
+    else:
+        results = probe(args.root, args.cache_dir, args.threads)
     results["_seconds"] = round(time.perf_counter() - start, 1)
     text = json.dumps(results, indent=1)
     if args.json:

@@ -17,9 +17,10 @@ target's skin tone and gender, against a random order.
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
+
+from omniret.data.sources import emoji
 
 from omniret.eval.evaluate import encode_pool
 from omniret.eval.recall import normalize, recall_at_k
@@ -70,9 +71,7 @@ def single_targets(relevant) -> list:
 
 def emoji_family(item: dict) -> str:
     """The emoji family of a gallery item: its image file is named by its code points (e.g. 1F3C3-1F3FF.png)."""
-    from omniret.data.sources.emoji import concept_of
-
-    return concept_of(os.path.splitext(os.path.basename(str(item["image"])))[0])
+    return emoji.concept_of(emoji.unified_of(item["image"]))
 
 
 @torch.no_grad()
@@ -100,13 +99,8 @@ def family_breakdown(query_emb: torch.Tensor, cand_emb: torch.Tensor, targets, f
 
 
 def emoji_attributes(item: dict) -> dict:
-    """{"tone": the skin tone or "none", "gender": "woman", "man" or "neutral"} of an emoji image item, from the
-    code points its file is named by."""
-    from omniret.data.sources.emoji import GENDERS, TONES
-
-    unified = os.path.splitext(os.path.basename(str(item["image"])))[0]
-    return {"tone": next((TONES[c] for c in unified.split("-") if c in TONES), "none"),
-            "gender": next((g for suffix, g in GENDERS.items() if unified.endswith(suffix)), "neutral")}
+    """{"tone": ..., "gender": ...} of an emoji image item (omniret.data.sources.emoji.attributes_of)."""
+    return emoji.attributes_of(emoji.unified_of(item["image"]))
 
 
 @torch.no_grad()

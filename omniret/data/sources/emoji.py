@@ -43,6 +43,17 @@ def concept_of(unified: str) -> str:
     return "-".join(c for c in unified.split("-") if c not in TONES and c != "FE0F")
 
 
+def attributes_of(unified: str) -> dict:
+    """{"tone": the skin tone ("light" ... "dark") or "none", "gender": "woman", "man" or "neutral"}."""
+    return {"tone": next((TONES[c] for c in unified.split("-") if c in TONES), "none"),
+            "gender": next((g for suffix, g in GENDERS.items() if unified.endswith(suffix)), "neutral")}
+
+
+def unified_of(path: str) -> str:
+    """The code points an emoji image file is named by ("media/emoji/1F3C3-1F3FF.png" -> "1F3C3-1F3FF")."""
+    return os.path.splitext(os.path.basename(str(path)))[0]
+
+
 def package_dir() -> str:
     """The installed package's folder, or SourceMissing."""
     cache = os.environ.get("OMNIRET_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "omniret")
