@@ -21,13 +21,12 @@ import argparse
 import torch
 
 from omniret.data.sources import emoji
-
 from omniret.eval.evaluate import encode_pool
 from omniret.eval.recall import normalize, recall_at_k
 from omniret.files import atomic_write_json
 
-__all__ = ["without_text", "text_effect", "single_targets", "emoji_family", "family_breakdown", "emoji_attributes", "attribute_match",
-           "change_breakdown", "main"]
+__all__ = ["without_text", "text_effect", "single_targets", "emoji_family", "family_breakdown", "emoji_attributes",
+           "attribute_match", "change_breakdown", "main"]
 
 
 def without_text(query: dict) -> dict:
@@ -85,8 +84,7 @@ def family_breakdown(query_emb: torch.Tensor, cand_emb: torch.Tensor, targets, f
         raise ValueError(f"family_breakdown: {query_emb.shape[0]} queries with {len(targets)} targets, "
                          f"{cand_emb.shape[0]} candidates with {len(families)} families")
     scores = normalize(query_emb.double()) @ normalize(cand_emb.double()).T
-    labels = {f: i for i, f in enumerate(dict.fromkeys(families))}
-    fam = torch.tensor([labels[f] for f in families])
+    fam = _codes(families)
     target = torch.as_tensor(list(targets), dtype=torch.long)
     same = fam[None, :] == fam[target][:, None]  # (Q, C): the target's family
     top = scores.topk(min(k, scores.shape[1]), dim=1).indices
@@ -110,13 +108,21 @@ def attribute_match(query_emb: torch.Tensor, cand_emb: torch.Tensor, targets, fa
     mean share of the k best-scored candidates of the target's family whose value (`values`, one per candidate)
     equals the target's, "chance": the mean share of the whole family with that value (a random order's)}."""
     scores = normalize(query_emb.double()) @ normalize(cand_emb.double()).T
-    match = chance = 0.0
-    for i, t in enumerate(targets):
-        members = [j for j in range(len(families)) if families[j] == families[t]]
-        order = sorted(members, key=lambda j: -float(scores[i, j]))[:k]
-        match += sum(values[j] == values[t] for j in order) / len(order)
-        chance += sum(values[j] == values[t] for j in members) / len(members)
-    return {"match": match / len(targets), "chance": chance / len(targets)}
+    target = torch.as_tensor(list(targets), dtype=torch.long)
+    fam, val = (_codes(x) for x in (families, values))
+    same = fam[None, :] == fam[target][:, None]  # (Q, C): the target's family
+    agree = (val[None, :] == val[target][:, None]) & same
+    order = scores.masked_fill(~same, float("-inf")).argsort(dim=1, descending=True)[:, :k]
+    top = same.gather(1, order)  # the family's k best (fewer when the family is smaller)
+    match = (agree.gather(1, order) & top).sum(1).double() / top.sum(1)
+    chance = agree.sum(1).double() / same.sum(1)
+    return {"match": float(match.mean()), "chance": float(chance.mean())}
+
+
+def _codes(labels: list) -> torch.Tensor:
+    """Labels -> integer codes (equal labels, equal codes)."""
+    index = {x: i for i, x in enumerate(dict.fromkeys(labels))}
+    return torch.tensor([index[x] for x in labels])
 
 
 def change_breakdown(encode_queries, queries: list, candidates: torch.Tensor, relevant, items: list) -> dict:
@@ -176,8 +182,8 @@ def main(argv=None) -> dict:
                   f"(without text {100 * fam['without']['family@5']:.1f}), target first in its family "
                   f"{100 * fam['with']['target_first_in_family']:.1f} (without text "
                   f"{100 * fam['without']['target_first_in_family']:.1f}), its mean rank there "
-                  f"{fam['with']['target_rank_in_family']:.2f} (without text {fam['without']['target_rank_in_family']:.2f}) "
-                  f"of {fam['with']['family_size']:.1f} candidates")
+                  f"{fam['with']['target_rank_in_family']:.2f} (without text "
+                  f"{fam['without']['target_rank_in_family']:.2f}) of {fam['with']['family_size']:.1f} candidates")
             if all("image" in q for q in task.queries):
                 row["by_change"] = change_breakdown(model.encode_queries, task.queries, pool_cache[task.pool],
                                                     task.relevant, pools[task.pool].items)
