@@ -76,6 +76,11 @@ def test_family_breakdown_against_a_direct_count():
     by_list = text_effect(encode, items, cands, relevant, families=families)["families"]
     by_matrix = text_effect(encode, items, cands, matrix, families=families)["families"]
     assert by_list == by_matrix and by_list["with"] == by_list["without"]
+    from omniret.demo.real_compose import encode_with_and_without_text
+
+    reused = text_effect(None, items, cands, relevant, families=families,
+                         encoded=encode_with_and_without_text(encode, items))
+    assert reused["families"] == by_list
     assert abs(by_list["with"]["target_first_in_family"] - got["target_first_in_family"]) < 1e-12
     with pytest.raises(ValueError, match="query 0 has 2 relevant"):
         text_effect(encode, items, cands, [[0, 1]] + relevant[1:], families=families)
@@ -126,7 +131,7 @@ def test_attribute_match_against_a_direct_count_and_its_extremes():
 def test_change_breakdown_splits_tone_from_gender_changes():
     """Queries are a base emoji's image; a target with another skin tone makes a tone change, one with the base's
     tone a gender change. Each kind's R@5 equals a direct top-5 count over its own queries."""
-    from omniret.demo.real_compose import change_breakdown
+    from omniret.demo.real_compose import change_breakdown, emoji_family
 
     names = ["1F3C3", "1F3C3-1F3FB", "1F3C3-1F3FF", "1F3C3-200D-2640-FE0F", "1F3C3-1F3FB-200D-2640-FE0F",
              "1F44D", "1F44D-1F3FD", "1F9D1", "1F9D1-200D-2642-FE0F"]
@@ -138,7 +143,8 @@ def test_change_breakdown_splits_tone_from_gender_changes():
     qemb = torch.randn(len(queries), 6, generator=g, dtype=torch.float64)
     by_text = {q["text"]: qemb[k] for k, q in enumerate(queries)}
     encode = lambda qs: torch.stack([by_text[q["text"]] for q in qs])  # noqa: E731
-    out = change_breakdown(encode, queries, cands, [[t] for _, t in pairs], items)
+    out = change_breakdown(encode(queries), queries, cands, [[t] for _, t in pairs], items,
+                           [emoji_family(item) for item in items])
     assert out["tone"]["queries"] == 3 and out["gender"]["queries"] == 3  # (0,1) (0,2) (5,6); (0,3) (7,8) (1,4)
     s = torch.nn.functional.normalize(qemb, dim=1) @ torch.nn.functional.normalize(cands, dim=1).T
     for kind, picked in (("tone", [0, 1, 3]), ("gender", [2, 4, 5])):

@@ -25,8 +25,8 @@ from omniret.eval.evaluate import encode_pool
 from omniret.eval.recall import normalize, recall_at_k
 from omniret.files import atomic_write_json
 
-__all__ = ["without_text", "text_effect", "single_targets", "emoji_family", "family_breakdown", "emoji_attributes",
-           "attribute_match", "change_breakdown", "main"]
+__all__ = ["without_text", "encode_with_and_without_text", "text_effect", "single_targets", "emoji_family",
+           "family_breakdown", "emoji_attributes", "attribute_match", "change_breakdown", "main"]
 
 
 def without_text(query: dict) -> dict:
@@ -38,14 +38,21 @@ def without_text(query: dict) -> dict:
 
 
 @torch.no_grad()
+def encode_with_and_without_text(encode_queries, queries: list) -> tuple:
+    """(the queries' normalised embeddings, the same without their text)."""
+    return (normalize(torch.as_tensor(encode_queries(queries))),
+            normalize(torch.as_tensor(encode_queries([without_text(q) for q in queries]))))
+
+
+@torch.no_grad()
 def text_effect(encode_queries, queries: list, candidates: torch.Tensor, relevant, ks=(1, 5),
-                families: list | None = None) -> dict:
+                families: list | None = None, encoded: tuple | None = None) -> dict:
     """{"cosine": mean cos(query, query without its text), "with": {"R@k": ...}, "without": {...}} for queries
     scored against candidate embeddings (C, E) with `relevant` as omniret.eval.recall takes it. With `families`
     (a label per candidate; each query then has one relevant candidate), also "families": {"with": ..., "without":
-    ...} from `family_breakdown`."""
-    full = normalize(torch.as_tensor(encode_queries(queries)))
-    bare = normalize(torch.as_tensor(encode_queries([without_text(q) for q in queries])))
+    ...} from `family_breakdown`. `encoded`: `encode_with_and_without_text`'s pair when the caller has it already
+    (`encode_queries` is then not called)."""
+    full, bare = encoded if encoded is not None else encode_with_and_without_text(encode_queries, queries)
     out = {"cosine": float((full * bare).sum(dim=1).mean())}
     for name, q in (("with", full), ("without", bare)):
         out[name] = {f"R@{k}": v for k, v in recall_at_k(q, candidates, relevant, ks).items()}
@@ -80,13 +87,7 @@ def family_breakdown(query_emb: torch.Tensor, cand_emb: torch.Tensor, targets, f
     k, "target_first_in_family": share whose target outscores the rest of its family, "target_rank_in_family": its
     mean rank among them (1 is first; a random order gives (family_size + 1) / 2), "family_size": mean candidates
     per target family}."""
-    if len(targets) != query_emb.shape[0] or len(families) != cand_emb.shape[0]:
-        raise ValueError(f"family_breakdown: {query_emb.shape[0]} queries with {len(targets)} targets, "
-                         f"{cand_emb.shape[0]} candidates with {len(families)} families")
-    scores = normalize(query_emb.double()) @ normalize(cand_emb.double()).T
-    fam = _codes(families)
-    target = torch.as_tensor(list(targets), dtype=torch.long)
-    same = fam[None, :] == fam[target][:, None]  # (Q, C): the target's family
+    scores, target, same = _in_family(query_emb, cand_emb, targets, families)
     top = scores.topk(min(k, scores.shape[1]), dim=1).indices
     found = same.gather(1, top).any(dim=1)
     above = ((scores > scores.gather(1, target[:, None])) & same).sum(dim=1)  # family members above the target
@@ -107,10 +108,8 @@ def attribute_match(query_emb: torch.Tensor, cand_emb: torch.Tensor, targets, fa
     """Does the query pick the family members with the target's attribute (e.g. its skin tone)? -> {"match": the
     mean share of the k best-scored candidates of the target's family whose value (`values`, one per candidate)
     equals the target's, "chance": the mean share of the whole family with that value (a random order's)}."""
-    scores = normalize(query_emb.double()) @ normalize(cand_emb.double()).T
-    target = torch.as_tensor(list(targets), dtype=torch.long)
-    fam, val = (_codes(x) for x in (families, values))
-    same = fam[None, :] == fam[target][:, None]  # (Q, C): the target's family
+    scores, target, same = _in_family(query_emb, cand_emb, targets, families)
+    val = _codes(values)
     agree = (val[None, :] == val[target][:, None]) & same
     order = scores.masked_fill(~same, float("-inf")).argsort(dim=1, descending=True)[:, :k]
     top = same.gather(1, order)  # the family's k best (fewer when the family is smaller)
@@ -119,19 +118,30 @@ def attribute_match(query_emb: torch.Tensor, cand_emb: torch.Tensor, targets, fa
     return {"match": float(match.mean()), "chance": float(chance.mean())}
 
 
+def _in_family(query_emb: torch.Tensor, cand_emb: torch.Tensor, targets, families: list) -> tuple:
+    """(cosine scores (Q, C) in float64, the targets as a tensor, the (Q, C) mask of each target's family)."""
+    if len(targets) != query_emb.shape[0] or len(families) != cand_emb.shape[0]:
+        raise ValueError(f"family measures: {query_emb.shape[0]} queries with {len(targets)} targets, "
+                         f"{cand_emb.shape[0]} candidates with {len(families)} families")
+    scores = normalize(query_emb.double()) @ normalize(cand_emb.double()).T
+    fam = _codes(families)
+    target = torch.as_tensor(list(targets), dtype=torch.long)
+    return scores, target, fam[None, :] == fam[target][:, None]
+
+
 def _codes(labels: list) -> torch.Tensor:
     """Labels -> integer codes (equal labels, equal codes)."""
     index = {x: i for i, x in enumerate(dict.fromkeys(labels))}
     return torch.tensor([index[x] for x in labels])
 
 
-def change_breakdown(encode_queries, queries: list, candidates: torch.Tensor, relevant, items: list) -> dict:
-    """The image+text queries split by what their change does (a tone change when the target's skin tone differs
-    from the query image's, else a gender change): per kind, the queries, R@5, the family measures and how often
-    the family's top 5 has the target's tone and gender (`attribute_match`) against chance."""
-    full = torch.as_tensor(encode_queries(queries))
+def change_breakdown(query_emb: torch.Tensor, queries: list, candidates: torch.Tensor, relevant, items: list,
+                     families: list) -> dict:
+    """The image+text queries (their embeddings `query_emb`) split by what their change does (a tone change when
+    the target's skin tone differs from the query image's, else a gender change): per kind, the queries, R@5, the
+    family measures and how often the family's top 5 has the target's tone and gender (`attribute_match`) against
+    chance. `items`: the gallery, `families` their `emoji_family`."""
     targets = single_targets(relevant)
-    families = [emoji_family(item) for item in items]
     attrs = [emoji_attributes(item) for item in items]
     out = {}
     for kind in ("tone", "gender"):
@@ -139,7 +149,7 @@ def change_breakdown(encode_queries, queries: list, candidates: torch.Tensor, re
                   if (emoji_attributes(q)["tone"] != attrs[targets[i]]["tone"]) == (kind == "tone")]
         if not picked:
             continue
-        q, t = full[picked], [targets[i] for i in picked]
+        q, t = query_emb[picked], [targets[i] for i in picked]
         row = {"queries": len(picked), "R@5": recall_at_k(q, candidates, [[x] for x in t], (5,))[5]}
         row.update(family_breakdown(q, candidates, t, families))
         for attr in ("tone", "gender"):
@@ -164,15 +174,17 @@ def main(argv=None) -> dict:
     root = real_demo.ensure_benchmark(opts)
     real_demo.ensure_features(root, opts)
     tasks, pools = real_demo.eval_tasks(root, opts)
+    families = {task.pool: [emoji_family(item) for item in pools[task.pool].items]
+                for task in tasks if task.name in COMPOSED_TASKS}
     report: dict = {}
     for name, model in models.items():
         pool_cache: dict = {}
         for task in (t for t in tasks if t.name in COMPOSED_TASKS):
             if task.pool not in pool_cache:  # the two composed tasks search one gallery: encoded once per model
                 pool_cache[task.pool] = encode_pool(pools[task.pool], model.encode_corpus, None, name)
-            families = [emoji_family(item) for item in pools[task.pool].items]
+            encoded = encode_with_and_without_text(model.encode_queries, task.queries)
             row = text_effect(model.encode_queries, task.queries, pool_cache[task.pool], task.relevant,
-                              families=families)
+                              families=families[task.pool], encoded=encoded)
             report.setdefault(task.name, {})[name] = row
             print(f"{task.name:24s} {name:13s} cos(with, without text) {row['cosine']:.3f}  "
                   + "  ".join(f"{k} {100 * row['with'][k]:.1f} (without text {100 * row['without'][k]:.1f})"
@@ -185,8 +197,8 @@ def main(argv=None) -> dict:
                   f"{fam['with']['target_rank_in_family']:.2f} (without text "
                   f"{fam['without']['target_rank_in_family']:.2f}) of {fam['with']['family_size']:.1f} candidates")
             if all("image" in q for q in task.queries):
-                row["by_change"] = change_breakdown(model.encode_queries, task.queries, pool_cache[task.pool],
-                                                    task.relevant, pools[task.pool].items)
+                row["by_change"] = change_breakdown(encoded[0], task.queries, pool_cache[task.pool], task.relevant,
+                                                    pools[task.pool].items, families[task.pool])
                 for kind, part in row["by_change"].items():
                     print(f"{'':24s} {kind} changes ({part['queries']}): R@5 {100 * part['R@5']:.1f}, rank in "
                           f"family {part['target_rank_in_family']:.2f} of {part['family_size']:.1f}; the family's top "

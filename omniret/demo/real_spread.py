@@ -23,7 +23,7 @@ import json
 
 import torch
 
-from omniret.files import atomic_write_json
+from omniret.files import atomic_path, atomic_write_json
 
 __all__ = ["mean_pairwise_cosine", "effective_rank", "stage_vectors", "stage_spread", "stage_summary", "plot_ranks",
            "main"]
@@ -129,7 +129,8 @@ def plot_ranks(series: dict, path: str) -> None:
     axes[0][0].set_ylabel("effective rank across items")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
