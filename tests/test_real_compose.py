@@ -152,3 +152,35 @@ def test_change_breakdown_splits_tone_from_gender_changes():
         assert abs(out[kind]["R@5"] - hits / 3) < 1e-6, kind
         assert 0.0 <= out[kind]["tone"]["match"] <= 1.0 and 0.0 < out[kind]["tone"]["chance"] <= 1.0
 
+
+
+def test_reference_effect_against_a_direct_count():
+    """Fresh random embeddings, some queries built to sit next to their own image: the share that rank it first
+    and R@k with it kept and left out equal a per-query sort of the candidates; a target that is its own image, or
+    lists of the wrong length, are refused."""
+    from omniret.demo.real_compose import reference_effect
+
+    g = torch.Generator().manual_seed(5)
+    C, Q = 19, 14
+    cands = torch.randn(C, 6, generator=g, dtype=torch.float64)
+    refs = torch.randint(0, C, (Q,), generator=g).tolist()
+    targets = [(r + 1 + int(x)) % C for r, x in zip(refs, torch.randint(0, C - 1, (Q,), generator=g))]
+    queries = torch.randn(Q, 6, generator=g, dtype=torch.float64)
+    queries[::2] = cands[refs[::2]] + 0.05 * queries[::2]  # every other query: near its own image
+    got = reference_effect(queries, cands, targets, refs, ks=(1, 3))
+    s = torch.nn.functional.normalize(queries, dim=1) @ torch.nn.functional.normalize(cands, dim=1).T
+    first = sum(int(s[i].argmax()) == refs[i] for i in range(Q)) / Q
+    assert abs(got["reference_first"] - first) < 1e-12 and got["reference_first"] >= 0.5
+    for k in (1, 3):
+        kept = left = 0
+        for i in range(Q):
+            order = s[i].argsort(descending=True).tolist()
+            kept += targets[i] in order[:k]
+            left += targets[i] in [j for j in order if j != refs[i]][:k]
+        assert abs(got["with"][f"R@{k}"] - kept / Q) < 1e-12
+        assert abs(got["without"][f"R@{k}"] - left / Q) < 1e-12
+    assert got["without"]["R@1"] > got["with"]["R@1"]  # the queries near their own image lose it as a rival
+    with pytest.raises(ValueError, match="its own image"):
+        reference_effect(queries, cands, refs, refs)
+    with pytest.raises(ValueError, match="references"):
+        reference_effect(queries, cands, targets, refs[:-1])

@@ -12,7 +12,9 @@ Then where the hits are won or lost (`family_breakdown`): the share of queries w
 emoji family (the emoji without skin tone and gender; omniret.data.sources.emoji.concept_of) in the top 5, and the
 share whose target ranks first among its family's candidates, and its mean rank there (the change text's work).
 For the image+text task, split by the kind of change (`change_breakdown`): how often the family's top 5 has the
-target's skin tone and gender, against a random order.
+target's skin tone and gender, against a random order. And how often the query's own image ranks first, with R@k
+when it is left out of that query's candidates (`reference_effect`; CIRR's protocol leaves it out, this benchmark
+keeps it in).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from omniret.eval.recall import normalize, recall_at_k
 from omniret.files import atomic_write_json
 
 __all__ = ["without_text", "encode_with_and_without_text", "text_effect", "single_targets", "emoji_family",
-           "family_breakdown", "emoji_attributes", "attribute_match", "change_breakdown", "main"]
+           "family_breakdown", "emoji_attributes", "attribute_match", "change_breakdown", "reference_effect", "main"]
 
 
 def without_text(query: dict) -> dict:
@@ -158,6 +160,30 @@ def change_breakdown(query_emb: torch.Tensor, queries: list, candidates: torch.T
     return out
 
 
+@torch.no_grad()
+def reference_effect(query_emb: torch.Tensor, cand_emb: torch.Tensor, targets, references, ks=(1, 5, 10)) -> dict:
+    """Composed image queries (Q, E) whose own image is candidate `references[i]` of (C, E) and whose one target
+    is `targets[i]`. -> {"reference_first": the share of queries that rank their own image first, "with": {"R@k":
+    ...} as scored, "without": {"R@k": ...} with each query's own image left out of its candidates}. The reference
+    is never the target here: the change always changes the image."""
+    if len(targets) != query_emb.shape[0] or len(references) != query_emb.shape[0]:
+        raise ValueError(f"reference_effect: {query_emb.shape[0]} queries with {len(targets)} targets and "
+                         f"{len(references)} references")
+    target = torch.as_tensor(list(targets), dtype=torch.long)
+    ref = torch.as_tensor(list(references), dtype=torch.long)
+    if bool((target == ref).any()):
+        raise ValueError("reference_effect: a query's target is its own image")
+    scores = normalize(query_emb.double()) @ normalize(cand_emb.double()).T
+    rows = torch.arange(scores.shape[0])
+    out = {"reference_first": float((scores.argmax(dim=1) == ref).double().mean())}
+    left_out = scores.clone()
+    left_out[rows, ref] = float("-inf")
+    for name, s in (("with", scores), ("without", left_out)):
+        above = (s > s[rows, target][:, None]).sum(dim=1)  # candidates scored above the target
+        out[name] = {f"R@{k}": float((above < k).double().mean()) for k in ks}
+    return out
+
+
 def main(argv=None) -> dict:
     from omniret.data.real_benchmark import COMPOSED_TASKS
     from omniret.demo import real_demo
@@ -199,6 +225,13 @@ def main(argv=None) -> dict:
             if all("image" in q for q in task.queries):
                 row["by_change"] = change_breakdown(encoded[0], task.queries, pool_cache[task.pool], task.relevant,
                                                     pools[task.pool].items, families[task.pool])
+                gallery = {item.get("image"): i for i, item in enumerate(pools[task.pool].items)}
+                row["reference"] = reference_effect(encoded[0], pool_cache[task.pool], single_targets(task.relevant),
+                                                    [gallery[q["image"]] for q in task.queries])
+                ref = row["reference"]
+                print(f"{'':24s} {'':13s} its own image ranked first {100 * ref['reference_first']:.1f}%; left out of "
+                      "its candidates: " + "  ".join(f"{k} {100 * ref['without'][k]:.1f} (kept: "
+                                                     f"{100 * ref['with'][k]:.1f})" for k in ref["with"]))
                 for kind, part in row["by_change"].items():
                     print(f"{'':24s} {kind} changes ({part['queries']}): R@5 {100 * part['R@5']:.1f}, rank in "
                           f"family {part['target_rank_in_family']:.2f} of {part['family_size']:.1f}; the family's top "
