@@ -38,3 +38,21 @@ def test_report_writes_table_summary_and_plot_from_records_only(tmp_path, capsys
     assert json.loads((tmp_path / "summary.json").read_text())["omniret"]["openclipart_text2image"]["R@5"]["n"] == 2
     assert (tmp_path / "ablations.png").stat().st_size > 5000
     assert not list((tmp_path / "logs").iterdir())  # nothing ran
+
+
+def test_every_variant_is_a_valid_change_to_the_options_and_the_preset():
+    """A variant's changes are RealDemoOptions fields, and its model overrides build a valid `real` config (a typo
+    would only show after an hour of sweeping)."""
+    import dataclasses
+
+    from omniret.config import preset
+    from omniret.demo.real_demo import RealDemoOptions
+
+    fields = {f.name for f in dataclasses.fields(RealDemoOptions)}
+    for name, (description, changes) in ablations.VARIANTS.items():
+        assert description and set(changes) - {"baseline"} <= fields, name
+        overrides = changes.get("model_overrides", {})
+        cfg = preset("real", **overrides)
+        for key, value in overrides.items():
+            assert getattr(cfg, key) == value, (name, key)
+    assert preset("real", **ablations.VARIANTS["output_latents_4"][1]["model_overrides"]).output_latents == 4
