@@ -55,4 +55,5 @@ def test_every_variant_is_a_valid_change_to_the_options_and_the_preset():
         cfg = preset("real", **overrides)
         for key, value in overrides.items():
             assert getattr(cfg, key) == value, (name, key)
-    assert preset("real", **ablations.VARIANTS["output_latents_4"][1]["model_overrides"]).output_latents == 4
+    assert preset("real").output_latents == 4
+    assert preset("real", **ablations.VARIANTS["output_latents_8"][1]["model_overrides"]).output_latents == 8

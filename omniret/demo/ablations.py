@@ -40,9 +40,9 @@ VARIANTS = {
                          "Muon at 3e-3)", {"projector_muon_lr": 0.0}),
     "adamw_resamplers": ("the resamplers' matrices on AdamW at their rate (1e-4; the preset steps them with Muon at 1e-3)",
                          {"muon_lr": 0.0}),
-    # Table 5 (b): the pooling head's S (its output latents, and ASWP's references M = S; the preset has 8)
-    **{f"output_latents_{s}": (f"S = {s} output latents and ASWP references instead of 8",
-                               {"model_overrides": {"output_latents": s}}) for s in (2, 4, 16)},
+    # Table 5 (b): the pooling head's S (its output latents, and ASWP's references M = S; the preset has 4)
+    **{f"output_latents_{s}": (f"S = {s} output latents and ASWP references instead of 4",
+                               {"model_overrides": {"output_latents": s}}) for s in (2, 8, 16)},
     "no_resampler": ("no media resampler: projected encoder tokens go to the LLM",
                      {"model_overrides": {"media_resampler": "none"}}),
     "separate_resamplers": ("one resampler per modality instead of one shared",
