@@ -253,7 +253,8 @@ def _real() -> OmniRetConfig:
         video=False, max_text_tokens=64,
         media_latents=8, resampler_depth=1, resampler_heads=6,
         # S = 4 output latents (and ASWP references): single-modality R@5 +1.7 / +0.2 / +2.8 points over S = 8 on
-        # seeds 0-2, composed +0.7 / +1.0 / -0.6 (docs/real_ablations.md, "The pooling head's S"); 16 lost 7 points
+        # seeds 0-2, composed +0.7 / +1.0 / -0.6; S = 16 lost 6.7 single points on seed 0 (docs/real_ablations.md,
+        # "The pooling head's S")
         pooling="aswp", num_slices=1024, output_latents=4,
         # the instruction is read but not pooled: +1.1 single-modality R@5 points over three seeds at the demo's
         # budget, ahead on each (docs/real_benchmark.md, "What changed the result")

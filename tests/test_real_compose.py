@@ -153,7 +153,6 @@ def test_change_breakdown_splits_tone_from_gender_changes():
         assert 0.0 <= out[kind]["tone"]["match"] <= 1.0 and 0.0 < out[kind]["tone"]["chance"] <= 1.0
 
 
-
 def test_reference_effect_against_a_direct_count():
     """Fresh random embeddings, some queries built to sit next to their own image: the share that rank it first
     and R@k with it kept and left out equal a per-query sort of the candidates; a target that is its own image, or

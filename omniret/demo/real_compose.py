@@ -226,12 +226,17 @@ def main(argv=None) -> dict:
                 row["by_change"] = change_breakdown(encoded[0], task.queries, pool_cache[task.pool], task.relevant,
                                                     pools[task.pool].items, families[task.pool])
                 gallery = {item.get("image"): i for i, item in enumerate(pools[task.pool].items)}
-                row["reference"] = reference_effect(encoded[0], pool_cache[task.pool], single_targets(task.relevant),
-                                                    [gallery[q["image"]] for q in task.queries])
-                ref = row["reference"]
-                print(f"{'':24s} {'':13s} its own image ranked first {100 * ref['reference_first']:.1f}%; left out of "
-                      "its candidates: " + "  ".join(f"{k} {100 * ref['without'][k]:.1f} (kept: "
-                                                     f"{100 * ref['with'][k]:.1f})" for k in ref["with"]))
+                missing = sum(q["image"] not in gallery for q in task.queries)
+                if missing:  # reference_effect needs each query's own image among the candidates
+                    print(f"{'':24s} {'':13s} {missing} queries' own images are not in the gallery: no reference "
+                          "effect")
+                else:
+                    row["reference"] = ref = reference_effect(encoded[0], pool_cache[task.pool],
+                                                              single_targets(task.relevant),
+                                                              [gallery[q["image"]] for q in task.queries])
+                    print(f"{'':24s} {'':13s} its own image ranked first {100 * ref['reference_first']:.1f}%; left "
+                          "out of its candidates: " + "  ".join(f"{k} {100 * ref['without'][k]:.1f} (kept: "
+                                                                f"{100 * ref['with'][k]:.1f})" for k in ref["with"]))
                 for kind, part in row["by_change"].items():
                     print(f"{'':24s} {kind} changes ({part['queries']}): R@5 {100 * part['R@5']:.1f}, rank in "
                           f"family {part['target_rank_in_family']:.2f} of {part['family_size']:.1f}; the family's top "
