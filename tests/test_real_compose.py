@@ -183,3 +183,52 @@ def test_reference_effect_against_a_direct_count():
         reference_effect(queries, cands, refs, refs)
     with pytest.raises(ValueError, match="references"):
         reference_effect(queries, cands, targets, refs[:-1])
+
+
+def test_change_value_and_reworded_round_trip_every_wording():
+    """Every test wording of the benchmark parses back to its kind and value, and rewording writes the training
+    template of that kind with the same value; a text no template writes is refused."""
+    from omniret.data.real_benchmark import CHANGE_WORDINGS
+    from omniret.demo.real_compose import change_value, reworded
+
+    test, train = CHANGE_WORDINGS["test"], CHANGE_WORDINGS["train"]
+    values = {"tone": ["dark", "medium-light"], "gender": ["woman", "man"]}
+    for kind, templates in test.items():
+        for template in templates:
+            for v in values[kind]:
+                assert change_value(template.format(v=v), test) == (kind, v)
+                q = {"image": "a.png", "text": template.format(v=v), "instruction": "Find it."}
+                for c in range(5):
+                    (r,) = reworded([q], test, train, c)
+                    assert r["text"] == train[kind][c % len(train[kind])].format(v=v)
+                    assert r["image"] == "a.png" and r["instruction"] == "Find it."
+    with pytest.raises(ValueError, match="matches none"):
+        change_value("make it purple", test)
+
+
+def test_wording_effect_against_a_direct_computation():
+    """A toy encoder that reads only the change's wording (its template) and value: recall as written and per
+    training wording equals a direct top-k of what that encoder gives for the reworded texts."""
+    from omniret.demo.real_compose import reworded, wording_effect
+
+    source = {"tone": ("change the skin tone to {v}",), "gender": ("turn it into a {v}",)}
+    target = {"tone": ("with {v} skin tone", "{v} skin tone", "make the skin {v}"), "gender": ("as a {v}",)}
+    g = torch.Generator().manual_seed(3)
+    vec = {}
+
+    def encode(qs):
+        return torch.stack([vec.setdefault(q["text"], torch.randn(5, generator=g, dtype=torch.float64)) for q in qs])
+
+    queries = [{"image": f"{i}.png", "text": (source["tone"] if i % 2 else source["gender"])[0].format(v=v)}
+               for i, v in enumerate(["dark", "light", "woman", "medium", "man", "medium-dark", "person"])]
+    cands = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    relevant = [[i % 9] for i in range(len(queries))]
+    got = wording_effect(encode, queries, cands, relevant, source, target, ks=(1, 3))
+    assert len(got["reworded"]) == 3
+    cn = torch.nn.functional.normalize(cands, dim=1)
+    for qs, rec in [(queries, got["as_written"])] + [(reworded(queries, source, target, c), got["reworded"][c])
+                                                      for c in range(3)]:
+        top = torch.nn.functional.normalize(encode(qs), dim=1) @ cn.T
+        for k in (1, 3):
+            hit = sum(relevant[i][0] in top[i].topk(k).indices.tolist() for i in range(len(qs))) / len(qs)
+            assert abs(rec[f"R@{k}"] - hit) < 1e-6, k  # recall_at_k returns float32 shares

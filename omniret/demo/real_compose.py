@@ -14,11 +14,13 @@ share whose target ranks first among its family's candidates, and its mean rank 
 For the image+text task, split by the kind of change (`change_breakdown`): how often the family's top 5 has the
 target's skin tone and gender, against a random order. And how often the query's own image ranks first, with R@k
 when it is left out of that query's candidates (`reference_effect`; CIRR's protocol leaves it out, this benchmark
-keeps it in).
+keeps it in). And whether the held-out wording of the change is what the models miss (`wording_effect`): the
+test queries again with each training wording of their change in place of the test one.
 """
 from __future__ import annotations
 
 import argparse
+import re
 
 import torch
 
@@ -28,7 +30,8 @@ from omniret.eval.recall import normalize, recall_at_k
 from omniret.files import atomic_write_json
 
 __all__ = ["without_text", "encode_with_and_without_text", "text_effect", "single_targets", "emoji_family",
-           "family_breakdown", "emoji_attributes", "attribute_match", "change_breakdown", "reference_effect", "main"]
+           "family_breakdown", "emoji_attributes", "attribute_match", "change_breakdown", "reference_effect",
+           "change_value", "reworded", "wording_effect", "main"]
 
 
 def without_text(query: dict) -> dict:
@@ -184,8 +187,52 @@ def reference_effect(query_emb: torch.Tensor, cand_emb: torch.Tensor, targets, r
     return out
 
 
+def _template_pattern(template: str) -> re.Pattern:
+    """A change wording like "turn it into a {v}" -> a regex whose one group is the value."""
+    head, tail = template.split("{v}")
+    return re.compile(re.escape(head) + "(.+)" + re.escape(tail) + "$")
+
+
+def change_value(text: str, wordings: dict) -> tuple:
+    """(kind, value) of a change text written with one of `wordings` ({kind: (template, ...)}, templates with
+    one "{v}"; real_benchmark.CHANGE_WORDINGS[split]); a text no template writes is refused."""
+    for kind, templates in wordings.items():
+        for template in templates:
+            m = _template_pattern(template).match(text)
+            if m:
+                return kind, m.group(1)
+    raise ValueError(f"change text {text!r} matches none of the wordings {wordings}")
+
+
+def reworded(queries: list, source: dict, target: dict, choice: int) -> list:
+    """The queries with their change text (written with a `source` wording) written again with `target`'s
+    wording number `choice` of the same kind (modulo how many that kind has)."""
+    out = []
+    for q in queries:
+        kind, value = change_value(q["text"], source)
+        templates = target[kind]
+        out.append(dict(q, text=templates[choice % len(templates)].format(v=value)))
+    return out
+
+
+@torch.no_grad()
+def wording_effect(encode_queries, queries: list, candidates: torch.Tensor, relevant, source: dict, target: dict,
+                   ks=(1, 5, 10)) -> dict:
+    """R@k of the queries as written (`source` wordings: the test split's) and again with each of `target`'s
+    wordings (the training split's) -> {"as_written": {"R@k": ...}, "reworded": [{"R@k": ...}, one per wording
+    number up to the most a kind has]}. If a model only missed the held-out wording, the reworded recall would be
+    well above the written one."""
+    def recall(qs):
+        return {f"R@{k}": v for k, v in
+                recall_at_k(normalize(torch.as_tensor(encode_queries(qs))), candidates, relevant, ks).items()}
+
+    choices = max(len(t) for t in target.values())
+    return {"as_written": recall(queries),
+            "reworded": [recall(reworded(queries, source, target, c)) for c in range(choices)]}
+
+
 def main(argv=None) -> dict:
-    from omniret.data.real_benchmark import COMPOSED_TASKS
+    from omniret.data.real_benchmark import CHANGE_WORDINGS, COMPOSED_TASKS
     from omniret.demo import real_demo
     from omniret.threads import apply_threads
 
@@ -222,6 +269,10 @@ def main(argv=None) -> dict:
                   f"{100 * fam['without']['target_first_in_family']:.1f}), its mean rank there "
                   f"{fam['with']['target_rank_in_family']:.2f} (without text "
                   f"{fam['without']['target_rank_in_family']:.2f}) of {fam['with']['family_size']:.1f} candidates")
+            row["wording"] = wt = wording_effect(model.encode_queries, task.queries, pool_cache[task.pool],
+                                                 task.relevant, CHANGE_WORDINGS["test"], CHANGE_WORDINGS["train"])
+            print(f"{'':24s} {'':13s} R@5 with the test wordings {100 * wt['as_written']['R@5']:.1f}; with each "
+                  "training wording instead: " + ", ".join(f"{100 * r['R@5']:.1f}" for r in wt["reworded"]))
             if all("image" in q for q in task.queries):
                 row["by_change"] = change_breakdown(encoded[0], task.queries, pool_cache[task.pool], task.relevant,
                                                     pools[task.pool].items, families[task.pool])
