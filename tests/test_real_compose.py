@@ -204,6 +204,8 @@ def test_change_value_and_reworded_round_trip_every_wording():
                     assert r["image"] == "a.png" and r["instruction"] == "Find it."
     with pytest.raises(ValueError, match="matches none"):
         change_value("make it purple", test)
+    with pytest.raises(ValueError, match="matches \\[\\("):  # two templates, two readings
+        change_value("with dark skin tone", {"tone": ("with {v} skin tone", "{v} skin tone")})
 
 
 def test_wording_effect_against_a_direct_computation():
@@ -232,3 +234,7 @@ def test_wording_effect_against_a_direct_computation():
         for k in (1, 3):
             hit = sum(relevant[i][0] in top[i].topk(k).indices.tolist() for i in range(len(qs))) / len(qs)
             assert abs(rec[f"R@{k}"] - hit) < 1e-6, k  # recall_at_k returns float32 shares
+    calls = []
+    reused = wording_effect(lambda qs: calls.append(len(qs)) or encode(qs), queries, cands, relevant, source, target,
+                            ks=(1, 3), encoded=encode(queries))
+    assert reused == got and calls == [len(queries)] * 3  # the written queries are not encoded again

@@ -195,13 +195,14 @@ def _template_pattern(template: str) -> re.Pattern:
 
 def change_value(text: str, wordings: dict) -> tuple:
     """(kind, value) of a change text written with one of `wordings` ({kind: (template, ...)}, templates with
-    one "{v}"; real_benchmark.CHANGE_WORDINGS[split]); a text no template writes is refused."""
-    for kind, templates in wordings.items():
-        for template in templates:
-            m = _template_pattern(template).match(text)
-            if m:
-                return kind, m.group(1)
-    raise ValueError(f"change text {text!r} matches none of the wordings {wordings}")
+    one "{v}"; real_benchmark.CHANGE_WORDINGS[split]). A text no template writes is refused, and so is one that
+    two templates read differently ("{v} skin tone" also reads "with dark skin tone")."""
+    found = {(kind, m.group(1)) for kind, templates in wordings.items() for template in templates
+             if (m := _template_pattern(template).match(text))}
+    if len(found) != 1:
+        raise ValueError(f"change text {text!r} matches {'none' if not found else sorted(found)} of the wordings "
+                         f"{wordings}")
+    return found.pop()
 
 
 def reworded(queries: list, source: dict, target: dict, choice: int) -> list:
@@ -217,18 +218,17 @@ def reworded(queries: list, source: dict, target: dict, choice: int) -> list:
 
 @torch.no_grad()
 def wording_effect(encode_queries, queries: list, candidates: torch.Tensor, relevant, source: dict, target: dict,
-                   ks=(1, 5, 10)) -> dict:
+                   ks=(1, 5, 10), encoded: torch.Tensor | None = None) -> dict:
     """R@k of the queries as written (`source` wordings: the test split's) and again with each of `target`'s
     wordings (the training split's) -> {"as_written": {"R@k": ...}, "reworded": [{"R@k": ...}, one per wording
     number up to the most a kind has]}. If a model only missed the held-out wording, the reworded recall would be
-    well above the written one."""
-    def recall(qs):
-        return {f"R@{k}": v for k, v in
-                recall_at_k(normalize(torch.as_tensor(encode_queries(qs))), candidates, relevant, ks).items()}
+    well above the written one. `encoded`: the queries' embeddings as written, when the caller has them."""
+    def recall(emb):
+        return {f"R@{k}": v for k, v in recall_at_k(normalize(torch.as_tensor(emb)), candidates, relevant, ks).items()}
 
     choices = max(len(t) for t in target.values())
-    return {"as_written": recall(queries),
-            "reworded": [recall(reworded(queries, source, target, c)) for c in range(choices)]}
+    return {"as_written": recall(encode_queries(queries) if encoded is None else encoded),
+            "reworded": [recall(encode_queries(reworded(queries, source, target, c))) for c in range(choices)]}
 
 
 def main(argv=None) -> dict:
@@ -270,7 +270,8 @@ def main(argv=None) -> dict:
                   f"{fam['with']['target_rank_in_family']:.2f} (without text "
                   f"{fam['without']['target_rank_in_family']:.2f}) of {fam['with']['family_size']:.1f} candidates")
             row["wording"] = wt = wording_effect(model.encode_queries, task.queries, pool_cache[task.pool],
-                                                 task.relevant, CHANGE_WORDINGS["test"], CHANGE_WORDINGS["train"])
+                                                 task.relevant, CHANGE_WORDINGS["test"], CHANGE_WORDINGS["train"],
+                                                 encoded=encoded[0])
             print(f"{'':24s} {'':13s} R@5 with the test wordings {100 * wt['as_written']['R@5']:.1f}; with each "
                   "training wording instead: " + ", ".join(f"{100 * r['R@5']:.1f}" for r in wt["reworded"]))
             if all("image" in q for q in task.queries):
