@@ -43,6 +43,12 @@ VARIANTS = {
     # Table 5 (b): the pooling head's S (its output latents, and ASWP's references M = S; the preset has 4)
     **{f"output_latents_{s}": (f"S = {s} output latents and ASWP references instead of 4",
                                {"model_overrides": {"output_latents": s}}) for s in (2, 8, 16)},
+    # Table 5 (c): how ASWP pools each slice's displacements over the references (the preset: STM)
+    **{f"aswp_{name}": (f"ASWP pools each slice by {what} instead of the straight-through maximum",
+                        {"model_overrides": {"aswp_pooling": name}})
+       for name, what in (("max", "a plain maximum"), ("mean", "the mean"), ("weighted", "a learnable weighted sum"))},
+    "no_media_latents": ("the shared resampler without its per-modality latents (Table 5 d)",
+                         {"model_overrides": {"media_resampler": "shared_no_latents"}}),
     "no_resampler": ("no media resampler: projected encoder tokens go to the LLM",
                      {"model_overrides": {"media_resampler": "none"}}),
     "separate_resamplers": ("one resampler per modality instead of one shared",
