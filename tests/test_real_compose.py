@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from omniret.demo.real_compose import text_effect, without_text
+from omniret.demo.real_compose import query_spread, text_effect, without_text
 
 
 def test_without_text_keeps_media_and_instruction_and_refuses_text_only():
@@ -238,3 +238,31 @@ def test_wording_effect_against_a_direct_computation():
     reused = wording_effect(lambda qs: calls.append(len(qs)) or encode(qs), queries, cands, relevant, source, target,
                             ks=(1, 3), encoded=encode(queries))
     assert reused == got and calls == [len(queries)] * 3  # the written queries are not encoded again
+
+
+def test_query_spread_against_the_pairwise_matrix_and_the_text_share():
+    """query_spread is the mean off-diagonal cosine (here against the (Q, Q) matrix, in float64, odd Q); text_share
+    divides the text's movement by it: a text that moves each query as far as another query sits gives 1."""
+    g = torch.Generator().manual_seed(3)
+    for q in (2, 7, 31):
+        e = torch.nn.functional.normalize(torch.randn(q, 5, generator=g, dtype=torch.float64) + 1.0, dim=1)
+        m = e @ e.T
+        want = float((m.sum() - m.diagonal().sum()) / (q * (q - 1)))
+        assert abs(query_spread(e) - want) < 1e-12
+    with pytest.raises(ValueError, match="at least 2"):
+        query_spread(torch.ones(1, 3))
+
+    images = {f"i{k}": torch.randn(6, generator=g, dtype=torch.float64) for k in range(5)}
+    queries = [{"image": f"i{k}", "text": "t"} for k in range(5)]
+    cands = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    relevant = [[k % 4] for k in range(5)]
+    shift = torch.randn(6, generator=g, dtype=torch.float64)
+
+    def encoder(qs):
+        return torch.stack([images[q["image"]] + (3.0 * shift if "text" in q else 0) for q in qs])
+
+    row = text_effect(encoder, queries, cands, relevant)  # embeddings normalised in float32 there
+    full = torch.nn.functional.normalize(encoder(queries), dim=1)
+    assert abs(row["spread"] - query_spread(full)) < 1e-6
+    assert abs(row["text_share"] - (1 - row["cosine"]) / (1 - row["spread"])) < 1e-12
+    assert row["text_share"] > 0

@@ -4,6 +4,7 @@ Trainer, both evaluated, the index and one search. Skipped, with the reason, whe
 import json
 
 import pytest
+import torch
 
 from omniret.data import real_benchmark
 
@@ -122,3 +123,28 @@ def test_a_run_killed_mid_training_resumes_to_the_unkilled_runs_numbers(smoke_ru
     assert resumed["info"]["steps"] == 4
     assert resumed["tasks"] == first["tasks"]
     assert resumed["baselines"] == first["baselines"]
+
+
+def test_the_untrained_models_are_the_runs_start(smoke_run, tmp_path):
+    """real_compose --untrained: the run's two models before their first step. Their media statistics are fitted as
+    the Trainer fits them (buffers training never changes: equal to the trained models' to the bit); the weights
+    that train differ from the trained ones; a run without its results.json is refused, naming the file."""
+    _, out, root, _ = smoke_run
+    from omniret.demo.real_compose import untrained_models
+    from omniret.demo.real_demo import load_run_models
+
+    trained = load_run_models(str(out), "test")
+    start = untrained_models(str(out), str(root / "data"))
+    assert set(start) == {"omniret_untrained", "dual_encoder_untrained"}
+    for name in ("omniret", "dual_encoder"):
+        before, after = start[f"{name}_untrained"].state_dict(), trained[name].state_dict()
+        stats = [k for k in after if k.endswith((".mean", ".std", ".fitted")) and "media_norms" in k]
+        assert stats, name
+        for k in stats:
+            assert torch.equal(before[k], after[k]), (name, k)
+        assert bool(before[stats[0].rsplit(".", 1)[0] + ".fitted"])
+        moved = [k for k in after if ("projector" in k or "head" in k) and k.endswith("weight")
+                 and not torch.equal(before[k], after[k])]
+        assert moved, name
+    with pytest.raises(SystemExit, match="results.json"):
+        untrained_models(str(tmp_path), str(root / "data"))

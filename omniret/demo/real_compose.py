@@ -20,6 +20,8 @@ test queries again with each training wording of their change in place of the te
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
 
 import torch
@@ -29,9 +31,9 @@ from omniret.eval.evaluate import encode_pool
 from omniret.eval.recall import normalize, recall_at_k
 from omniret.files import atomic_write_json
 
-__all__ = ["without_text", "encode_with_and_without_text", "text_effect", "single_targets", "emoji_family",
-           "family_breakdown", "emoji_attributes", "attribute_match", "change_breakdown", "reference_effect",
-           "change_value", "reworded", "wording_effect", "main"]
+__all__ = ["without_text", "encode_with_and_without_text", "query_spread", "text_effect", "single_targets",
+           "emoji_family", "family_breakdown", "emoji_attributes", "attribute_match", "change_breakdown",
+           "reference_effect", "change_value", "reworded", "wording_effect", "untrained_models", "main"]
 
 
 def without_text(query: dict) -> dict:
@@ -49,16 +51,33 @@ def encode_with_and_without_text(encode_queries, queries: list) -> tuple:
             normalize(torch.as_tensor(encode_queries([without_text(q) for q in queries]))))
 
 
+def query_spread(embeddings: torch.Tensor) -> float:
+    """Mean cosine between two different rows of normalised (Q, E) embeddings (the diagonal left out); at least
+    two rows."""
+    n = embeddings.shape[0]
+    if n < 2:
+        raise ValueError(f"query_spread needs at least 2 embeddings, got {n}")
+    total = embeddings.sum(dim=0)
+    # sum over all pairs i != j of <e_i, e_j> = |sum e|^2 - sum |e_i|^2, without the (Q, Q) matrix
+    off = float(total @ total) - float((embeddings * embeddings).sum())
+    return off / (n * (n - 1))
+
+
 @torch.no_grad()
 def text_effect(encode_queries, queries: list, candidates: torch.Tensor, relevant, ks=(1, 5),
                 families: list | None = None, encoded: tuple | None = None) -> dict:
-    """{"cosine": mean cos(query, query without its text), "with": {"R@k": ...}, "without": {...}} for queries
-    scored against candidate embeddings (C, E) with `relevant` as omniret.eval.recall takes it. With `families`
+    """{"cosine": mean cos(query, query without its text), "spread": `query_spread` of the queries with their
+    text, "text_share": (1 - cosine) / (1 - spread), "with": {"R@k": ...}, "without": {...}} for queries scored
+    against candidate embeddings (C, E) with `relevant` as omniret.eval.recall takes it. With `families`
     (a label per candidate; each query then has one relevant candidate), also "families": {"with": ..., "without":
     ...} from `family_breakdown`. `encoded`: `encode_with_and_without_text`'s pair when the caller has it already
     (`encode_queries` is then not called)."""
     full, bare = encoded if encoded is not None else encode_with_and_without_text(encode_queries, queries)
     out = {"cosine": float((full * bare).sum(dim=1).mean())}
+    out["spread"] = query_spread(full)
+    # how far the text moves a query, against how far apart two queries sit: comparable across models whose
+    # embeddings fill the sphere differently (a model whose queries all sit close moves them less in absolute terms)
+    out["text_share"] = (1.0 - out["cosine"]) / max(1.0 - out["spread"], 1e-12)
     for name, q in (("with", full), ("without", bare)):
         out[name] = {f"R@{k}": v for k, v in recall_at_k(q, candidates, relevant, ks).items()}
     if families is not None:
@@ -231,6 +250,29 @@ def wording_effect(encode_queries, queries: list, candidates: torch.Tensor, rele
             "reworded": [recall(encode_queries(reworded(queries, source, target, c))) for c in range(choices)]}
 
 
+def untrained_models(run: str, root: str) -> dict:
+    """{"omniret_untrained": ..., "dual_encoder_untrained": ...}: the two models of `omniret demo --output run` as
+    they are before its first step (built from the options in the run's results.json, their media standardizers
+    fitted on the training set as the Trainer fits them), in eval mode."""
+    from omniret.demo import real_demo
+
+    path = os.path.join(run, "results.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)["info"]["options"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise SystemExit(f"real_compose: --untrained needs the run's options in {path}: {exc}") from exc
+    keep = {k: saved[k] for k in ("seed", "pooling", "model_overrides", "feature_cache") if k in saved}
+    opts = real_demo.RealDemoOptions(output=run, progress=False, **keep)
+    data = real_demo.train_set(root, opts)
+    models = {"omniret_untrained": real_demo.build_model(opts),
+              "dual_encoder_untrained": real_demo.build_baseline(opts)}
+    for model in models.values():
+        model.before_training(data)
+        model.eval()
+    return models
+
+
 def main(argv=None) -> dict:
     from omniret.data.real_benchmark import CHANGE_WORDINGS, COMPOSED_TASKS
     from omniret.demo import real_demo
@@ -240,12 +282,17 @@ def main(argv=None) -> dict:
     p.add_argument("--run", required=True, help="an `omniret demo` output folder (model/ and baseline_model/)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="write the numbers here")
+    p.add_argument("--untrained", action="store_true",
+                   help="also both models as their training starts (the run's seed and model options, media "
+                        "statistics fitted): how much of the text's effect training keeps")
     args = p.parse_args(argv)
     apply_threads(args.threads)
     models = real_demo.load_run_models(args.run, "real_compose")
     opts = real_demo.RealDemoOptions(output=args.run, progress=False)
     root = real_demo.ensure_benchmark(opts)
     real_demo.ensure_features(root, opts)
+    if args.untrained:
+        models.update(untrained_models(args.run, root))
     tasks, pools = real_demo.eval_tasks(root, opts)
     families = {task.pool: [emoji_family(item) for item in pools[task.pool].items]
                 for task in tasks if task.name in COMPOSED_TASKS}
@@ -259,11 +306,12 @@ def main(argv=None) -> dict:
             row = text_effect(model.encode_queries, task.queries, pool_cache[task.pool], task.relevant,
                               families=families[task.pool], encoded=encoded)
             report.setdefault(task.name, {})[name] = row
-            print(f"{task.name:24s} {name:13s} cos(with, without text) {row['cosine']:.3f}  "
+            print(f"{task.name:24s} {name:22s} cos(with, without text) {row['cosine']:.3f}, between queries "
+                  f"{row['spread']:.3f}, the text's share {row['text_share']:.3f}  "
                   + "  ".join(f"{k} {100 * row['with'][k]:.1f} (without text {100 * row['without'][k]:.1f})"
                               for k in row["with"]))
             fam = row["families"]
-            print(f"{'':24s} {'':13s} family in top 5 {100 * fam['with']['family@5']:.1f} "
+            print(f"{'':24s} {'':22s} family in top 5 {100 * fam['with']['family@5']:.1f} "
                   f"(without text {100 * fam['without']['family@5']:.1f}), target first in its family "
                   f"{100 * fam['with']['target_first_in_family']:.1f} (without text "
                   f"{100 * fam['without']['target_first_in_family']:.1f}), its mean rank there "
@@ -272,7 +320,7 @@ def main(argv=None) -> dict:
             row["wording"] = wt = wording_effect(model.encode_queries, task.queries, pool_cache[task.pool],
                                                  task.relevant, CHANGE_WORDINGS["test"], CHANGE_WORDINGS["train"],
                                                  encoded=encoded[0])
-            print(f"{'':24s} {'':13s} R@5 with the test wordings {100 * wt['as_written']['R@5']:.1f}; with each "
+            print(f"{'':24s} {'':22s} R@5 with the test wordings {100 * wt['as_written']['R@5']:.1f}; with each "
                   "training wording instead: " + ", ".join(f"{100 * r['R@5']:.1f}" for r in wt["reworded"]))
             if all("image" in q for q in task.queries):
                 row["by_change"] = change_breakdown(encoded[0], task.queries, pool_cache[task.pool], task.relevant,
@@ -280,13 +328,13 @@ def main(argv=None) -> dict:
                 gallery = {item.get("image"): i for i, item in enumerate(pools[task.pool].items)}
                 missing = sum(q["image"] not in gallery for q in task.queries)
                 if missing:  # reference_effect needs each query's own image among the candidates
-                    print(f"{'':24s} {'':13s} {missing} queries' own images are not in the gallery: no reference "
+                    print(f"{'':24s} {'':22s} {missing} queries' own images are not in the gallery: no reference "
                           "effect")
                 else:
                     row["reference"] = ref = reference_effect(encoded[0], pool_cache[task.pool],
                                                               single_targets(task.relevant),
                                                               [gallery[q["image"]] for q in task.queries])
-                    print(f"{'':24s} {'':13s} its own image ranked first {100 * ref['reference_first']:.1f}%; left "
+                    print(f"{'':24s} {'':22s} its own image ranked first {100 * ref['reference_first']:.1f}%; left "
                           "out of its candidates: " + "  ".join(f"{k} {100 * ref['without'][k]:.1f} (kept: "
                                                                 f"{100 * ref['with'][k]:.1f})" for k in ref["with"]))
                 for kind, part in row["by_change"].items():
