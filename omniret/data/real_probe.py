@@ -194,20 +194,40 @@ def held_out_attribute_probe(x: np.ndarray, labels: list, groups: list, seed: in
             "majority": float(max(np.mean(held == v) for v in set(held.tolist()))), "test_items": int(test.sum())}
 
 
-def emoji_attribute_probes(root: str, cache_dir: str | None = None) -> dict:
-    """`held_out_attribute_probe` of the skin tone and of the gender on the benchmark's emoji images
-    (EfficientNet-Lite0's tokens, mean-pooled), families held out: does the frozen image feature carry what the
-    composed image task's change text asks for?"""
+def emoji_image_paths(root: str) -> list:
+    """Every emoji image of the benchmark (media/emoji/*.png), sorted."""
+    folder = os.path.join(root, "media", "emoji")
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".png"))
+
+
+def attribute_probes(x: np.ndarray, paths: list, seeds=(0,)) -> dict:
+    """{"tone": ..., "gender": ...}: `held_out_attribute_probe` of each attribute on features (N, D) of the emoji
+    image files `paths`, emoji families held out, once per seed (a different third of the families each); with
+    more than one seed, "accuracy" and "majority" are means and "accuracies" lists each seed's."""
     from omniret.data.sources.emoji import attributes_of, concept_of, unified_of
 
-    paths = sorted(os.path.join(root, "media", "emoji", f) for f in os.listdir(os.path.join(root, "media", "emoji"))
-                   if f.endswith(".png"))
+    if len(x) != len(paths):
+        raise ValueError(f"attribute_probes: {len(x)} feature rows for {len(paths)} files")
+    families = [concept_of(unified_of(p)) for p in paths]
+    attrs = [attributes_of(unified_of(p)) for p in paths]
+    out = {}
+    for attr in ("tone", "gender"):
+        runs = [held_out_attribute_probe(x, [a[attr] for a in attrs], families, seed=s) for s in seeds]
+        out[attr] = dict(runs[0]) if len(runs) == 1 else {
+            "accuracy": float(np.mean([r["accuracy"] for r in runs])), "accuracies": [r["accuracy"] for r in runs],
+            "majority": float(np.mean([r["majority"] for r in runs])), "test_items": [r["test_items"] for r in runs]}
+    return out
+
+
+def emoji_attribute_probes(root: str, cache_dir: str | None = None, seeds=(0,)) -> dict:
+    """`attribute_probes` of the skin tone and of the gender on the benchmark's emoji images (EfficientNet-Lite0's
+    tokens, mean-pooled), families held out: does the frozen image feature carry what the composed image task's
+    change text asks for?"""
+    paths = emoji_image_paths(root)
     store = frozen_features.feature_store("image", cache_dir)
     store.preload(paths, progress=False)
     x = np.stack([pooled(store.get(p), "image") for p in paths]).astype(np.float64)
-    families = [concept_of(unified_of(p)) for p in paths]
-    attrs = [attributes_of(unified_of(p)) for p in paths]
-    return {attr: held_out_attribute_probe(x, [a[attr] for a in attrs], families) for attr in ("tone", "gender")}
+    return attribute_probes(x, paths, seeds)
 
 
 def main(argv=None) -> int:

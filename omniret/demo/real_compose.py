@@ -1,10 +1,12 @@
 """How much a composed query's text steers each model: the composed tasks' test queries encoded with and without
 their text, for OmniRet and the dual encoder of one `omniret demo` run.
 
-    python -m omniret.demo.real_compose --run out/demo [--json out/compose.json]
+    python -m omniret.demo.real_compose --run out/demo [--untrained] [--attributes] [--json out/compose.json]
 
 Per composed task and model it prints the mean cosine between a query's embedding with its text and without it
-(1.0: the text changes nothing), and R@1 / R@5 with and without the text. docs/real_benchmark.md ("Muon for the
+(1.0: the text changes nothing), that movement as a share of the distance between two queries (`text_share`), and
+R@1 / R@5 with and without the text. `--untrained` adds both models as their training starts, so a change that
+training made shows. docs/real_benchmark.md ("Muon for the
 resamplers") reads it: on the emoji image+text task both models score the same without the text, and the text adds
 far more to the dual encoder's recall than to OmniRet's.
 
@@ -16,6 +18,9 @@ target's skin tone and gender, against a random order. And how often the query's
 when it is left out of that query's candidates (`reference_effect`; CIRR's protocol leaves it out, this benchmark
 keeps it in). And whether the held-out wording of the change is what the models miss (`wording_effect`): the
 test queries again with each training wording of their change in place of the test one.
+
+`--attributes` instead asks which attributes survive each model's path to its embedding: a linear probe of the skin
+tone and the gender on the embeddings of every emoji image, families held out (`attributes_report`).
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ from omniret.files import atomic_write_json
 
 __all__ = ["without_text", "encode_with_and_without_text", "query_spread", "text_effect", "single_targets",
            "emoji_family", "family_breakdown", "emoji_attributes", "attribute_match", "change_breakdown",
-           "reference_effect", "change_value", "reworded", "wording_effect", "untrained_models", "main"]
+           "reference_effect", "change_value", "reworded", "wording_effect", "untrained_models", "attributes_report", "main"]
 
 
 def without_text(query: dict) -> dict:
@@ -273,6 +278,26 @@ def untrained_models(run: str, root: str) -> dict:
     return models
 
 
+def attributes_report(models: dict, root: str, json_path: str | None = None, seeds=(0, 1, 2)) -> dict:
+    """{"frozen": ..., model name: ...}: `omniret.data.real_probe.attribute_probes` of the skin tone and the gender
+    on the mean-pooled frozen feature of every emoji image of the benchmark at `root` and on each model's candidate
+    embedding of it (families held out, one split per seed): which attributes survive each model's path to its
+    embedding."""
+    from omniret.data.real_probe import attribute_probes, emoji_attribute_probes, emoji_image_paths
+
+    paths = emoji_image_paths(root)
+    report = {"frozen": emoji_attribute_probes(root, seeds=seeds)}
+    for name, model in models.items():
+        emb = torch.as_tensor(model.encode_corpus([{"image": p} for p in paths])).double().numpy()
+        report[name] = attribute_probes(emb, paths, seeds)
+    for name, row in report.items():
+        print(f"{name:22s} " + "  ".join(f"{attr} {100 * r['accuracy']:.1f}% (majority {100 * r['majority']:.1f})"
+                                         for attr, r in row.items()))
+    if json_path:
+        atomic_write_json(json_path, report)
+    return report
+
+
 def main(argv=None) -> dict:
     from omniret.data.real_benchmark import CHANGE_WORDINGS, COMPOSED_TASKS
     from omniret.demo import real_demo
@@ -285,6 +310,9 @@ def main(argv=None) -> dict:
     p.add_argument("--untrained", action="store_true",
                    help="also both models as their training starts (the run's seed and model options, media "
                         "statistics fitted): how much of the text's effect training keeps")
+    p.add_argument("--attributes", action="store_true",
+                   help="instead: can a linear probe read the skin tone and gender from each model's embedding of "
+                        "every emoji image (families held out, three splits), beside the frozen feature?")
     args = p.parse_args(argv)
     apply_threads(args.threads)
     models = real_demo.load_run_models(args.run, "real_compose")
@@ -293,6 +321,8 @@ def main(argv=None) -> dict:
     real_demo.ensure_features(root, opts)
     if args.untrained:
         models.update(untrained_models(args.run, root))
+    if args.attributes:
+        return attributes_report(models, root, args.json)
     tasks, pools = real_demo.eval_tasks(root, opts)
     families = {task.pool: [emoji_family(item) for item in pools[task.pool].items]
                 for task in tasks if task.name in COMPOSED_TASKS}
