@@ -200,8 +200,48 @@ def test_trains_through_trainer_and_recall_rises_over_chance(tmp_path):
     assert torch.equal(loaded.encode_queries(items), model.encode_queries(items))
 
 
-def test_grad_cache_drives_it_as_a_plain_model_with_the_symmetric_loss():
-    model = _model(config={"dropout": 0.0}).double()
+def _perturbed_fusion(model):
+    """Random values in the learned fusion's zero-initialised parts, so it no longer equals the sum."""
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p in model.fusion.named_parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+def test_learned_fusion_starts_as_the_sum_and_fuses_each_item_on_its_own():
+    """fusion="transformer": the same heads as the sum model of the seed; untrained, every embedding equals the sum
+    model's (float64). Once its parameters move, composed items differ from the sum while single-part items do
+    not, and an item's embedding does not depend on the other items of its batch (padding of 2- and 3-part items)."""
+    summed = _model(seed=5).double().eval()
+    learned = _model(seed=5, config={"fusion": "transformer"}).double().eval()
+    img, aud, txt = media("image", "cat", 0), media("audio", "dog", 1), "with a hat"
+    items = [{"image": img}, txt, {"image": img, "text": txt}, {"audio": aud, "text": txt},
+             {"image": img, "audio": aud, "text": txt}, {"audio": aud}, {"image": [img, media("image", "cow", 2)]}]
+    with torch.no_grad():
+        torch.testing.assert_close(learned(items)[0], summed(items)[0], rtol=1e-12, atol=1e-12)
+        _perturbed_fusion(learned)
+        together, want = learned(items)[0], summed(items)[0]
+        alone = torch.cat([learned([item])[0] for item in items])
+    torch.testing.assert_close(together, alone, rtol=1e-10, atol=1e-12)
+    for i, item in enumerate(items):
+        parts = 1 if isinstance(item, str) else sum(len(v) if isinstance(v, list) else 1 for v in item.values())
+        if parts == 1:
+            torch.testing.assert_close(together[i], want[i], rtol=1e-12, atol=1e-12)
+        else:
+            assert (together[i] - want[i]).abs().max() > 1e-3, item
+    torch.testing.assert_close(together.norm(dim=-1), torch.ones(len(items), dtype=torch.float64))
+    with pytest.raises(ValueError, match="fusion must be one of"):
+        DualEncoderConfig(fusion="concat").validate()
+    with pytest.raises(ValueError, match="divisible"):
+        DualEncoderConfig(fusion="transformer", dim=30, fusion_heads=4).validate()
+
+
+@pytest.mark.parametrize("fusion", ["sum", "transformer"])
+def test_grad_cache_drives_it_as_a_plain_model_with_the_symmetric_loss(fusion):
+    model = _model(config={"dropout": 0.0, "fusion": fusion}).double()
+    if fusion == "transformer":
+        _perturbed_fusion(model)  # past its zero start, so every fusion parameter has a gradient
     model.train()
     ex = _pairs(ks=(0,))[:12]  # two concepts: every task, every head
     queries, candidates = [e["query"] for e in ex], [e["candidate"] for e in ex]
@@ -226,6 +266,11 @@ def test_save_load_round_trip_and_config(tmp_path):
     loaded = DualEncoder.from_pretrained(tmp_path / "m", media_features=FakeMedia())
     items = [caption("cat"), {"image": media("image", "dog", 0), "text": "x"}]
     assert torch.equal(loaded.encode_corpus(items), model.encode_corpus(items))
+    fused = _perturbed_fusion(_model(config={"fusion": "transformer", "dim": 64, "fusion_heads": 2}, seed=3))
+    fused.save_pretrained(tmp_path / "f")
+    again = DualEncoder.from_pretrained(tmp_path / "f", media_features=FakeMedia())
+    assert again.config.fusion == "transformer"
+    assert torch.equal(again.encode_queries(items), fused.encode_queries(items))
     assert not torch.equal(_model(seed=4, config={"head": "linear", "dim": 64, "input_norm": False})
                            .encode_corpus(items), model.encode_corpus(items))
     assert torch.equal(_model(seed=3).encode_corpus(items), _model(seed=3).encode_corpus(items))

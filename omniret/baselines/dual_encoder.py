@@ -8,9 +8,13 @@ Every part of an item is embedded on its own and projected into one shared space
 - one projection head per modality (a 2-layer MLP with GELU, or linear), after a LayerNorm by default, then
   L2-normalised.
 A composed item (e.g. image + text, audio + text) is the sum of its parts' unit projections, renormalised: UniIR's
-feature fusion. Instructions are ignored: a CLIP-style model has no instruction input, and its queries and
-candidates share one encoder. Trained with symmetric InfoNCE through omniret.train.Trainer
-(`dual_encoder_train_config`), evaluated through omniret.eval.evaluate with `encode_queries` / `encode_corpus`.
+score-level fusion (CLIP_SF, the fusion the OmniRet paper's baselines use, "features fused as UniIR"). With
+`fusion="transformer"` its parts instead go through a small transformer (UniIR's feature-level fusion, CLIP_FF, in
+miniature) whose output projections start at zero, so it starts as the sum and may learn any other weighting;
+single-part items are their part's unit projection either way. Instructions are ignored: a CLIP-style model has no
+instruction input, and its queries and candidates share one encoder. Trained with symmetric InfoNCE through
+omniret.train.Trainer (`dual_encoder_train_config`), evaluated through omniret.eval.evaluate with
+`encode_queries` / `encode_corpus`.
 
     torch.manual_seed(seed)  # (or DualEncoder(..., seed=seed)): the heads start random
     model = DualEncoder(DualEncoderConfig(), media_features=lookup)
@@ -49,6 +53,7 @@ FORMAT = "omniret-dual-encoder"
 MODALITIES = ("text", "image", "audio")  # the order parts are embedded in
 ITEM_KEYS = MODALITIES + ("instruction",)
 HEADS = ("mlp", "linear")
+FUSIONS = ("sum", "transformer")
 
 
 @dataclass
@@ -69,6 +74,11 @@ class DualEncoderConfig:
     # the frozen media tokens standardised per channel with statistics of the training media (fitted by
     # `before_training`, which the Trainer calls on a fresh run): the real preset's `standardize_media`
     standardize_media: bool = False
+    # how a composed item's parts combine: "sum" (renormalised) or "transformer" (fusion_layers pre-norm layers of
+    # fusion_heads heads over the parts' unit projections, mean over the parts, renormalised)
+    fusion: str = "sum"
+    fusion_layers: int = 2
+    fusion_heads: int = 4
 
     def validate(self) -> "DualEncoderConfig":
         check_field_types(self, "dual_encoder")
@@ -77,6 +87,11 @@ class DualEncoderConfig:
                              f"{self.hidden_dim}, {self.max_text_tokens}")
         if self.head not in HEADS:
             raise ValueError(f"dual_encoder.head must be one of {HEADS}, got {self.head!r}")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"dual_encoder.fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if self.fusion_layers < 1 or self.fusion_heads < 1 or self.dim % self.fusion_heads:
+            raise ValueError(f"dual_encoder: fusion_layers and fusion_heads must be >= 1 with dim divisible by "
+                             f"fusion_heads, got {self.fusion_layers}, {self.fusion_heads} (dim {self.dim})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dual_encoder.dropout must be in [0, 1), got {self.dropout}")
         unknown = set(self.feature_dims) - set(MODALITIES)
@@ -107,6 +122,30 @@ def _projection_head(cfg: DualEncoderConfig, in_dim: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class PartFusion(nn.Module):
+    """Composed items' parts (B, P, dim) unit vectors, a key padding mask (B, P) (True: no part there) and their
+    modality indices (B, P) -> (B, dim): a modality embedding added, `layers` pre-norm transformer layers, the mean
+    over each item's parts. The attention and MLP output projections and the modality embeddings start at zero, so
+    an untrained fusion returns the mean of the parts: after renormalising, the sum fusion."""
+
+    def __init__(self, dim: int, layers: int, heads: int):
+        super().__init__()
+        self.modality = nn.Embedding(len(MODALITIES), dim)
+        nn.init.zeros_(self.modality.weight)
+        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True,
+                                           norm_first=True)
+        self.layers = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        for block in self.layers.layers:
+            for out in (block.self_attn.out_proj, block.linear2):
+                nn.init.zeros_(out.weight)
+                nn.init.zeros_(out.bias)
+
+    def forward(self, parts: torch.Tensor, padding: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        x = self.layers(parts + self.modality(modality), src_key_padding_mask=padding)
+        keep = (~padding).unsqueeze(-1).to(x.dtype)
+        return (x * keep).sum(1) / keep.sum(1)
+
+
 class DualEncoder(nn.Module):
     """See the module docstring. `media_features` and `text_features` (texts -> (N, text width) tensor) replace
     the default frozen inputs (tests pass fakes); `seed` seeds the heads' initialisation without touching the
@@ -122,6 +161,8 @@ class DualEncoder(nn.Module):
                 torch.manual_seed(seed)
             self.heads = nn.ModuleDict({m: _projection_head(self.config, self.config.feature_dims[m])
                                         for m in MODALITIES if m in self.config.feature_dims})
+            if self.config.fusion == "transformer":
+                self.fusion = PartFusion(self.config.dim, self.config.fusion_layers, self.config.fusion_heads)
         if self.config.standardize_media:
             self.media_norms = nn.ModuleDict({m: MediaStandardizer(w, f"{m} features")
                                               for m, w in self.config.feature_dims.items() if m != "text"})
@@ -252,15 +293,34 @@ class DualEncoder(nn.Module):
                 rows[m].append(b)
                 values[m].append(v)
         weight = next(self.parameters())
+        parts = {m: F.normalize(self.heads[m](self._frozen(m, values[m]).to(device=weight.device, dtype=weight.dtype)),
+                                dim=-1) for m in MODALITIES if values[m]}
         fused = torch.zeros(len(items), self.config.dim, dtype=weight.dtype, device=weight.device)
-        for m in MODALITIES:
-            if not values[m]:
-                continue
-            feats = self._frozen(m, values[m]).to(device=weight.device, dtype=weight.dtype)
-            part = F.normalize(self.heads[m](feats), dim=-1)
+        for m, part in parts.items():
             fused = fused.index_add(0, torch.tensor(rows[m], device=weight.device), part)
+        if self.config.fusion == "transformer":
+            fused = self._fuse_composed(fused, parts, rows)
         n_media = len(values["image"]) + len(values["audio"])
         return F.normalize(fused, dim=-1), {"num_media": n_media}
+
+    def _fuse_composed(self, summed: torch.Tensor, parts: Dict[str, torch.Tensor],
+                       rows: Dict[str, List[int]]) -> torch.Tensor:
+        """`summed` with the rows of items of two or more parts replaced by `self.fusion` of their parts."""
+        owned: Dict[int, list] = {}  # item -> [(modality index, part vector)] in modality order
+        for mi, m in enumerate(MODALITIES):
+            for j, b in enumerate(rows[m]):
+                owned.setdefault(b, []).append((mi, parts[m][j]))
+        composed = [b for b, ps in owned.items() if len(ps) > 1]
+        if not composed:
+            return summed
+        pad = nn.utils.rnn.pad_sequence
+        tokens = pad([torch.stack([vec for _, vec in owned[b]]) for b in composed], batch_first=True)
+        modality = pad([torch.tensor([mi for mi, _ in owned[b]], device=summed.device) for b in composed],
+                       batch_first=True)
+        lengths = torch.tensor([len(owned[b]) for b in composed], device=summed.device)
+        padding = torch.arange(tokens.shape[1], device=summed.device)[None, :] >= lengths[:, None]
+        index = torch.tensor(composed, device=summed.device)
+        return summed.index_copy(0, index, self.fusion(tokens, padding, modality))
 
     # ------------------------------------------------------------------------------------------------------
     @torch.no_grad()

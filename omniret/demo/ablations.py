@@ -27,7 +27,10 @@ from omniret.files import atomic_path, atomic_write_json, atomic_write_text
 VARIANTS = {
     "omniret": ("the real preset: shared resampler with modality latents, ASWP, full loss", {}),
     "dual_encoder": ("CLIP-style dual encoder: mean-pooled frozen features, projection heads, symmetric InfoNCE, "
-                     "feature fusion", {"baseline": True}),
+                     "parts summed (UniIR's score-level fusion)", {"baseline": True}),
+    "dual_encoder_learned_fusion": ("the dual encoder with a learned fusion of a composed query's parts (a small "
+                                    "transformer that starts as the sum) instead of the sum",
+                                    {"baseline": True, "baseline_fusion": "transformer"}),
     "pool_eos": ("pooling: last token instead of ASWP", {"model_overrides": {"pooling": "eos"}}),
     "pool_mean": ("pooling: mean over tokens instead of ASWP", {"model_overrides": {"pooling": "mean"}}),
     "pool_instruction": ("the paper's pooling input: the instruction's tokens pooled too (the preset leaves them out)",

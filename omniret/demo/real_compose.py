@@ -38,7 +38,8 @@ from omniret.files import atomic_write_json
 
 __all__ = ["without_text", "encode_with_and_without_text", "query_spread", "text_effect", "single_targets",
            "emoji_family", "family_breakdown", "emoji_attributes", "attribute_match", "change_breakdown",
-           "reference_effect", "change_value", "reworded", "wording_effect", "untrained_models", "attributes_report", "main"]
+           "reference_effect", "change_value", "reworded", "wording_effect", "untrained_models", "attributes_report",
+           "main"]
 
 
 def without_text(query: dict) -> dict:

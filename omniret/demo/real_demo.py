@@ -60,6 +60,9 @@ class RealDemoOptions:
     muon_lr: float = 1e-3
     lora_lr: float = 1e-3
     baseline_lr: float = 1e-3  # the dual encoder's heads start from scratch
+    # how the dual encoder combines a composed item's parts: "sum" (UniIR's score-level fusion, the baseline) or
+    # "transformer" (a learned fusion that starts as the sum: omniret.baselines.dual_encoder.PartFusion)
+    baseline_fusion: str = "sum"
     warmup: float = 0.05
     seed: int = 0
     pooling: str = "aswp"
@@ -251,7 +254,7 @@ def build_baseline(opts: RealDemoOptions):
 
     # the frozen features OmniRet reads: standardised per channel when its preset (and overrides) say so
     standardize = opts.model_overrides.get("standardize_media", preset("real").standardize_media)
-    return DualEncoder(DualEncoderConfig(standardize_media=standardize),
+    return DualEncoder(DualEncoderConfig(standardize_media=standardize, fusion=opts.baseline_fusion),
                        media_features=CachedMediaFeatures(opts.feature_cache), seed=opts.seed)
 
 
