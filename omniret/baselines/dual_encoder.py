@@ -293,8 +293,11 @@ class DualEncoder(nn.Module):
                 rows[m].append(b)
                 values[m].append(v)
         weight = next(self.parameters())
-        parts = {m: F.normalize(self.heads[m](self._frozen(m, values[m]).to(device=weight.device, dtype=weight.dtype)),
-                                dim=-1) for m in MODALITIES if values[m]}
+        parts = {}  # modality -> its parts' unit projections, in item order
+        for m in MODALITIES:
+            if values[m]:
+                feats = self._frozen(m, values[m]).to(device=weight.device, dtype=weight.dtype)
+                parts[m] = F.normalize(self.heads[m](feats), dim=-1)
         fused = torch.zeros(len(items), self.config.dim, dtype=weight.dtype, device=weight.device)
         for m, part in parts.items():
             fused = fused.index_add(0, torch.tensor(rows[m], device=weight.device), part)

@@ -6,9 +6,8 @@ their text, for OmniRet and the dual encoder of one `omniret demo` run.
 Per composed task and model it prints the mean cosine between a query's embedding with its text and without it
 (1.0: the text changes nothing), that movement as a share of the distance between two queries (`text_share`), and
 R@1 / R@5 with and without the text. `--untrained` adds both models as their training starts, so a change that
-training made shows. docs/real_benchmark.md ("Muon for the
-resamplers") reads it: on the emoji image+text task both models score the same without the text, and the text adds
-far more to the dual encoder's recall than to OmniRet's.
+training made shows. docs/real_benchmark.md ("Muon for the resamplers") reads it: on the emoji image+text task both
+models score the same without the text, and the text adds far more to the dual encoder's recall than to OmniRet's.
 
 Then where the hits are won or lost (`family_breakdown`): the share of queries with some candidate of the target's
 emoji family (the emoji without skin tone and gender; omniret.data.sources.emoji.concept_of) in the top 5, and the
@@ -268,7 +267,8 @@ def untrained_models(run: str, root: str) -> dict:
             saved = json.load(f)["info"]["options"]
     except (OSError, ValueError, KeyError) as exc:
         raise SystemExit(f"real_compose: --untrained needs the run's options in {path}: {exc}") from exc
-    keep = {k: saved[k] for k in ("seed", "pooling", "model_overrides", "feature_cache") if k in saved}
+    keep = {k: saved[k] for k in ("seed", "pooling", "model_overrides", "feature_cache", "baseline_fusion")
+            if k in saved}
     opts = real_demo.RealDemoOptions(output=run, progress=False, **keep)
     data = real_demo.train_set(root, opts)
     models = {"omniret_untrained": real_demo.build_model(opts),
