@@ -182,11 +182,13 @@ def plot(records: list, path: str, metric: str = "R@5") -> None:
     tasks = list(records[0]["tasks"])
     fig, ax = plt.subplots(figsize=(13, 4.2))
     width = 0.8 / len(variants)
+    # the default cycle has 10 colours: more variants would share one
+    colours = plt.get_cmap("tab10" if len(variants) <= 10 else "tab20").colors
     for k, variant in enumerate(variants):
         runs = [r for r in records if r["variant"] == variant]
         x = np.arange(len(tasks)) + (k - (len(variants) - 1) / 2) * width
         means = [statistics.fmean(r["tasks"][t][metric] for r in runs) for t in tasks]
-        ax.bar(x, means, width, label=variant)
+        ax.bar(x, means, width, label=variant, color=colours[k % len(colours)])
         for r in runs:  # every seed as a dot: the spread is seen, not summarised
             ax.scatter(x, [r["tasks"][t][metric] for t in tasks], s=5, color="black", zorder=3)
     ax.set_xticks(np.arange(len(tasks)), [t.replace("_", "\n", 1) for t in tasks], fontsize=7)
