@@ -24,6 +24,7 @@ tone and the gender on the embeddings of every emoji image, families held out (`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -267,9 +268,10 @@ def untrained_models(run: str, root: str) -> dict:
             saved = json.load(f)["info"]["options"]
     except (OSError, ValueError, KeyError) as exc:
         raise SystemExit(f"real_compose: --untrained needs the run's options in {path}: {exc}") from exc
-    keep = {k: saved[k] for k in ("seed", "pooling", "model_overrides", "feature_cache", "baseline_fusion")
-            if k in saved}
-    opts = real_demo.RealDemoOptions(output=run, progress=False, **keep)
+    # every option the run saved (a field added later takes its default), so no model setting can be left out
+    known = {f.name for f in dataclasses.fields(real_demo.RealDemoOptions)}
+    opts = real_demo.RealDemoOptions(**{**{k: v for k, v in saved.items() if k in known},
+                                        "output": run, "progress": False})
     data = real_demo.train_set(root, opts)
     models = {"omniret_untrained": real_demo.build_model(opts),
               "dual_encoder_untrained": real_demo.build_baseline(opts)}
