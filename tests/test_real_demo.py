@@ -148,3 +148,36 @@ def test_the_untrained_models_are_the_runs_start(smoke_run, tmp_path):
         assert moved, name
     with pytest.raises(SystemExit, match="results.json"):
         untrained_models(str(tmp_path), str(root / "data"))
+
+
+def test_the_analysis_tools_read_the_runs_own_benchmark_and_features(smoke_run, tmp_path, monkeypatch, capsys):
+    """real_fit and real_compose read a run back with the options it ran with: its --data-dir, --feature-cache and
+    subset, not the default benchmark under $OMNIRET_CACHE (which they would otherwise build, or read, and score the
+    run's models on data it never saw). A run without results.json is refused, naming the file."""
+    _, out, root, _ = smoke_run
+    from omniret.demo import real_compose, real_fit
+    from omniret.demo.real_demo import run_options
+
+    opts = run_options(str(out), "test")
+    saved = json.loads((out / "results.json").read_text())["info"]["options"]
+    assert opts.data_dir == str(root / "data") and opts.feature_cache == str(root / "features")
+    assert opts.max_items == saved["max_items"] is not None
+    assert (opts.output, opts.progress) == (str(out), False)
+    default_cache = tmp_path / "default_cache"
+    monkeypatch.setenv("OMNIRET_CACHE", str(default_cache))
+    report = real_fit.main(["--run", str(out), "--queries", "4", "--threads", "1"])
+    assert set(report) == set(saved_tasks := json.loads((out / "results.json").read_text())["tasks"])
+    for task in saved_tasks:
+        assert report[task]["omniret"]["test"] == saved_tasks[task]
+        assert 1 <= report[task]["omniret"]["train_queries"] <= 4
+    composed = real_compose.main(["--run", str(out), "--threads", "1"])
+    assert set(composed) == set(real_benchmark.COMPOSED_TASKS)
+    scored = {"omniret": saved_tasks, "dual_encoder": json.loads((out / "results.json").read_text())["baselines"]
+              ["dual_encoder"]}
+    for task, rows in composed.items():  # the run's own models on the run's own queries: the run's recall
+        assert set(rows) == {"omniret", "dual_encoder"}
+        for name, row in rows.items():
+            assert row["with"]["R@5"] == pytest.approx(scored[name][task]["R@5"]), (task, name)
+    assert not default_cache.exists()  # nothing built or encoded under the default root
+    with pytest.raises(SystemExit, match="results.json"):
+        run_options(str(tmp_path), "test")

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
 from omniret.commands._args import positive_int
 
 

@@ -24,9 +24,6 @@ tone and the gender on the embeddings of every emoji image, families held out (`
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import os
 import re
 
 import torch
@@ -262,16 +259,7 @@ def untrained_models(run: str, root: str) -> dict:
     fitted on the training set as the Trainer fits them), in eval mode."""
     from omniret.demo import real_demo
 
-    path = os.path.join(run, "results.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)["info"]["options"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise SystemExit(f"real_compose: --untrained needs the run's options in {path}: {exc}") from exc
-    # every option the run saved (a field added later takes its default), so no model setting can be left out
-    known = {f.name for f in dataclasses.fields(real_demo.RealDemoOptions)}
-    opts = real_demo.RealDemoOptions(**{**{k: v for k, v in saved.items() if k in known},
-                                        "output": run, "progress": False})
+    opts = real_demo.run_options(run, "real_compose --untrained")
     data = real_demo.train_set(root, opts)
     models = {"omniret_untrained": real_demo.build_model(opts),
               "dual_encoder_untrained": real_demo.build_baseline(opts)}
@@ -318,8 +306,8 @@ def main(argv=None) -> dict:
                         "every emoji image (families held out, three splits), beside the frozen feature?")
     args = p.parse_args(argv)
     apply_threads(args.threads)
-    models = real_demo.load_run_models(args.run, "real_compose")
-    opts = real_demo.RealDemoOptions(output=args.run, progress=False)
+    opts = real_demo.run_options(args.run, "real_compose")
+    models = real_demo.load_run_models(args.run, "real_compose", opts.feature_cache)
     root = real_demo.ensure_benchmark(opts)
     real_demo.ensure_features(root, opts)
     if args.untrained:

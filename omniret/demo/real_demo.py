@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -286,10 +286,28 @@ def eval_tasks(root: str, opts: RealDemoOptions) -> tuple:
     return tasks, pool_objs
 
 
-def load_run_models(run: str, tool: str) -> dict:
+def run_options(run: str, tool: str) -> RealDemoOptions:
+    """The options `omniret demo --output run` ran with, from its results.json: every field it saved (one added
+    since takes its default), so a tool that reads the run back finds its benchmark root, feature cache and subset
+    (`--data-dir`, `--feature-cache`, `--max-items`) and builds its models as the run built them. `tool` names the
+    caller in the error for a run without them."""
+    path = os.path.join(run, "results.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)["info"]["options"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"{tool}: needs the run's options in {path} (run `omniret demo` first): {exc}") from exc
+    known = {f.name for f in fields(RealDemoOptions)}
+    return RealDemoOptions(**{**{k: v for k, v in saved.items() if k in known}, "output": run, "progress": False})
+
+
+def load_run_models(run: str, tool: str, feature_cache: str | None = None) -> dict:
     """{"omniret": model, "dual_encoder": model} saved by `omniret demo --output run` (model/, baseline_model/),
-    in eval mode; `tool` names the caller in the error for a run without them."""
+    in eval mode; `tool` names the caller in the error for a run without them. `feature_cache`: the run's
+    (`run_options(run).feature_cache`): OmniRet's saved config names its cache, the dual encoder's does not (its
+    media features are injected), so without it the dual encoder would read and fill the default cache."""
     from omniret.baselines.dual_encoder import DualEncoder
+    from omniret.baselines.frozen_inputs import CachedMediaFeatures
     from omniret.model.omniret import OmniRet
 
     paths = {"omniret": os.path.join(run, "model"), "dual_encoder": os.path.join(run, "baseline_model")}
@@ -297,7 +315,8 @@ def load_run_models(run: str, tool: str) -> dict:
     if missing:
         raise SystemExit(f"{tool}: no saved model at {', '.join(missing)} (run `omniret demo` first)")
     models = {"omniret": OmniRet.from_pretrained(paths["omniret"]),
-              "dual_encoder": DualEncoder.from_pretrained(paths["dual_encoder"])}
+              "dual_encoder": DualEncoder.from_pretrained(paths["dual_encoder"],
+                                                          media_features=CachedMediaFeatures(feature_cache))}
     for model in models.values():
         model.eval()
     return models

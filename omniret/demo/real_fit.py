@@ -72,14 +72,11 @@ def main(argv=None) -> dict:
     p.add_argument("--json", default=None, help="write the numbers here")
     args = p.parse_args(argv)
     apply_threads(args.threads)
-    results_path = os.path.join(args.run, "results.json")
-    if not os.path.exists(results_path):
-        raise SystemExit(f"real_fit: {results_path} missing (run `omniret demo` first)")
-    models = real_demo.load_run_models(args.run, "real_fit")
-    with open(results_path, encoding="utf-8") as f:
+    opts = real_demo.run_options(args.run, "real_fit")
+    models = real_demo.load_run_models(args.run, "real_fit", opts.feature_cache)
+    with open(os.path.join(args.run, "results.json"), encoding="utf-8") as f:
         ran = json.load(f)
     test = {"omniret": ran["tasks"], "dual_encoder": ran.get("baselines", {}).get("dual_encoder", {})}
-    opts = real_demo.RealDemoOptions(output=args.run, progress=False)
     root = real_demo.ensure_benchmark(opts)
     real_demo.ensure_features(root, opts)
     tasks, pools = train_tasks(root, args.queries, args.seed)

@@ -19,7 +19,6 @@ projectors' output loses most of its effective rank; their matrices on Muon (the
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
