@@ -153,9 +153,10 @@ def test_the_untrained_models_are_the_runs_start(smoke_run, tmp_path):
 def test_the_analysis_tools_read_the_runs_own_benchmark_and_features(smoke_run, tmp_path, monkeypatch, capsys):
     """real_fit and real_compose read a run back with the options it ran with: its --data-dir, --feature-cache and
     subset, not the default benchmark under $OMNIRET_CACHE (which they would otherwise build, or read, and score the
-    run's models on data it never saw). A run without results.json is refused, naming the file."""
+    run's models on data it never saw); real_spread takes the same flags as `omniret demo`. A run without
+    results.json is refused, naming the file."""
     _, out, root, _ = smoke_run
-    from omniret.demo import real_compose, real_fit
+    from omniret.demo import real_compose, real_fit, real_spread
     from omniret.demo.real_demo import run_options
 
     opts = run_options(str(out), "test")
@@ -178,6 +179,10 @@ def test_the_analysis_tools_read_the_runs_own_benchmark_and_features(smoke_run, 
         assert set(rows) == {"omniret", "dual_encoder"}
         for name, row in rows.items():
             assert row["with"]["R@5"] == pytest.approx(scored[name][task]["R@5"]), (task, name)
+    spread = real_spread.main(["--model", str(out / "model"), "--items", "4", "--threads", "1",
+                               "--data-dir", opts.data_dir, "--feature-cache", opts.feature_cache,
+                               "--max-items", str(opts.max_items)])
+    assert set(spread["models"]) == {str(out / "model")}
     assert not default_cache.exists()  # nothing built or encoded under the default root
     with pytest.raises(SystemExit, match="results.json"):
         run_options(str(tmp_path), "test")

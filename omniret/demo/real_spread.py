@@ -164,6 +164,9 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--max-items", type=int, default=None, help="a seeded subset of the benchmark (quick runs)")
+    p.add_argument("--data-dir", default=None, help="the benchmark's root, as `omniret demo --data-dir` (default: "
+                                                    "the cache folder named by its configuration)")
+    p.add_argument("--feature-cache", default=None, help="the frozen features, as `omniret demo --feature-cache`")
     p.add_argument("--json", default=None, help="write the numbers here")
     p.add_argument("--plot", default=None, help="draw the effective rank per stage here (a .png)")
     args = p.parse_args(argv)
@@ -175,8 +178,9 @@ def main(argv=None) -> dict:
         extra["projector_muon_lr"] = args.projector_muon_lr
     opts = real_demo.RealDemoOptions(output="", steps=max(args.steps, 1), lr=args.lr, seed=args.seed,
                                      pooling=args.pooling,
-                                     max_items=args.max_items, progress=False, checkpoint_every=0, baseline=False,
-                                     **extra)
+                                     max_items=args.max_items, data_dir=args.data_dir,
+                                     feature_cache=args.feature_cache, progress=False, checkpoint_every=0,
+                                     baseline=False, **extra)
     trained = {}
     if args.model:
         from omniret.model.omniret import OmniRet
