@@ -57,3 +57,31 @@ def test_every_variant_is_a_valid_change_to_the_options_and_the_preset():
             assert getattr(cfg, key) == value, (name, key)
     assert preset("real").output_latents == 4
     assert preset("real", **ablations.VARIANTS["output_latents_8"][1]["model_overrides"]).output_latents == 8
+
+
+def test_a_variant_with_other_training_files_builds_another_benchmark_once_and_beside_the_given_one(monkeypatch):
+    """The reference-negative variants read a benchmark whose training files differ: under --data-dir it goes in a
+    folder beside the given one (never over it), and the sweep builds each benchmark once before its runs start,
+    so two runs side by side never build one folder at the same time."""
+    import argparse
+
+    from omniret.demo import real_demo
+
+    args = argparse.Namespace(output="/tmp/unused", steps=3, data_dir="/data/real/", feature_cache=None,
+                              max_items=None, max_eval_queries=None)
+    plain, base = ablations.variant_options("dual_encoder", 0, args)
+    marked, marked_base = ablations.variant_options("dual_encoder_reference_negatives", 1, args)
+    assert base and marked_base and plain.data_dir == "/data/real/"
+    assert marked.data_dir == "/data/real-reference-negatives" and marked.hard_negatives == 1
+    assert real_demo.benchmark_config(marked).key() != real_demo.benchmark_config(plain).key()
+    args.data_dir = None
+    default, _ = ablations.variant_options("omniret_reference_negatives", 0, args)
+    assert default.data_dir is None and real_demo.benchmark_config(default).reference_negatives
+
+    built = []
+    monkeypatch.setattr(real_demo, "ensure_benchmark", lambda opts, log=print: built.append(
+        (opts.data_dir, real_demo.benchmark_config(opts).key())))
+    todo = [(v, s) for s in (0, 1) for v in ("omniret", "dual_encoder", "omniret_reference_negatives",
+                                               "dual_encoder_reference_negatives")]
+    ablations.prepare(todo, args)
+    assert len(built) == len(set(built)) == 2

@@ -147,6 +147,60 @@ def test_records_are_deterministic_and_the_seed_moves_the_split():
     assert stamps(first) != stamps(other)
 
 
+def test_reference_negatives_name_the_unchanged_emoji_in_training_only():
+    """RealConfig(reference_negatives=True): each emoji training query lists, as its one hard negative, the
+    candidate of its own task whose image is the unchanged emoji (the image query's own image; for the spoken query
+    added beside it, the same emoji). Test queries and every other field stay as the default build writes them."""
+    missing = _missing()
+    if missing:
+        pytest.skip(f"real benchmark sources not installed: {missing}")
+    from omniret.data import digits, tts
+
+    def emoji_tasks(reference_negatives: bool) -> dict:
+        cfg = real_benchmark.RealConfig(max_items=30, reference_negatives=reference_negatives)
+        builder = real_benchmark.Builder("unused", cfg, log=lambda *a: None)
+        builder.voices = digits.split_voices(tts.list_voices(), digits.DigitsConfig(seed=0))
+        builder.add_emoji()
+        return builder.tasks
+
+    plain, marked = emoji_tasks(False), emoji_tasks(True)
+    image_task, audio_task = real_benchmark.COMPOSED_TASKS
+    for task in (image_task, audio_task):
+        for split in real_benchmark.SPLITS:
+            assert marked[task][split].pool == plain[task][split].pool
+            strip = lambda qs: [{k: v for k, v in q.items() if k != "neg_cand_list"} for q in qs]  # noqa: E731
+            assert strip(marked[task][split].queries) == strip(plain[task][split].queries)
+            assert all(q["neg_cand_list"] == [] for q in plain[task][split].queries)
+        assert marked[task]["test"].queries and all(q["neg_cand_list"] == [] for q in marked[task]["test"].queries)
+    pool_image = {c["did"]: c["img_path"] for task in (image_task, audio_task) for c in marked[task]["train"].pool}
+    image_queries, audio_queries = marked[image_task]["train"].queries, marked[audio_task]["train"].queries
+    assert image_queries and len(image_queries) == len(audio_queries)
+    for iq, aq in zip(image_queries, audio_queries):  # added in pairs: one change, spoken and shown
+        assert iq["pos_cand_list"][0].split(":")[1] == aq["pos_cand_list"][0].split(":")[1]
+        for q, task_id in ((iq, "6"), (aq, "7")):
+            (negative,) = q["neg_cand_list"]
+            assert negative.split(":")[0] == task_id and negative not in q["pos_cand_list"]
+            assert pool_image[negative] == iq["query_img_path"]
+
+
+def test_a_benchmark_built_before_a_later_field_keeps_its_folder_and_is_not_rebuilt(tmp_path):
+    """A field added to RealConfig later leaves the default build's name (its folder) and a manifest written
+    without it as they were; set away from its default, it names another build."""
+    from dataclasses import asdict
+
+    from omniret.demo import real_demo
+
+    cfg = real_benchmark.RealConfig(max_items=8)
+    assert "reference_negatives" not in cfg.identity() and set(cfg.identity()) < set(asdict(cfg))
+    assert real_benchmark.RealConfig(reference_negatives=True).key() != real_benchmark.RealConfig().key()
+    before = {k: v for k, v in asdict(cfg).items() if k not in real_benchmark.LATER_FIELDS}
+    (tmp_path / real_benchmark.MANIFEST).write_text(json.dumps({"config": before}))
+    logs = []
+    opts = real_demo.RealDemoOptions(output=str(tmp_path / "out"), data_dir=str(tmp_path), max_items=8)
+    assert real_demo.ensure_benchmark(opts, log=logs.append) == str(tmp_path)
+    assert logs == [f"benchmark: {tmp_path} (cached)"]
+
+
 # ------------------------------------------------------------------------------------------- frozen features
 
 def _encoders():

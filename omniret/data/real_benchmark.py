@@ -80,9 +80,25 @@ class RealConfig:
     spoken_train: int = 2  # TTS renderings per training caption (different voices)
     spoken_test: int = 1
     workers: int = 2  # rendering and speech synthesis processes
+    # each emoji training query lists the unchanged emoji (the image query's own image; for a spoken query, the emoji
+    # its name names) as its one hard negative in neg_cand_list: the test gallery holds it as a rival. Test queries
+    # carry none. Off by default: both models gain with it, the dual encoder more (docs/real_benchmark.md)
+    reference_negatives: bool = False
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def identity(self) -> dict:
+        """The fields that name a build: every field, but those added later only when they differ from their
+        default, so a benchmark built before a field existed keeps its folder and is not rebuilt."""
+        ident = asdict(self)
+        for name, default in LATER_FIELDS.items():
+            if ident.get(name) == default:
+                del ident[name]
+        return ident
+
+
+LATER_FIELDS = {"reference_negatives": False}  # RealConfig fields added after benchmarks were built, at default
 
 
 @dataclass
@@ -154,9 +170,11 @@ class Builder:
         self.tasks[task][split].pool.append(rec)
         return did
 
-    def add_query(self, task: str, split: str, positives: list, txt=None, img=None, audio=None, **extra) -> None:
+    def add_query(self, task: str, split: str, positives: list, txt=None, img=None, audio=None,
+                  negatives: list | None = None, **extra) -> None:
         rec = {"qid": self._id(task), "query_modality": TASKS[task][2], "query_txt": txt, "query_img_path": img,
-               "pos_cand_list": sorted(positives), "neg_cand_list": [], "task_id": int(TASKS[task][0])}
+               "pos_cand_list": sorted(positives), "neg_cand_list": list(negatives or []),
+               "task_id": int(TASKS[task][0])}
         if audio is not None:
             rec["query_audio_path"] = audio
         rec.update(extra)
@@ -291,14 +309,16 @@ class Builder:
             rng = self.rng("emoji-change", p.base.unified, p.target.unified)
             options = CHANGE_WORDINGS[split][p.kind]
             change = options[int(rng.integers(len(options)))].format(v=p.value)
+            with_negative = self.cfg.reference_negatives and split == "train"
+            unchanged = {task: [dids[task][p.base.unified]] if with_negative else [] for task in COMPOSED_TASKS}
             self.add_query("emoji_imagetext2image", split, [dids["emoji_imagetext2image"][p.target.unified]],
-                           txt=change, img=images[p.base.unified])
+                           txt=change, img=images[p.base.unified], negatives=unchanged["emoji_imagetext2image"])
             if p.base.unified not in spoken:  # one spoken name per base emoji, shared by its changes
                 self.wording(p.base.name)
                 spoken[p.base.unified] = self.speech(p.base.name, split, self.rng("emoji-speech", p.base.unified))
             wav, voice = spoken[p.base.unified]
             self.add_query("emoji_audiotext2image", split, [dids["emoji_audiotext2image"][p.target.unified]],
-                           txt=change, audio=wav, speaker=voice)
+                           txt=change, audio=wav, negatives=unchanged["emoji_audiotext2image"], speaker=voice)
 
     # ------------------------------------------------------------------ media and files
     def make_media(self, speech: bool = True) -> dict:

@@ -58,7 +58,30 @@ VARIANTS = {
                             {"model_overrides": {"media_resampler": "separate"}}),
     "no_diversity": ("without the diversity loss (mu2 = 0)", {"mu2": 0.0}),
     "no_triplet": ("without the triplet loss (mu1 = 0)", {"mu1": 0.0}),
+    # training data: the benchmark built with the unchanged emoji as each emoji training query's hard negative
+    "omniret_reference_negatives": ("the unchanged emoji as each emoji training query's hard negative (one per query "
+                                    "per step)", {"reference_negatives": True, "hard_negatives": 1}),
+    "dual_encoder_reference_negatives": ("the dual encoder with the unchanged emoji as each emoji training query's "
+                                         "hard negative", {"baseline": True, "reference_negatives": True,
+                                                           "hard_negatives": 1}),
 }
+
+
+def variant_options(variant: str, seed: int, args) -> tuple:
+    """(RealDemoOptions, trains the baseline) of one run. A variant that builds another benchmark (its training
+    files differ) gets, under --data-dir, a folder beside it, never the given one."""
+    from omniret.demo import real_demo
+
+    changes = dict(VARIANTS[variant][1])
+    baseline = changes.pop("baseline", False)
+    data_dir = args.data_dir
+    if data_dir and changes.get("reference_negatives"):
+        data_dir = data_dir.rstrip(os.sep) + "-reference-negatives"
+    opts = real_demo.RealDemoOptions(output=os.path.join(args.output, "work", f"{variant}-s{seed}"), seed=seed,
+                                     steps=args.steps, data_dir=data_dir, feature_cache=args.feature_cache,
+                                     max_items=args.max_items, max_eval_queries=args.max_eval_queries,
+                                     progress=False, checkpoint_every=0, **changes)
+    return opts, baseline
 
 
 def run_one(variant: str, seed: int, args) -> dict:
@@ -67,12 +90,7 @@ def run_one(variant: str, seed: int, args) -> dict:
     from omniret.threads import apply_threads
 
     apply_threads(args.threads)
-    changes = dict(VARIANTS[variant][1])
-    baseline = changes.pop("baseline", False)
-    opts = real_demo.RealDemoOptions(output=os.path.join(args.output, "work", f"{variant}-s{seed}"), seed=seed,
-                                     steps=args.steps, data_dir=args.data_dir, feature_cache=args.feature_cache,
-                                     max_items=args.max_items, max_eval_queries=args.max_eval_queries,
-                                     progress=False, checkpoint_every=0, **changes)
+    opts, baseline = variant_options(variant, seed, args)
     root = real_demo.ensure_benchmark(opts)
     real_demo.ensure_features(root, opts)
     data = real_demo.train_set(root, opts)
@@ -85,6 +103,21 @@ def run_one(variant: str, seed: int, args) -> dict:
             "threads": args.threads, "options": dataclasses.asdict(opts)}
 
 
+def prepare(todo: list, args) -> None:
+    """Build each benchmark the runs to do read, here, one after the other: runs side by side would otherwise
+    build one folder at the same time. (Their frozen features are left to them: each cache entry is written
+    atomically, and loading every feature here would hold ~1 GB in this process for the whole sweep.)"""
+    from omniret.demo import real_demo
+
+    done: set = set()
+    for variant, seed in todo:
+        opts, _ = variant_options(variant, seed, args)
+        where = (opts.data_dir, real_demo.benchmark_config(opts).key())
+        if where not in done:
+            done.add(where)
+            real_demo.ensure_benchmark(opts)
+
+
 def record_path(output: str, variant: str, seed: int) -> str:
     return os.path.join(output, "runs", f"{variant}-s{seed}.json")
 
@@ -94,6 +127,7 @@ def sweep(args) -> list:
     # seed-major: a sweep stopped early still has every variant at its first seeds
     todo = [(v, s) for s in args.seeds for v in args.variants if not os.path.exists(record_path(args.output, v, s))]
     print(f"ablations: {len(todo)} runs to do of {len(args.variants) * len(args.seeds)}", flush=True)
+    prepare(todo, args)
     running: list = []
     while todo or running:
         while todo and len(running) < args.jobs:

@@ -72,7 +72,10 @@ class RealDemoOptions:
     mu2: float = 0.1  # diversity weight (0: without the diversity loss)
     triplet: str = "mean"
     symmetric: bool = False  # CLIP's symmetric InfoNCE (the dual encoder's) instead of the paper's query->candidate
-    hard_negatives: int = 0
+    hard_negatives: int = 0  # of each training query's neg_cand_list per step (the default build lists none)
+    # build the benchmark with the unchanged emoji as each emoji training query's hard negative
+    # (RealConfig.reference_negatives; used with hard_negatives >= 1)
+    reference_negatives: bool = False
     chunk_size: int = 64
     keep_graphs: int = 2
     baseline: bool = True
@@ -96,7 +99,7 @@ class RealDemoOptions:
 def benchmark_config(opts: RealDemoOptions):
     from omniret.data.real_benchmark import RealConfig
 
-    return RealConfig(seed=0, max_items=opts.max_items)
+    return RealConfig(seed=0, max_items=opts.max_items, reference_negatives=opts.reference_negatives)
 
 
 def default_data_dir(cfg) -> str:
@@ -107,7 +110,7 @@ def default_data_dir(cfg) -> str:
 def ensure_benchmark(opts: RealDemoOptions, log=print) -> str:
     """The benchmark's root, built on the first call (its manifest is written last: a root with one was built
     whole with this configuration)."""
-    from omniret.data.real_benchmark import MANIFEST, build
+    from omniret.data.real_benchmark import LATER_FIELDS, MANIFEST, build
 
     cfg = benchmark_config(opts)
     root = opts.data_dir or default_data_dir(cfg)
@@ -115,7 +118,8 @@ def ensure_benchmark(opts: RealDemoOptions, log=print) -> str:
     if os.path.exists(manifest):
         with open(manifest, encoding="utf-8") as f:
             built = json.load(f).get("config")
-        if built == asdict(cfg):
+        # a field added since that build takes its default there (as RealConfig.identity names builds)
+        if isinstance(built, dict) and {**LATER_FIELDS, **built} == asdict(cfg):
             log(f"benchmark: {root} (cached)")
             return root
         log(f"benchmark: {root} was built with {built}; rebuilding with {asdict(cfg)}")
