@@ -483,8 +483,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-items", type=int, default=None, help="per source (a small subset)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--reference-negatives", action="store_true",
+                        help="list the unchanged emoji as each emoji training query's hard negative")
     args = parser.parse_args(argv)
-    manifest = build(args.output, RealConfig(seed=args.seed, max_items=args.max_items, workers=args.workers))
+    manifest = build(args.output, RealConfig(seed=args.seed, max_items=args.max_items, workers=args.workers,
+                                             reference_negatives=args.reference_negatives))
     print(json.dumps(manifest["counts"], indent=1))
     print(f"built in {manifest['build_seconds']} s")
     return 0
