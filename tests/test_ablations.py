@@ -61,7 +61,7 @@ def test_every_variant_is_a_valid_change_to_the_options_and_the_preset():
 
 def test_a_variant_with_other_training_files_builds_another_benchmark_once_and_beside_the_given_one(monkeypatch):
     """The reference-negative variants read a benchmark whose training files differ: under --data-dir it goes in a
-    folder beside the given one (never over it), and the sweep builds each benchmark once before its runs start,
+    folder beside the given one, named by its build's key (never over it), and the sweep builds each benchmark once before its runs start,
     so two runs side by side never build one folder at the same time."""
     import argparse
 
@@ -72,8 +72,9 @@ def test_a_variant_with_other_training_files_builds_another_benchmark_once_and_b
     plain, base = ablations.variant_options("dual_encoder", 0, args)
     marked, marked_base = ablations.variant_options("dual_encoder_reference_negatives", 1, args)
     assert base and marked_base and plain.data_dir == "/data/real/"
-    assert marked.data_dir == "/data/real-reference-negatives" and marked.hard_negatives == 1
-    assert real_demo.benchmark_config(marked).key() != real_demo.benchmark_config(plain).key()
+    key = real_demo.benchmark_config(marked).key()
+    assert key != real_demo.benchmark_config(plain).key()
+    assert marked.data_dir == f"/data/real-{key}" and marked.hard_negatives == 1
     args.data_dir = None
     default, _ = ablations.variant_options("omniret_reference_negatives", 0, args)
     assert default.data_dir is None and real_demo.benchmark_config(default).reference_negatives

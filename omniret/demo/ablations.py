@@ -69,18 +69,19 @@ VARIANTS = {
 
 def variant_options(variant: str, seed: int, args) -> tuple:
     """(RealDemoOptions, trains the baseline) of one run. A variant that builds another benchmark (its training
-    files differ) gets, under --data-dir, a folder beside it, never the given one."""
+    files differ) gets, under --data-dir, a folder beside it named by that build's key, never the given one."""
     from omniret.demo import real_demo
 
     changes = dict(VARIANTS[variant][1])
     baseline = changes.pop("baseline", False)
-    data_dir = args.data_dir
-    if data_dir and changes.get("reference_negatives"):
-        data_dir = data_dir.rstrip(os.sep) + "-reference-negatives"
     opts = real_demo.RealDemoOptions(output=os.path.join(args.output, "work", f"{variant}-s{seed}"), seed=seed,
-                                     steps=args.steps, data_dir=data_dir, feature_cache=args.feature_cache,
+                                     steps=args.steps, data_dir=args.data_dir, feature_cache=args.feature_cache,
                                      max_items=args.max_items, max_eval_queries=args.max_eval_queries,
                                      progress=False, checkpoint_every=0, **changes)
+    build = real_demo.benchmark_config(opts).key()
+    if args.data_dir and build != real_demo.benchmark_config(real_demo.RealDemoOptions(
+            output="", max_items=args.max_items)).key():
+        opts.data_dir = f"{args.data_dir.rstrip(os.sep)}-{build}"
     return opts, baseline
 
 
