@@ -185,7 +185,7 @@ def test_reference_negatives_name_the_unchanged_emoji_in_training_only():
 
 def test_a_benchmark_built_before_a_later_field_keeps_its_folder_and_is_not_rebuilt(tmp_path):
     """A field added to RealConfig later leaves the default build's name (its folder) and a manifest written
-    without it as they were; set away from its default, it names another build."""
+    without it as they were; set away from its default, it names another build. The worker count names none."""
     from dataclasses import asdict
 
     from omniret.demo import real_demo
@@ -193,7 +193,11 @@ def test_a_benchmark_built_before_a_later_field_keeps_its_folder_and_is_not_rebu
     cfg = real_benchmark.RealConfig(max_items=8)
     assert "reference_negatives" not in cfg.identity() and set(cfg.identity()) < set(asdict(cfg))
     assert real_benchmark.RealConfig(reference_negatives=True).key() != real_benchmark.RealConfig().key()
+    assert real_benchmark.RealConfig(workers=1).key() == real_benchmark.RealConfig().key()
+    assert real_benchmark.RealConfig.from_manifest({"seed": 0, "no such field": 1}) is None
+    assert real_benchmark.RealConfig.from_manifest(None) is None
     before = {k: v for k, v in asdict(cfg).items() if k not in real_benchmark.LATER_FIELDS}
+    before["workers"] = 1  # built with one rendering process
     (tmp_path / real_benchmark.MANIFEST).write_text(json.dumps({"config": before}))
     logs = []
     opts = real_demo.RealDemoOptions(output=str(tmp_path / "out"), data_dir=str(tmp_path), max_items=8)

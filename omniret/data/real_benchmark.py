@@ -90,12 +90,26 @@ class RealConfig:
 
     def identity(self) -> dict:
         """The fields that name a build: every field, but those added later only when they differ from their
-        default, so a benchmark built before a field existed keeps its folder and is not rebuilt."""
+        default, so a benchmark built before a field existed keeps its folder and is not rebuilt; and `workers` at
+        its default whatever it is (how many processes render changes no file; it stays in for the keys of the
+        builds named before)."""
         ident = asdict(self)
+        ident["workers"] = RealConfig.workers
         for name, default in LATER_FIELDS.items():
             if ident.get(name) == default:
                 del ident[name]
         return ident
+
+    @classmethod
+    def from_manifest(cls, config) -> "RealConfig | None":
+        """The configuration a manifest's "config" records (fields added since take their defaults); None when it
+        is not one."""
+        if not isinstance(config, dict):
+            return None
+        try:
+            return cls(**{**LATER_FIELDS, **config})
+        except TypeError:
+            return None
 
 
 LATER_FIELDS = {"reference_negatives": False}  # RealConfig fields added after benchmarks were built, at default

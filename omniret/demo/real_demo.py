@@ -110,7 +110,7 @@ def default_data_dir(cfg) -> str:
 def ensure_benchmark(opts: RealDemoOptions, log=print) -> str:
     """The benchmark's root, built on the first call (its manifest is written last: a root with one was built
     whole with this configuration)."""
-    from omniret.data.real_benchmark import LATER_FIELDS, MANIFEST, build
+    from omniret.data.real_benchmark import MANIFEST, RealConfig, build
 
     cfg = benchmark_config(opts)
     root = opts.data_dir or default_data_dir(cfg)
@@ -118,8 +118,9 @@ def ensure_benchmark(opts: RealDemoOptions, log=print) -> str:
     if os.path.exists(manifest):
         with open(manifest, encoding="utf-8") as f:
             built = json.load(f).get("config")
-        # a field added since that build takes its default there (as RealConfig.identity names builds)
-        if isinstance(built, dict) and {**LATER_FIELDS, **built} == asdict(cfg):
+        # the same build: fields added since take their defaults, the worker count does not matter
+        previous = RealConfig.from_manifest(built)
+        if previous is not None and previous.identity() == cfg.identity():
             log(f"benchmark: {root} (cached)")
             return root
         log(f"benchmark: {root} was built with {built}; rebuilding with {asdict(cfg)}")
