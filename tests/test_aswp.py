@@ -93,7 +93,7 @@ def test_cpu_ties_in_projections(pooling):
     """Duplicated tokens tie in every projection; duplicated references tie in rank; a constant column ties psi.
     The forward, the reference/weight/direction gradients and the summed gradient of each tied token group are
     independent of how ties are broken, and must match exactly."""
-    B, N, D, L, M = 2, 12, 5, 40, 12
+    B, D, L, M = 2, 5, 40, 12  # 12 tokens: 4 distinct, each three times
     base = torch.randn(B, 4, D, dtype=torch.float64)
     x = base.repeat(1, 3, 1).requires_grad_()  # token n ties with n + 4 and n + 8
     d = torch.randn(L, D, dtype=torch.float64)

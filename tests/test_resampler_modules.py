@@ -1,7 +1,6 @@
 """SharedMediaResampler and video_to_tokens: packing invariance, modality latents, trilinear reduction."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from omniret_kernels import SharedMediaResampler, pack_media, video_to_tokens
 
