@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -324,6 +325,30 @@ def run_aswp_emulated(binary, tmp_path, proj, valid, references, weights, grad, 
     return result
 
 
+def tie_group_sums(grad, proj, valid):
+    """(B, N, L): each valid token's gradient summed over the valid tokens of its sample whose projection in that
+    column equals its own (itself alone when nothing ties); padded tokens keep their own."""
+    import torch
+
+    out = grad.clone()
+    for b in range(grad.shape[0]):
+        rows = valid[b].nonzero().flatten()
+        for col in range(grad.shape[2]):
+            _, group = torch.unique(proj[b, rows, col], return_inverse=True)
+            sums = torch.zeros(int(group.max()) + 1, dtype=grad.dtype).index_add_(0, group, grad[b, rows, col])
+            out[b, rows, col] = sums[group]
+    return out
+
+
+def test_tie_group_sums_against_a_direct_sum():
+    import torch
+
+    proj = torch.tensor([[[1.0], [2.0], [1.0], [1.0]]])  # tokens 0, 2, 3 tie; token 3 is padding
+    valid = torch.tensor([[True, True, True, False]])
+    grad = torch.tensor([[[0.25], [5.0], [0.5], [7.0]]], dtype=torch.float64)
+    assert tie_group_sums(grad, proj, valid).flatten().tolist() == [0.75, 5.0, 0.75, 7.0]
+
+
 @pytest.mark.parametrize("pooling", ["stm", "max", "mean", "weighted"])
 @pytest.mark.parametrize("B,N,M,L,rank_u8", [
     (3, 13, 7, 37, True),     # M < N, L not a multiple of the 32 columns per block
@@ -338,7 +363,7 @@ def test_emulated_aswp_kernels_match_the_float64_reference(aswp_emulator, tmp_pa
 
     from omniret_kernels import reference
 
-    gen = torch.Generator().manual_seed(hash((pooling, B, N, M, L)) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((pooling, B, N, M, L)).encode()))  # hash() varies by process
     proj = torch.randn(B, N, L, generator=gen)
     valid = torch.rand(B, N, generator=gen) < 0.7
     valid[:, 0] = True
@@ -360,7 +385,10 @@ def test_emulated_aswp_kernels_match_the_float64_reference(aswp_emulator, tmp_pa
 
     tol = dict(atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(got["out"].double(), out.detach(), **tol)
-    torch.testing.assert_close(got["dp"].double(), x.grad, **tol)
+    # tokens whose projections tie exactly (float32 normals collide in a few percent of these runs) share their
+    # ranks' gradient in whatever split each sort breaks the tie: compare each tie group's sum
+    torch.testing.assert_close(tie_group_sums(got["dp"].double(), proj, valid), tie_group_sums(x.grad, proj, valid),
+                               **tol)
     torch.testing.assert_close(got["dref"].double(), refs.grad, **tol)
     if pooling == "weighted":
         torch.testing.assert_close(got["dweight"].double(), w.grad, **tol)
