@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from omniret.model.media_norm import MediaStandardizer, media_paths_of, token_moments
+from omniret.model.media_norm import (MediaStandardizer, fit_indices, media_paths_by_modality, media_paths_of,
+                                      token_moments)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,6 +60,54 @@ def test_media_paths_of_a_dataset_are_distinct_and_cover_negatives():
             {"query": {"audio": "s.wav"}, "candidate": "text", "negatives": []}]
     assert media_paths_of(data, "image") == ["a.png", "b.png", "c.png"]
     assert media_paths_of(data, "audio") == ["s.wav"]
+
+
+class CountingDraws:
+    """A trainer dataset of `n` examples, one image each (example i: f"{i}.png"), that records what was drawn."""
+
+    def __init__(self, n):
+        self.n, self.drawn = n, []
+
+    def __len__(self):
+        return self.n
+
+    def draw(self, i, step):
+        self.drawn.append(i)
+        return {"query": {"image": f"{i}.png", "text": "q"}, "candidate": {"audio": f"{i % 3}.wav"}, "negatives": []}
+
+
+def test_a_large_training_set_fits_the_statistics_on_a_seeded_sample_of_its_examples():
+    small = CountingDraws(50)
+    both = media_paths_by_modality(small, ("image", "audio"), max_examples=50)
+    assert both == {"image": [f"{i}.png" for i in range(50)], "audio": ["0.wav", "1.wav", "2.wav"]}
+    assert small.drawn == list(range(50))  # one pass for both modalities, every example at the cap
+    large = CountingDraws(1000)
+    paths = media_paths_of(large, "image", max_examples=64)
+    assert len(large.drawn) == 64 == len(set(large.drawn)) and large.drawn == sorted(large.drawn)
+    assert paths == [f"{i}.png" for i in large.drawn]
+    assert max(large.drawn) > 500  # drawn across the set, not its first 64
+    assert media_paths_of(CountingDraws(1000), "image", max_examples=64) == paths  # the same draw every time
+    assert fit_indices(1000, 64) == large.drawn and fit_indices(7, 64) == list(range(7))
+    with pytest.raises(ValueError, match="max_examples"):
+        fit_indices(10, 0)
+
+
+def test_fit_standardizers_reads_the_tokens_of_the_sampled_examples_only(monkeypatch):
+    from omniret.model import media_norm
+
+    monkeypatch.setattr(media_norm, "MAX_FIT_EXAMPLES", 64)
+    read = {}
+
+    def tokens_of(modality, paths):
+        read[modality] = list(paths)
+        for p in paths:
+            yield torch.full((2, 3), float(p.split(".")[0]))
+
+    norms = {"image": MediaStandardizer(3), "audio": MediaStandardizer(3)}
+    media_norm.fit_standardizers(norms, CountingDraws(1000), tokens_of)
+    assert read["image"] == [f"{i}.png" for i in fit_indices(1000, 64)] and sorted(read["audio"]) == ["0.wav", "1.wav", "2.wav"]
+    want = torch.tensor([float(i) for i in fit_indices(1000, 64)], dtype=torch.float64).mean()
+    torch.testing.assert_close(norms["image"].mean, torch.full((3,), want.item()))
 
 
 # ------------------------------------------------------------------------------------------------ OmniRet

@@ -3,20 +3,22 @@
 Frozen encoders without a final normalisation give tokens whose channels share large offsets: mean-pooled, two
 Whisper tiny.en clips of the real benchmark have cosine 0.78 on average and two speech_embedding clips 0.79, so
 at the start of training every clip looks alike to the projector. (x - mean) / std per channel, with the mean and
-std of every token of the training split's media, removes that offset (the pooled cosine falls to ~0), as pixel
-normalisation does for images. The statistics are buffers: fitted once before the first step
-(`OmniRet.before_training` or `DualEncoder.before_training`, called by the Trainer on a fresh run), saved with the
-model, never trained.
+std of every token of the training split's media (of a seeded sample of MAX_FIT_EXAMPLES examples in a larger
+split), removes that offset (the pooled cosine falls to ~0), as pixel normalisation does for images. The
+statistics are buffers: fitted once before the first step (`OmniRet.before_training` or
+`DualEncoder.before_training`, called by the Trainer on a fresh run), saved with the model, never trained.
 """
 from __future__ import annotations
 
+import random
 import warnings
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-__all__ = ["MediaStandardizer", "token_moments", "media_paths_of", "fit_standardizers"]
+__all__ = ["MediaStandardizer", "token_moments", "fit_indices", "media_paths_by_modality", "media_paths_of",
+           "fit_standardizers", "MAX_FIT_EXAMPLES"]
 
 MIN_STD = 1e-3  # channels that never vary (a dead unit) are divided by this, not by zero
 
@@ -43,35 +45,59 @@ def token_moments(token_sets: Iterable[torch.Tensor]) -> tuple[torch.Tensor, tor
     return mean.float(), var.sqrt().float(), count
 
 
-def media_paths_of(dataset, modality: str) -> list:
-    """The distinct media of `modality` (file paths, in first-seen order) among the queries, positives and hard
-    negatives of a trainer dataset (`len()` and `draw(i, step)` or `[i]`)."""
-    seen: dict = {}
-    for i in range(len(dataset)):
+# The statistics come from at most this many training examples' media (a seeded sample of the examples beyond it).
+# Per-channel moments settle within a few thousand files, and reading the tokens of every file of a large training
+# set (M-BEIR's 1.1M pairs) would take hours before the first step. The real benchmark has 6,124 examples: all.
+MAX_FIT_EXAMPLES = 20_000
+
+
+def fit_indices(n: int, max_examples: int = MAX_FIT_EXAMPLES, seed: int = 0) -> list:
+    """The example indices the statistics are fitted on: all of `n` in order, or `max_examples` of them drawn
+    without replacement with `seed` (the same draw for every model and run), in order."""
+    if max_examples < 1:
+        raise ValueError(f"max_examples must be >= 1, got {max_examples}")
+    if n <= max_examples:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), max_examples))
+
+
+def media_paths_by_modality(dataset, modalities, max_examples: int = MAX_FIT_EXAMPLES) -> dict:
+    """{modality: the distinct media of that modality (file paths, in first-seen order)} among the queries,
+    positives and hard negatives of a trainer dataset (`len()` and `draw(i, step)` or `[i]`), in one pass over
+    `fit_indices(len(dataset), max_examples)`."""
+    seen = {m: {} for m in modalities}
+    for i in fit_indices(len(dataset), max_examples):
         ex = dataset.draw(i, 0) if hasattr(dataset, "draw") else dataset[i]
         for item in [ex.get("query"), ex.get("candidate"), *(ex.get("negatives") or [])]:
             if not isinstance(item, dict):
                 continue
-            media = item.get(modality)
-            for m in media if isinstance(media, (list, tuple)) else [media]:
-                if isinstance(m, str):
-                    seen.setdefault(m, None)
-    return list(seen)
+            for modality, paths in seen.items():
+                media = item.get(modality)
+                for m in media if isinstance(media, (list, tuple)) else [media]:
+                    if isinstance(m, str):
+                        paths.setdefault(m, None)
+    return {m: list(paths) for m, paths in seen.items()}
+
+
+def media_paths_of(dataset, modality: str, max_examples: int = MAX_FIT_EXAMPLES) -> list:
+    """The distinct media of one modality: `media_paths_by_modality` for it alone."""
+    return media_paths_by_modality(dataset, (modality,), max_examples)[modality]
 
 
 def fit_standardizers(norms, dataset, tokens_of: Callable[[str, list], Iterable[torch.Tensor]]) -> None:
     """Fits each standardizer of `norms` ({modality: MediaStandardizer}) that is not fitted yet to the tokens of
-    the dataset's media of its modality, each file once: `tokens_of(modality, paths)` yields their (T, D) tokens.
-    A model's `before_training` calls it with its own way of reading tokens."""
-    for modality, norm in norms.items():
-        if bool(norm.fitted):
-            continue
-        paths = media_paths_of(dataset, modality)
+    the dataset's media of its modality (those of at most MAX_FIT_EXAMPLES examples), each file once:
+    `tokens_of(modality, paths)` yields their (T, D) tokens. A model's `before_training` calls it with its own
+    way of reading tokens."""
+    todo = [m for m, norm in norms.items() if not bool(norm.fitted)]
+    if not todo:
+        return
+    for modality, paths in media_paths_by_modality(dataset, todo, MAX_FIT_EXAMPLES).items():
         if not paths:
             raise ValueError(f"standardize_media: the training data hold no {modality} media to fit its statistics "
                              f"on (set standardize_media=False, or drop the {modality} encoder)")
         mean, std, _ = token_moments(tokens_of(modality, paths))
-        norm.set_stats(mean, std)
+        norms[modality].set_stats(mean, std)
 
 
 class MediaStandardizer(nn.Module):
