@@ -58,6 +58,9 @@ VARIANTS = {
                             {"model_overrides": {"media_resampler": "separate"}}),
     "no_diversity": ("without the diversity loss (mu2 = 0)", {"mu2": 0.0}),
     "no_triplet": ("without the triplet loss (mu1 = 0)", {"mu1": 0.0}),
+    # the loss the dual encoder trains with, for OmniRet: does the loss explain the baseline's lead?
+    "symmetric_loss": ("CLIP's symmetric InfoNCE (the dual encoder's: query->candidate and candidate->query "
+                       "averaged) in place of the paper's query->candidate term", {"symmetric": True}),
     # training data: the benchmark built with the unchanged emoji as each emoji training query's hard negative
     "omniret_reference_negatives": ("the unchanged emoji as each emoji training query's hard negative (one per query "
                                     "per step)", {"reference_negatives": True, "hard_negatives": 1}),
