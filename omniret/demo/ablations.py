@@ -61,6 +61,9 @@ VARIANTS = {
     # the loss the dual encoder trains with, for OmniRet: does the loss explain the baseline's lead?
     "symmetric_loss": ("CLIP's symmetric InfoNCE (the dual encoder's: query->candidate and candidate->query "
                        "averaged) in place of the paper's query->candidate term", {"symmetric": True}),
+    "dual_encoder_loss": ("the dual encoder's whole loss: symmetric plain InfoNCE (beta 0) with CLIP's learnable "
+                          "temperature, no triplet or diversity term",
+                          {"symmetric": True, "beta": 0.0, "learnable_temperature": True, "mu1": 0.0, "mu2": 0.0}),
     # training data: the benchmark built with the unchanged emoji as each emoji training query's hard negative
     "omniret_reference_negatives": ("the unchanged emoji as each emoji training query's hard negative (one per query "
                                     "per step)", {"reference_negatives": True, "hard_negatives": 1}),

@@ -72,6 +72,8 @@ class RealDemoOptions:
     mu2: float = 0.1  # diversity weight (0: without the diversity loss)
     triplet: str = "mean"
     symmetric: bool = False  # CLIP's symmetric InfoNCE (the dual encoder's) instead of the paper's query->candidate
+    beta: float = 0.5  # Eq. 3's weighting of the harder negatives (0: plain InfoNCE, the dual encoder's)
+    learnable_temperature: bool = False  # CLIP's learnable temperature from 0.07 (the dual encoder's) instead of fixed
     hard_negatives: int = 0  # of each training query's neg_cand_list per step (the default build lists none)
     # build the benchmark with the unchanged emoji as each emoji training query's hard negative
     # (RealConfig.reference_negatives; used with hard_negatives >= 1)
@@ -203,7 +205,8 @@ def train_config(opts: RealDemoOptions, output_dir: str | None) -> dict:
     if opts.muon_lr > 0:
         groups.append({"match": list(MUON_MODULES), "lr": opts.muon_lr, "optimizer": "muon"})
     return {"stages": stages, "param_groups": groups, "triplet": opts.triplet,
-            "symmetric": opts.symmetric, "mu1": opts.mu1, "mu2": opts.mu2, **_shared_settings(opts, output_dir)}
+            "symmetric": opts.symmetric, "beta": opts.beta, "learnable_temperature": opts.learnable_temperature,
+            "mu1": opts.mu1, "mu2": opts.mu2, **_shared_settings(opts, output_dir)}
 
 
 def _warmup_steps(opts: RealDemoOptions, steps: int) -> int:
