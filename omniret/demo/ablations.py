@@ -64,6 +64,11 @@ VARIANTS = {
     "dual_encoder_loss": ("the dual encoder's whole loss: symmetric plain InfoNCE (beta 0) with CLIP's learnable "
                           "temperature, no triplet or diversity term",
                           {"symmetric": True, "beta": 0.0, "learnable_temperature": True, "mu1": 0.0, "mu2": 0.0}),
+    # the batch: the paper trains at 3072 pairs a step, the preset at 56; both models see the same batches
+    "omniret_batch_112": ("twice the batch: 16 training pairs of each task per step (112) instead of 8",
+                          {"per_task": 16, "per_composed_task": 16}),
+    "dual_encoder_batch_112": ("the dual encoder at twice the batch (112 pairs per step)",
+                               {"baseline": True, "per_task": 16, "per_composed_task": 16}),
     # training data: the benchmark built with the unchanged emoji as each emoji training query's hard negative
     "omniret_reference_negatives": ("the unchanged emoji as each emoji training query's hard negative (one per query "
                                     "per step)", {"reference_negatives": True, "hard_negatives": 1}),
