@@ -51,9 +51,11 @@ def token_moments(token_sets: Iterable[torch.Tensor]) -> tuple[torch.Tensor, tor
 MAX_FIT_EXAMPLES = 20_000
 
 
-def fit_indices(n: int, max_examples: int = MAX_FIT_EXAMPLES, seed: int = 0) -> list:
-    """The example indices the statistics are fitted on: all of `n` in order, or `max_examples` of them drawn
-    without replacement with `seed` (the same draw for every model and run), in order."""
+def fit_indices(n: int, max_examples: int | None = None, seed: int = 0) -> list:
+    """The example indices the statistics are fitted on: all of `n` in order, or `max_examples` (default
+    MAX_FIT_EXAMPLES) of them drawn without replacement with `seed` (the same draw for every model and run), in
+    order."""
+    max_examples = MAX_FIT_EXAMPLES if max_examples is None else max_examples
     if max_examples < 1:
         raise ValueError(f"max_examples must be >= 1, got {max_examples}")
     if n <= max_examples:
@@ -61,7 +63,7 @@ def fit_indices(n: int, max_examples: int = MAX_FIT_EXAMPLES, seed: int = 0) -> 
     return sorted(random.Random(seed).sample(range(n), max_examples))
 
 
-def media_paths_by_modality(dataset, modalities, max_examples: int = MAX_FIT_EXAMPLES) -> dict:
+def media_paths_by_modality(dataset, modalities, max_examples: int | None = None) -> dict:
     """{modality: the distinct media of that modality (file paths, in first-seen order)} among the queries,
     positives and hard negatives of a trainer dataset (`len()` and `draw(i, step)` or `[i]`), in one pass over
     `fit_indices(len(dataset), max_examples)`."""
@@ -79,7 +81,7 @@ def media_paths_by_modality(dataset, modalities, max_examples: int = MAX_FIT_EXA
     return {m: list(paths) for m, paths in seen.items()}
 
 
-def media_paths_of(dataset, modality: str, max_examples: int = MAX_FIT_EXAMPLES) -> list:
+def media_paths_of(dataset, modality: str, max_examples: int | None = None) -> list:
     """The distinct media of one modality: `media_paths_by_modality` for it alone."""
     return media_paths_by_modality(dataset, (modality,), max_examples)[modality]
 
@@ -92,7 +94,7 @@ def fit_standardizers(norms, dataset, tokens_of: Callable[[str, list], Iterable[
     todo = [m for m, norm in norms.items() if not bool(norm.fitted)]
     if not todo:
         return
-    for modality, paths in media_paths_by_modality(dataset, todo, MAX_FIT_EXAMPLES).items():
+    for modality, paths in media_paths_by_modality(dataset, todo).items():
         if not paths:
             raise ValueError(f"standardize_media: the training data hold no {modality} media to fit its statistics "
                              f"on (set standardize_media=False, or drop the {modality} encoder)")
