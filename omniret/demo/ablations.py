@@ -69,6 +69,10 @@ VARIANTS = {
                           {"per_task": 16, "per_composed_task": 16}),
     "dual_encoder_batch_112": ("the dual encoder at twice the batch (112 pairs per step)",
                                {"baseline": True, "per_task": 16, "per_composed_task": 16}),
+    "omniret_batch_224": ("four times the batch: 32 training pairs of each task per step (224) instead of 8",
+                          {"per_task": 32, "per_composed_task": 32}),
+    "dual_encoder_batch_224": ("the dual encoder at four times the batch (224 pairs per step)",
+                               {"baseline": True, "per_task": 32, "per_composed_task": 32}),
     # training data: the benchmark built with the unchanged emoji as each emoji training query's hard negative
     "omniret_reference_negatives": ("the unchanged emoji as each emoji training query's hard negative (one per query "
                                     "per step)", {"reference_negatives": True, "hard_negatives": 1}),
