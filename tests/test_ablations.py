@@ -61,8 +61,8 @@ def test_every_variant_is_a_valid_change_to_the_options_and_the_preset():
 
 def test_a_variant_with_other_training_files_builds_another_benchmark_once_and_beside_the_given_one(monkeypatch):
     """The reference-negative variants read a benchmark whose training files differ: under --data-dir it goes in a
-    folder beside the given one, named by its build's key (never over it), and the sweep builds each benchmark once before its runs start,
-    so two runs side by side never build one folder at the same time."""
+    folder beside the given one, named by its build's key (never over it), and the sweep builds each benchmark
+    once before its runs start, so two runs side by side never build one folder at the same time."""
     import argparse
 
     from omniret.demo import real_demo

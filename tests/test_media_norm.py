@@ -105,7 +105,8 @@ def test_fit_standardizers_reads_the_tokens_of_the_sampled_examples_only(monkeyp
 
     norms = {"image": MediaStandardizer(3), "audio": MediaStandardizer(3)}
     media_norm.fit_standardizers(norms, CountingDraws(1000), tokens_of)
-    assert read["image"] == [f"{i}.png" for i in fit_indices(1000, 64)] and sorted(read["audio"]) == ["0.wav", "1.wav", "2.wav"]
+    assert read["image"] == [f"{i}.png" for i in fit_indices(1000, 64)]
+    assert sorted(read["audio"]) == ["0.wav", "1.wav", "2.wav"]
     want = torch.tensor([float(i) for i in fit_indices(1000, 64)], dtype=torch.float64).mean()
     torch.testing.assert_close(norms["image"].mean, torch.full((3,), want.item()))
 
