@@ -115,15 +115,17 @@ PRELUDE = textwrap.dedent("""
 """)
 
 
-def run_two_ranks(worker: str, tmp_path):
-    """Runs `worker` (after PRELUDE) on ranks 0 and 1; returns what each saved with torch.save(obj, OUT)."""
+def run_two_ranks(worker: str, tmp_path, prelude: str = PRELUDE, **env_vars):
+    """Runs `worker` (after `prelude`) on ranks 0 and 1, with torchrun's environment variables and `env_vars`;
+    returns what each saved with torch.save(obj, OUT)."""
     port = str(_free_port())
     procs = []
     for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), PORT=port, OUT=str(tmp_path / f"out{rank}"), ROOT=ROOT,
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port, PORT=port, OUT=str(tmp_path / f"out{rank}"), ROOT=ROOT,
                    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
-                   GLOO_SOCKET_IFNAME="lo")
-        procs.append(subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(worker)], env=env,
+                   GLOO_SOCKET_IFNAME="lo", **env_vars)
+        procs.append(subprocess.Popen([sys.executable, "-c", prelude + textwrap.dedent(worker)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     try:
         logs = []
@@ -320,3 +322,26 @@ def test_trainer_fsdp_resumed_matches_ddp(tmp_path):
     start = toy_model(seed=1).state_dict()
     assert not torch.allclose(ddp_state["text.weight"], start["text.weight"])  # trained in stage 2
     assert not torch.allclose(ddp_state["head.0.weight"], start["head.0.weight"])
+
+
+# `omniret train` as torchrun starts it: the command initialises the group from the environment (gloo on CPU),
+# trains, and destroys the group before it returns, since a process that exits with its group alive can abort
+# in the backend's threads at interpreter exit.
+TRAIN_COMMAND_WORKER = """
+    import os, sys, torch, torch.distributed as dist
+    sys.path.insert(0, os.path.join(os.environ["ROOT"], "tests"))
+    from omniret.cli import main
+    rc = main(["train", "--config", os.environ["CONFIG"], "--no-progress"])
+    torch.save({"rc": rc, "group_alive": dist.is_initialized()}, os.environ["OUT"])
+"""
+
+
+@pytest.mark.slow
+def test_train_command_under_torchrun_environment_trains_and_destroys_its_group(tmp_path):
+    from test_trainer import _final_model, _write_config
+    config = _write_config(tmp_path / "two_ranks.json", tmp_path / "run")
+    results = run_two_ranks(TRAIN_COMMAND_WORKER, tmp_path, prelude="", CONFIG=str(config))
+    for rank, result in enumerate(results):
+        assert result == {"rc": 0, "group_alive": False}, f"rank {rank}: {result}"
+    state = _final_model(tmp_path / "run")
+    assert state["global_step"] == 10 and state["strategy"] == "ddp"

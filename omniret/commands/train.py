@@ -124,7 +124,8 @@ def build_data(spec: dict, base: Path, seed: int):
     raise ValueError("data: give mbeir (a directory of M-BEIR-format files) or factory")
 
 
-def _init_distributed() -> None:
+def _init_distributed() -> bool:
+    """Initialise the process group under torchrun; returns whether this call did (and so must destroy it)."""
     import torch
     import torch.distributed as dist
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
@@ -132,12 +133,14 @@ def _init_distributed() -> None:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend)
+        return True
+    return False
 
 
 def run(args) -> int:
     cfg = load_config(args.config)
     base = Path(args.config).resolve().parent
-    from omniret.train.trainer import TrainConfig, Trainer
+    from omniret.train.trainer import TrainConfig
     train = dict(cfg.get("train", {}))
     if args.output_dir is not None:
         train["output_dir"] = args.output_dir
@@ -148,7 +151,18 @@ def run(args) -> int:
     if getattr(args, "strategy", None) is not None:
         train["strategy"] = args.strategy
     train_cfg = TrainConfig.from_dict(train)
-    _init_distributed()
+    own_group = _init_distributed()
+    try:
+        return _train(cfg, base, train_cfg, args)
+    finally:
+        # a process that exits with its group alive can abort in the backend's threads at interpreter exit
+        if own_group:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def _train(cfg, base: Path, train_cfg, args) -> int:
+    from omniret.train.trainer import Trainer
     if "data" not in cfg:
         raise ValueError("--config: a 'data' section is required")
     dataset = build_data(cfg["data"], base, train_cfg.seed)
