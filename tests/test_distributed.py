@@ -110,6 +110,7 @@ PRELUDE = textwrap.dedent("""
     import os, sys, torch, torch.distributed as dist
     torch.set_num_threads(1)
     sys.path.insert(0, os.path.join(os.environ["ROOT"], "tests"))
+    from omniret.train.distributed import leave_process_group  # each worker's last line (it says why)
     rank = int(os.environ["RANK"])
     dist.init_process_group("gloo", rank=rank, world_size=2, init_method="tcp://127.0.0.1:" + os.environ["PORT"])
 """)
@@ -177,7 +178,7 @@ DISAGREEING_RANKS_WORKER = """
             gc.step(q, c)  # accumulates onto synced gradients: the average leaves those as they are
             out[case, mode] = (one, grads_of(model))
     torch.save(out, os.environ["OUT"])
-    dist.destroy_process_group()
+    leave_process_group()
 """
 
 
@@ -229,7 +230,7 @@ FSDP_WORKER = """
     GradCache(model, chunk_size=3).step([tq[i] for i in rows], [tc[i] for i in rows] + tc[7:] * (rank == 0))
     out["tiny"] = grads_of(model)
     torch.save(out, os.environ["OUT"])
-    dist.destroy_process_group()
+    leave_process_group()
 """
 
 
@@ -302,7 +303,7 @@ TRAINER_WORKER = """
     out["fsdp"] = (state, [h["loss"] for h in part.history + rest.history], rest.steps,
                    type(next(model.parameters())).__name__)
     torch.save(out, os.environ["OUT"])
-    dist.destroy_process_group()
+    leave_process_group()
 """
 
 

@@ -152,13 +152,15 @@ def run(args) -> int:
         train["strategy"] = args.strategy
     train_cfg = TrainConfig.from_dict(train)
     own_group = _init_distributed()
+    clean = False
     try:
-        return _train(cfg, base, train_cfg, args)
+        rc = _train(cfg, base, train_cfg, args)
+        clean = True
+        return rc
     finally:
-        # a process that exits with its group alive can abort in the backend's threads at interpreter exit
-        if own_group:
-            import torch.distributed as dist
-            dist.destroy_process_group()
+        if own_group:  # a process that exits with its group alive can abort in gloo's threads at exit
+            from omniret.train.distributed import leave_process_group
+            leave_process_group(clean)
 
 
 def _train(cfg, base: Path, train_cfg, args) -> int:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 __all__ = ["is_ddp", "is_fsdp", "bare_module", "average_gradients", "fsdp_step", "shard_model_fsdp",
-           "broadcast_replicated", "clip_grad_norm", "full_state_dict", "load_full_state_dict"]
+           "broadcast_replicated", "clip_grad_norm", "full_state_dict", "load_full_state_dict", "leave_process_group"]
 
 # parameters are flattened into buffers of at most this many elements per all_reduce
 BUCKET_ELEMENTS = 1 << 25
@@ -236,3 +236,23 @@ def load_full_state_dict(model: nn.Module, model_state: dict, optimizer=None, op
             index += 1
         groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": ids})
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def leave_process_group(clean: bool = True) -> None:
+    """Destroy the default process group as a process's last collective act. `clean` (every rank got here
+    without an error): the ranks meet at a barrier first.
+
+    Why the barrier: gloo runs each collective on a worker thread of its own, which drops its reference to the
+    collective's tensors just after waking the caller. Where that is the last reference, the drop needs the GIL;
+    a process that exits within milliseconds of its last all-gather (FSDP's, say) can reach interpreter
+    finalisation while the worker still waits for the GIL, and the worker then aborts the process ("terminate
+    called without an active exception", SIGABRT) although all its work is done. Destroying the group does not
+    stop those threads while a sharded module still holds the group. A barrier holds no Python tensors and
+    releases the GIL while it waits for the other ranks, so the worker's drop happens then. (Measured with a
+    two-rank gloo script, FSDP's full state dict and then exit: 5 aborts in 90 runs without the barrier, none
+    in 60 with it.) Not on error: a rank that failed would leave the others waiting at the barrier."""
+    if not dist.is_initialized():
+        return
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
