@@ -152,15 +152,12 @@ def run(args) -> int:
         train["strategy"] = args.strategy
     train_cfg = TrainConfig.from_dict(train)
     own_group = _init_distributed()
-    clean = False
     try:
-        rc = _train(cfg, base, train_cfg, args)
-        clean = True
-        return rc
+        return _train(cfg, base, train_cfg, args)
     finally:
         if own_group:  # a process that exits with its group alive can abort in gloo's threads at exit
             from omniret.train.distributed import leave_process_group
-            leave_process_group(clean)
+            leave_process_group()
 
 
 def _train(cfg, base: Path, train_cfg, args) -> int:

@@ -16,6 +16,7 @@ backpropagates all its chunks locally and then, once per step, every rank enters
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Dict, List, Optional
 
 import torch
@@ -27,6 +28,8 @@ __all__ = ["is_ddp", "is_fsdp", "bare_module", "average_gradients", "fsdp_step",
 
 # parameters are flattened into buffers of at most this many elements per all_reduce
 BUCKET_ELEMENTS = 1 << 25
+# seconds a process leaving its group releases the GIL for gloo's worker threads (leave_process_group)
+EXIT_GRACE_S = 0.05
 
 
 def is_ddp(model: nn.Module) -> bool:
@@ -238,21 +241,19 @@ def load_full_state_dict(model: nn.Module, model_state: dict, optimizer=None, op
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def leave_process_group(clean: bool = True) -> None:
-    """Destroy the default process group as a process's last collective act. `clean` (every rank got here
-    without an error): the ranks meet at a barrier first.
+def leave_process_group() -> None:
+    """Destroy the default process group as a process's last collective act, then hold the GIL off briefly.
 
-    Why the barrier: gloo runs each collective on a worker thread of its own, which drops its reference to the
-    collective's tensors just after waking the caller. Where that is the last reference, the drop needs the GIL;
-    a process that exits within milliseconds of its last all-gather (FSDP's, say) can reach interpreter
-    finalisation while the worker still waits for the GIL, and the worker then aborts the process ("terminate
+    Why the pause: gloo runs each collective on a worker thread of its own, which drops its reference to the
+    collective's tensors just after waking the caller. Where that is the last reference, the drop needs the GIL.
+    A process that reaches interpreter finalisation within a few milliseconds of its last all-gather (FSDP's,
+    say) can find that worker still waiting for the GIL, and the worker then aborts the process ("terminate
     called without an active exception", SIGABRT) although all its work is done. Destroying the group does not
-    stop those threads while a sharded module still holds the group. A barrier holds no Python tensors and
-    releases the GIL while it waits for the other ranks, so the worker's drop happens then. (Measured with a
-    two-rank gloo script, FSDP's full state dict and then exit: 5 aborts in 90 runs without the barrier, none
-    in 60 with it.) Not on error: a rank that failed would leave the others waiting at the barrier."""
+    stop those threads while a sharded module still holds the group, and a barrier does not help either (it
+    keeps the collectives in flight alive until it ends). Sleeping releases the GIL, so a waiting worker takes it
+    and finishes while the interpreter lives. Measured with a two-rank gloo script (FSDP's full state dict, then
+    exit): see docs/training.md."""
     if not dist.is_initialized():
         return
-    if clean:
-        dist.barrier()
     dist.destroy_process_group()
+    time.sleep(EXIT_GRACE_S)
