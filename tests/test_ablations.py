@@ -57,6 +57,8 @@ def test_every_variant_is_a_valid_change_to_the_options_and_the_preset():
             assert getattr(cfg, key) == value, (name, key)
     assert preset("real").output_latents == 4
     assert preset("real", **ablations.VARIANTS["output_latents_8"][1]["model_overrides"]).output_latents == 8
+    assert preset("real").media_latents == 8
+    assert preset("real", **ablations.VARIANTS["media_latents_4"][1]["model_overrides"]).media_latents == 4
 
 
 def test_a_variant_with_other_training_files_builds_another_benchmark_once_and_beside_the_given_one(monkeypatch):
