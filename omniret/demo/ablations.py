@@ -48,7 +48,7 @@ VARIANTS = {
                                {"model_overrides": {"output_latents": s}}) for s in (2, 8, 16)},
     # the media tokens the LLM reads per item (the preset has 8): fewer give a composed query's text more weight
     **{f"media_latents_{n}": (f"{n} resampled tokens per media item into the LLM instead of 8",
-                              {"model_overrides": {"media_latents": n}}) for n in (4, 16)},
+                              {"model_overrides": {"media_latents": n}}) for n in (2, 4, 16)},
     # Table 5 (c): how ASWP pools each slice's displacements over the references (the preset: STM)
     **{f"aswp_{name}": (f"ASWP pools each slice by {what} instead of the straight-through maximum",
                         {"model_overrides": {"aswp_pooling": name}})
