@@ -250,9 +250,9 @@ def leave_process_group() -> None:
     say) can find that worker still waiting for the GIL, and the worker then aborts the process ("terminate
     called without an active exception", SIGABRT) although all its work is done. Destroying the group does not
     stop those threads while a sharded module still holds the group, and a barrier before it only made the abort
-    rarer (it holds the collectives still in flight until it ends, and then the same race follows). Sleeping releases the GIL, so a waiting worker takes it
-    and finishes while the interpreter lives. Measured with a two-rank gloo script (FSDP's full state dict, then
-    exit): see docs/training.md."""
+    rarer (it holds the collectives still in flight until it ends, and then the same race follows). Sleeping
+    releases the GIL, so a waiting worker takes it and finishes while the interpreter lives. Measured with a
+    two-rank gloo script (FSDP's full state dict, then exit): see docs/training.md."""
     if not dist.is_initialized():
         return
     dist.destroy_process_group()
