@@ -183,6 +183,51 @@ def test_reference_negatives_name_the_unchanged_emoji_in_training_only():
             assert pool_image[negative] == iq["query_img_path"]
 
 
+def test_sibling_negatives_are_the_other_variants_of_the_same_change():
+    """RealConfig(sibling_negatives=True): an emoji training query lists, as hard negatives, the other variants its
+    emoji takes under the same kind of change (the other skin tones; the other gender), never its target, in its
+    own task; with reference_negatives too, the unchanged emoji comes first. Test queries carry none."""
+    missing = _missing()
+    if missing:
+        pytest.skip(f"real benchmark sources not installed: {missing}")
+    from omniret.data import digits, tts
+    from omniret.data.sources import emoji
+
+    def emoji_tasks(**negatives) -> dict:
+        cfg = real_benchmark.RealConfig(max_items=30, **negatives)
+        builder = real_benchmark.Builder("unused", cfg, log=lambda *a: None)
+        builder.voices = digits.split_voices(tts.list_voices(), digits.DigitsConfig(seed=0))
+        builder.add_emoji()
+        return builder.tasks
+
+    _, pairs = emoji.read_emoji()
+    unified = lambda path: os.path.basename(path)[:-len(".png")]  # noqa: E731  media/emoji/<unified>.png
+    kinds = {(p.base.unified, p.target.unified): p.kind for p in pairs}
+    variants: dict = {}
+    for p in pairs:
+        variants.setdefault((p.base.unified, p.kind), set()).add(p.target.unified)
+    siblings, both = emoji_tasks(sibling_negatives=True), emoji_tasks(sibling_negatives=True, reference_negatives=True)
+    image_task, audio_task = real_benchmark.COMPOSED_TASKS
+    pool_image = {c["did"]: unified(c["img_path"]) for c in siblings[image_task]["train"].pool}
+    pool_image.update({c["did"]: unified(c["img_path"]) for c in siblings[audio_task]["train"].pool})
+    image_queries = siblings[image_task]["train"].queries
+    assert image_queries and len(image_queries) == len(siblings[audio_task]["train"].queries)
+    seen_tone = seen_gender = False
+    for task, task_id in ((image_task, "6"), (audio_task, "7")):
+        assert siblings[task]["test"].queries and all(q["neg_cand_list"] == [] for q in siblings[task]["test"].queries)
+        for iq, q, q_both in zip(image_queries, siblings[task]["train"].queries, both[task]["train"].queries):
+            base, (target,) = unified(iq["query_img_path"]), [pool_image[d] for d in q["pos_cand_list"]]
+            kind = kinds[base, target]
+            got = [pool_image[d] for d in q["neg_cand_list"]]
+            assert all(d.split(":")[0] == task_id for d in q["neg_cand_list"])
+            assert sorted(got) == sorted(variants[base, kind] - {target}) and len(got) == len(set(got))
+            assert q_both["neg_cand_list"] == [q_both["neg_cand_list"][0]] + q["neg_cand_list"]
+            assert pool_image[q_both["neg_cand_list"][0]] == base
+            seen_tone |= kind == "tone" and len(got) >= 4
+            seen_gender |= kind == "gender" and len(got) == 1
+    assert seen_tone and seen_gender
+
+
 def test_a_benchmark_built_before_a_later_field_keeps_its_folder_and_is_not_rebuilt(tmp_path):
     """A field added to RealConfig later leaves the default build's name (its folder) and a manifest written
     without it as they were; set away from its default, it names another build. The worker count names none."""
@@ -191,8 +236,10 @@ def test_a_benchmark_built_before_a_later_field_keeps_its_folder_and_is_not_rebu
     from omniret.demo import real_demo
 
     cfg = real_benchmark.RealConfig(max_items=8)
-    assert "reference_negatives" not in cfg.identity() and set(cfg.identity()) < set(asdict(cfg))
+    assert not {"reference_negatives", "sibling_negatives"} & set(cfg.identity()) and set(cfg.identity()) < set(asdict(cfg))
     assert real_benchmark.RealConfig(reference_negatives=True).key() != real_benchmark.RealConfig().key()
+    assert real_benchmark.RealConfig(sibling_negatives=True).key() not in (
+        real_benchmark.RealConfig().key(), real_benchmark.RealConfig(reference_negatives=True).key())
     assert real_benchmark.RealConfig(workers=1).key() == real_benchmark.RealConfig().key()
     assert real_benchmark.RealConfig.from_manifest({"seed": 0, "no such field": 1}) is None
     assert real_benchmark.RealConfig.from_manifest(None) is None

@@ -84,6 +84,10 @@ class RealConfig:
     # its name names) as its one hard negative in neg_cand_list: the test gallery holds it as a rival. Test queries
     # carry none. Off by default: both models gain with it, the dual encoder more (docs/real_benchmark.md)
     reference_negatives: bool = False
+    # each emoji training query lists its siblings as hard negatives: the other variants the same emoji takes under
+    # the same kind of change (the other skin tones; the other gender). Only the change text tells them apart from
+    # the target, so they ask a model to read it. With reference_negatives too, the unchanged emoji comes first.
+    sibling_negatives: bool = False
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
@@ -112,7 +116,8 @@ class RealConfig:
             return None
 
 
-LATER_FIELDS = {"reference_negatives": False}  # RealConfig fields added after benchmarks were built, at default
+# RealConfig fields added after benchmarks were built, at their defaults
+LATER_FIELDS = {"reference_negatives": False, "sibling_negatives": False}
 
 
 @dataclass
@@ -315,24 +320,30 @@ class Builder:
             images[e.unified] = self.image("emoji", e.unified, e.image)
             for task in COMPOSED_TASKS:
                 dids[task][e.unified] = self.add_candidate(task, split, "image", img=images[e.unified])
+        pairs = [p for p in pairs if p.base.group in keep and p.target.group == p.base.group]
+        targets: dict = {}  # (base, kind of change) -> the variants it takes
+        for p in pairs:
+            targets.setdefault((p.base.unified, p.kind), []).append(p.target.unified)
         spoken = {}
         for p in pairs:
-            if p.base.group not in keep or p.target.group != p.base.group:
-                continue
             split = self.split_of(f"emoji\0{p.base.group}")
             rng = self.rng("emoji-change", p.base.unified, p.target.unified)
             options = CHANGE_WORDINGS[split][p.kind]
             change = options[int(rng.integers(len(options)))].format(v=p.value)
-            with_negative = self.cfg.reference_negatives and split == "train"
-            unchanged = {task: [dids[task][p.base.unified]] if with_negative else [] for task in COMPOSED_TASKS}
+            rivals = []  # the training query's hard negatives; test queries carry none
+            if split == "train" and self.cfg.reference_negatives:
+                rivals.append(p.base.unified)
+            if split == "train" and self.cfg.sibling_negatives:
+                rivals += [u for u in targets[p.base.unified, p.kind] if u != p.target.unified]
+            negatives = {task: [dids[task][u] for u in rivals] for task in COMPOSED_TASKS}
             self.add_query("emoji_imagetext2image", split, [dids["emoji_imagetext2image"][p.target.unified]],
-                           txt=change, img=images[p.base.unified], negatives=unchanged["emoji_imagetext2image"])
+                           txt=change, img=images[p.base.unified], negatives=negatives["emoji_imagetext2image"])
             if p.base.unified not in spoken:  # one spoken name per base emoji, shared by its changes
                 self.wording(p.base.name)
                 spoken[p.base.unified] = self.speech(p.base.name, split, self.rng("emoji-speech", p.base.unified))
             wav, voice = spoken[p.base.unified]
             self.add_query("emoji_audiotext2image", split, [dids["emoji_audiotext2image"][p.target.unified]],
-                           txt=change, audio=wav, negatives=unchanged["emoji_audiotext2image"], speaker=voice)
+                           txt=change, audio=wav, negatives=negatives["emoji_audiotext2image"], speaker=voice)
 
     # ------------------------------------------------------------------ media and files
     def make_media(self, speech: bool = True) -> dict:
@@ -499,9 +510,13 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--reference-negatives", action="store_true",
                         help="list the unchanged emoji as each emoji training query's hard negative")
+    parser.add_argument("--sibling-negatives", action="store_true",
+                        help="list the other variants of the same change (other skin tones, the other gender) as "
+                             "each emoji training query's hard negatives")
     args = parser.parse_args(argv)
     manifest = build(args.output, RealConfig(seed=args.seed, max_items=args.max_items, workers=args.workers,
-                                             reference_negatives=args.reference_negatives))
+                                             reference_negatives=args.reference_negatives,
+                                             sibling_negatives=args.sibling_negatives))
     print(json.dumps(manifest["counts"], indent=1))
     print(f"built in {manifest['build_seconds']} s")
     return 0

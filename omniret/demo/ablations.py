@@ -82,6 +82,14 @@ VARIANTS = {
     "dual_encoder_reference_negatives": ("the dual encoder with the unchanged emoji as each emoji training query's "
                                          "hard negative", {"baseline": True, "reference_negatives": True,
                                                            "hard_negatives": 1}),
+    # ... and its siblings: the other tones, the other gender; only the change text tells them from the target
+    "omniret_sibling_negatives": ("the other variants of the same change (other skin tones, the other gender) as "
+                                  "each emoji training query's hard negatives (one per query per step)",
+                                  {"sibling_negatives": True, "hard_negatives": 1}),
+    "dual_encoder_sibling_negatives": ("the dual encoder with the other variants of the same change as each emoji "
+                                       "training query's hard negatives", {"baseline": True,
+                                                                          "sibling_negatives": True,
+                                                                          "hard_negatives": 1}),
 }
 
 

@@ -78,6 +78,8 @@ class RealDemoOptions:
     # build the benchmark with the unchanged emoji as each emoji training query's hard negative
     # (RealConfig.reference_negatives; used with hard_negatives >= 1)
     reference_negatives: bool = False
+    # ... with the other variants of the same change as hard negatives (RealConfig.sibling_negatives)
+    sibling_negatives: bool = False
     chunk_size: int = 64
     keep_graphs: int = 2
     baseline: bool = True
@@ -101,7 +103,8 @@ class RealDemoOptions:
 def benchmark_config(opts: RealDemoOptions):
     from omniret.data.real_benchmark import RealConfig
 
-    return RealConfig(seed=0, max_items=opts.max_items, reference_negatives=opts.reference_negatives)
+    return RealConfig(seed=0, max_items=opts.max_items, reference_negatives=opts.reference_negatives,
+                      sibling_negatives=opts.sibling_negatives)
 
 
 def default_data_dir(cfg) -> str:
