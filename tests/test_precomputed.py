@@ -60,6 +60,54 @@ def test_store_encodes_each_file_once_and_recomputes_a_changed_file(tmp_path):
     assert enc.calls == 4 and not np.array_equal(changed, first)
 
 
+def test_store_keeps_its_table_under_max_bytes_and_reads_evicted_features_back(tmp_path, monkeypatch):
+    """A table over its budget drops the least recently used features; asking for them again reads the disk cache
+    (no encoder call, no second hash of the file) and gives the same array. Same bytes in two files: one entry."""
+    enc = FakeImageEncoder(width=1280, tokens=3)
+    entry = 3 * 1280 * 2  # float16
+    store = FeatureStore("image", str(tmp_path / "cache"), encoder=enc, max_bytes=2 * entry + 1)
+    paths = _files(tmp_path, 5)
+    twin = tmp_path / "twin.png"
+    twin.write_bytes(open(paths[4], "rb").read())
+    hashed = []
+    real_sha = frozen_features.file_sha256
+    monkeypatch.setattr(frozen_features, "file_sha256", lambda p: hashed.append(p) or real_sha(p))
+    store.preload(paths, progress=False, chunk=2)
+    assert enc.calls == 5 and store.nbytes == 2 * entry and len(store._table) == 2
+    full = FeatureStore("image", str(tmp_path / "cache"), encoder=FakeImageEncoder(tokens=3), max_bytes=1 << 30)
+    expected = [full.get(p).copy() for p in paths]
+    hashed.clear()
+    np.testing.assert_array_equal(store.get(paths[3]), expected[3])  # still held
+    assert store.reads == 0
+    np.testing.assert_array_equal(store.get(paths[0]), expected[0])  # left the table: read back
+    assert store.reads == 1 and enc.calls == 5 and hashed == []
+    store.get(paths[3])  # used again: 0 is now the oldest, and leaves when 1 comes back
+    np.testing.assert_array_equal(store.get(paths[1]), expected[1])
+    assert set(store._table) == {store._digest(paths[3]), store._digest(paths[1])} and store.nbytes == 2 * entry
+    np.testing.assert_array_equal(store.get(str(twin)), expected[4])
+    assert enc.calls == 5 and store.reads == 3 and hashed == [str(twin)]
+    # a budget of 0 keeps nothing and still answers
+    empty = FeatureStore("image", str(tmp_path / "cache"), encoder=FakeImageEncoder(tokens=3), max_bytes=0)
+    np.testing.assert_array_equal(empty.get(paths[2]), expected[2])
+    assert empty.nbytes == 0 and not empty._table
+
+
+@pytest.mark.parametrize("raw, expected", [(None, 8 << 30), ("", 8 << 30), ("0.5", 1 << 29), ("0", 0),
+                                           ("-1", None), ("lots", None), ("nan", None)])
+def test_feature_memory_budget_from_the_environment(monkeypatch, tmp_path, raw, expected):
+    if raw is None:
+        monkeypatch.delenv("OMNIRET_FEATURE_MEMORY_GB", raising=False)
+    else:
+        monkeypatch.setenv("OMNIRET_FEATURE_MEMORY_GB", raw)
+    if expected is None:
+        with pytest.raises(ValueError, match="OMNIRET_FEATURE_MEMORY_GB must be a number of GiB >= 0"):
+            FeatureStore("image", str(tmp_path), encoder=FakeImageEncoder())
+    else:
+        assert FeatureStore("image", str(tmp_path), encoder=FakeImageEncoder()).max_bytes == expected
+    with pytest.raises(ValueError, match="max_bytes must be >= 0"):
+        FeatureStore("image", str(tmp_path), encoder=FakeImageEncoder(), max_bytes=-1)
+
+
 def test_store_refuses_features_of_the_wrong_width_and_unknown_modalities(tmp_path):
     store = FeatureStore("image", str(tmp_path / "cache"), encoder=FakeImageEncoder(width=96))
     with pytest.raises(ValueError, match=r"expected \(tokens, 1280\)"):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from collections import OrderedDict
 
 import numpy as np
 
@@ -206,11 +207,13 @@ class FeatureCache:
     def path_for(self, digest: str) -> str:
         return os.path.join(self.folder, digest[:2], digest + ".npy")
 
-    def get(self, paths: list, batch_size: int = 64, progress: bool = True) -> list:
-        """Features of each file, in order: read from the cache, or computed once and stored."""
+    def get(self, paths: list, batch_size: int = 64, progress: bool = True, digests: list | None = None) -> list:
+        """Features of each file, in order: read from the cache, or computed once and stored. `digests`: the
+        files' SHA-256 when the caller has them already (FeatureStore), so no file is hashed twice."""
         from tqdm.auto import tqdm
 
-        digests = [file_sha256(p) for p in paths]
+        if digests is None:
+            digests = [file_sha256(p) for p in paths]
         out: list = [None] * len(paths)
         todo = []
         for i, digest in enumerate(digests):
@@ -313,18 +316,27 @@ def resolve_kind(modality: str, kind: str | None = None) -> str:
 
 class FeatureStore:
     """Per-file features of one modality for models that read them (the `real` preset's precomputed encoders, the
-    dual-encoder baseline): the on-disk FeatureCache behind an in-memory table keyed by (path, size, mtime), so a
-    file is hashed and read once per process and every model in the process shares it. The frozen encoder is
-    built only when a file is not in the disk cache. `preload(paths)` fills the table for many files at once
+    dual-encoder baseline): the on-disk FeatureCache behind an in-memory table, shared by every model in the
+    process. A file is hashed once per process (keyed by path, size and mtime); its features stay in memory while
+    the table holds under `max_bytes` (default: $OMNIRET_FEATURE_MEMORY_GB, else 8 GiB), the least recently used
+    leave first and are read back from the disk cache when asked for again, so a training set larger than memory
+    still trains. The frozen encoder (its id names the disk cache's folder) is built on the first look at the disk
+    and runs only on files not in it. `preload(paths)` fills the disk cache and the table for many files at once
     (batched encoding of the misses, one progress bar)."""
 
     def __init__(self, modality: str, cache_dir: str | None = None, threads: int = 1, encoder=None,
-                 kind: str | None = None):
+                 kind: str | None = None, max_bytes: int | None = None):
         self.kind = resolve_kind(modality, kind)
         self.modality, self.width, self.threads = modality, ENCODERS[self.kind].width, threads
         self.cache_dir = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
+        self.max_bytes = default_feature_memory() if max_bytes is None else int(max_bytes)
+        if self.max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {self.max_bytes}")
         self._cache: FeatureCache | None = FeatureCache(self.cache_dir, encoder) if encoder is not None else None
-        self._table: dict = {}
+        self._digests: dict = {}  # (path, size, mtime) -> SHA-256 of the file
+        self._table: OrderedDict = OrderedDict()  # SHA-256 -> features, least recently used first
+        self.nbytes = 0  # of the features in the table
+        self.reads = 0  # features read back from disk after leaving the table
 
     @property
     def cache(self) -> FeatureCache:
@@ -333,30 +345,62 @@ class FeatureStore:
             self._cache = FeatureCache(self.cache_dir, ENCODERS[self.kind](threads=self.threads))
         return self._cache
 
-    @staticmethod
-    def _key(path: str) -> tuple:
+    def _digest(self, path: str) -> str:
         try:
             st = os.stat(path)
         except OSError as exc:
             raise ValueError(f"{path}: cannot read this media file ({exc.strerror})") from exc
-        return os.path.abspath(path), st.st_size, st.st_mtime_ns
+        key = os.path.abspath(path), st.st_size, st.st_mtime_ns
+        if key not in self._digests:
+            self._digests[key] = file_sha256(path)
+        return self._digests[key]
 
-    def preload(self, paths: list, progress: bool = True) -> None:
-        keys = [self._key(p) for p in paths]
-        todo = [i for i, k in enumerate(keys) if k not in self._table]
-        if todo:
-            for i, feats in zip(todo, self.cache.get([paths[i] for i in todo], progress=progress)):
-                if feats.ndim != 2 or feats.shape[1] != self.width:
-                    raise ValueError(f"{paths[i]}: {self.modality} features of shape {feats.shape}, expected "
-                                     f"(tokens, {self.width})")
-                self._table[keys[i]] = feats
+    def _keep(self, digest: str, feats: np.ndarray, path: str) -> np.ndarray:
+        if feats.ndim != 2 or feats.shape[1] != self.width:
+            raise ValueError(f"{path}: {self.modality} features of shape {feats.shape}, expected (tokens, "
+                             f"{self.width})")
+        if digest not in self._table:
+            self._table[digest] = feats
+            self.nbytes += feats.nbytes
+            while self.nbytes > self.max_bytes and self._table:
+                self.nbytes -= self._table.popitem(last=False)[1].nbytes
+        return feats
+
+    def preload(self, paths: list, progress: bool = True, chunk: int = 4096) -> None:
+        digests = [self._digest(p) for p in paths]
+        todo = [i for i, d in enumerate(digests) if d not in self._table]
+        # in chunks, so a preload larger than the table's budget never holds more than a chunk beyond it
+        for start in range(0, len(todo), chunk):
+            part = todo[start:start + chunk]
+            found = self.cache.get([paths[i] for i in part], progress=progress, digests=[digests[i] for i in part])
+            for i, feats in zip(part, found):
+                self._keep(digests[i], feats, paths[i])
 
     def get(self, path: str) -> np.ndarray:
         """The (tokens, width) float16 features of one file."""
-        key = self._key(path)
-        if key not in self._table:
-            self.preload([path], progress=False)
-        return self._table[key]
+        digest = self._digest(path)
+        if digest in self._table:
+            self._table.move_to_end(digest)
+            return self._table[digest]
+        if os.path.exists(self.cache.path_for(digest)):  # left the table: read back, no hashing, no encoder call
+            self.reads += 1
+            return self._keep(digest, load_features(self.cache.path_for(digest)), path)
+        (feats,) = self.cache.get([path], progress=False, digests=[digest])
+        return self._keep(digest, feats, path)
+
+
+def default_feature_memory() -> int:
+    """Bytes a FeatureStore keeps in memory: $OMNIRET_FEATURE_MEMORY_GB (GiB, may be fractional), else 8 GiB."""
+    raw = os.environ.get("OMNIRET_FEATURE_MEMORY_GB")
+    if raw is None or raw == "":
+        return 8 << 30
+    try:
+        gib = float(raw)
+    except ValueError:
+        gib = -1.0
+    if not gib >= 0:
+        raise ValueError(f"OMNIRET_FEATURE_MEMORY_GB must be a number of GiB >= 0, got {raw!r}")
+    return int(gib * (1 << 30))
 
 
 _STORES: dict = {}
