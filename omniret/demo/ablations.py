@@ -90,6 +90,15 @@ VARIANTS = {
                                        "training query's hard negatives", {"baseline": True,
                                                                           "sibling_negatives": True,
                                                                           "hard_negatives": 1}),
+    # both: the unchanged emoji and the siblings, one of them per query per step
+    "omniret_reference_sibling_negatives": ("the unchanged emoji and the other variants of the same change as each "
+                                            "emoji training query's hard negatives (one per query per step)",
+                                            {"reference_negatives": True, "sibling_negatives": True,
+                                             "hard_negatives": 1}),
+    "dual_encoder_reference_sibling_negatives": ("the dual encoder with the unchanged emoji and the other variants "
+                                                 "of the same change as hard negatives",
+                                                 {"baseline": True, "reference_negatives": True,
+                                                  "sibling_negatives": True, "hard_negatives": 1}),
 }
 
 
