@@ -78,14 +78,14 @@ def test_store_keeps_its_table_under_max_bytes_and_reads_evicted_features_back(t
     expected = [full.get(p).copy() for p in paths]
     hashed.clear()
     np.testing.assert_array_equal(store.get(paths[3]), expected[3])  # still held
-    assert store.reads == 0
+    assert store.misses == 0
     np.testing.assert_array_equal(store.get(paths[0]), expected[0])  # left the table: read back
-    assert store.reads == 1 and enc.calls == 5 and hashed == []
+    assert store.misses == 1 and enc.calls == 5 and hashed == []
     store.get(paths[3])  # used again: 0 is now the oldest, and leaves when 1 comes back
     np.testing.assert_array_equal(store.get(paths[1]), expected[1])
     assert set(store._table) == {store._digest(paths[3]), store._digest(paths[1])} and store.nbytes == 2 * entry
     np.testing.assert_array_equal(store.get(str(twin)), expected[4])
-    assert enc.calls == 5 and store.reads == 3 and hashed == [str(twin)]
+    assert enc.calls == 5 and store.misses == 3 and hashed == [str(twin)]
     # a budget of 0 keeps nothing and still answers
     empty = FeatureStore("image", str(tmp_path / "cache"), encoder=FakeImageEncoder(tokens=3), max_bytes=0)
     np.testing.assert_array_equal(empty.get(paths[2]), expected[2])
@@ -93,7 +93,8 @@ def test_store_keeps_its_table_under_max_bytes_and_reads_evicted_features_back(t
 
 
 @pytest.mark.parametrize("raw, expected", [(None, 8 << 30), ("", 8 << 30), ("0.5", 1 << 29), ("0", 0),
-                                           ("-1", None), ("lots", None), ("nan", None)])
+                                           ("-1", None), ("lots", None), ("nan", None),
+                                           ("inf", None)])
 def test_feature_memory_budget_from_the_environment(monkeypatch, tmp_path, raw, expected):
     if raw is None:
         monkeypatch.delenv("OMNIRET_FEATURE_MEMORY_GB", raising=False)

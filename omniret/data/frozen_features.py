@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 from collections import OrderedDict
 
@@ -336,7 +337,7 @@ class FeatureStore:
         self._digests: dict = {}  # (path, size, mtime) -> SHA-256 of the file
         self._table: OrderedDict = OrderedDict()  # SHA-256 -> features, least recently used first
         self.nbytes = 0  # of the features in the table
-        self.reads = 0  # features read back from disk after leaving the table
+        self.misses = 0  # get() calls the table could not answer
 
     @property
     def cache(self) -> FeatureCache:
@@ -382,9 +383,7 @@ class FeatureStore:
         if digest in self._table:
             self._table.move_to_end(digest)
             return self._table[digest]
-        if os.path.exists(self.cache.path_for(digest)):  # left the table: read back, no hashing, no encoder call
-            self.reads += 1
-            return self._keep(digest, load_features(self.cache.path_for(digest)), path)
+        self.misses += 1  # read back from the disk cache (computed first if not there); the file is not hashed again
         (feats,) = self.cache.get([path], progress=False, digests=[digest])
         return self._keep(digest, feats, path)
 
@@ -397,8 +396,8 @@ def default_feature_memory() -> int:
     try:
         gib = float(raw)
     except ValueError:
-        gib = -1.0
-    if not gib >= 0:
+        gib = math.nan
+    if not (math.isfinite(gib) and gib >= 0):
         raise ValueError(f"OMNIRET_FEATURE_MEMORY_GB must be a number of GiB >= 0, got {raw!r}")
     return int(gib * (1 << 30))
 
