@@ -323,7 +323,7 @@ class FeatureStore:
     leave first and are read back from the disk cache when asked for again, so a training set larger than memory
     still trains. The frozen encoder (its id names the disk cache's folder) is built on the first look at the disk
     and runs only on files not in it. `preload(paths)` fills the disk cache and the table for many files at once
-    (batched encoding of the misses, one progress bar)."""
+    (batched encoding of the misses; a progress bar per chunk of files that need encoding)."""
 
     def __init__(self, modality: str, cache_dir: str | None = None, threads: int = 1, encoder=None,
                  kind: str | None = None, max_bytes: int | None = None):
